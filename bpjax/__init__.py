@@ -1,0 +1,31 @@
+"""bpjax: backpropagation written by hand, on JAX.
+
+Every layer is a :class:`Layer` of three pure functions, ``init``, ``forward`` and a
+hand-written ``backward``; every loss is a :class:`Loss` with a hand-written derivative.
+:func:`value_and_grad` runs the classic algorithm with them; :func:`reference_value_and_grad`
+runs ``jax.value_and_grad`` on the same forward, to check against.
+"""
+from . import initializers
+from ._basic import *  # noqa: F401,F403
+from ._basic import __all__ as _basic_all
+from ._bridge import as_jax_fn
+from ._combinators import *  # noqa: F401,F403
+from ._combinators import __all__ as _comb_all
+from ._core import Layer, Loss, make_layer, make_loss
+from ._grad import value_and_grad
+from ._losses import *  # noqa: F401,F403
+from ._losses import __all__ as _loss_all
+from ._reference import reference_value_and_grad
+
+__version__ = "0.1.0"
+
+#: Factories of layers, each in the gradient cross-check table.
+LAYERS = tuple(_basic_all) + tuple(_comb_all)
+#: Factories of losses, each in the gradient cross-check table.
+LOSSES = tuple(_loss_all)
+
+__all__ = [
+    *LAYERS, *LOSSES,
+    "Layer", "Loss", "make_layer", "make_loss",
+    "value_and_grad", "reference_value_and_grad", "as_jax_fn", "initializers",
+]

@@ -1,0 +1,223 @@
+"""The layer and loss protocols, and the trace-time checks every layer shares.
+
+A layer is three pure functions (``init``, ``forward``, ``backward``); a loss is two
+(``forward``, ``backward``). ``make_layer`` and ``make_loss`` wrap the raw functions a
+layer author writes with the checks every layer needs, so that bad input is caught in
+``forward``, at trace time, with a message that names the layer, what it expected and
+what it got.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+Shape = tuple
+
+
+class Layer(NamedTuple):
+    """A layer: three pure functions over parameter pytrees.
+
+    ``init(key, in_shape) -> (params, state, out_shape)``
+        ``in_shape`` is one example's shape, without the batch axis. ``state`` is ``()``
+        for stateless layers (running statistics live here).
+    ``forward(params, state, x, *, key=None, train=True) -> (y, new_state, res)``
+        ``x`` has a leading batch axis. ``res`` (the residuals, CS231n's cache) holds the
+        arrays ``backward`` needs, and only arrays.
+    ``backward(params, res, dy) -> (dparams, dx)``
+        ``dparams`` has exactly the structure, shapes and dtypes of ``params``.
+    """
+
+    init: Callable[..., tuple]
+    forward: Callable[..., tuple]
+    backward: Callable[..., tuple]
+
+
+class Loss(NamedTuple):
+    """A loss: two pure functions.
+
+    ``forward(pred, target) -> (value, res)``: ``value`` is a scalar, the mean over examples.
+    ``backward(res, dvalue=1.0) -> dpred``: the error at the output, shaped like ``pred``.
+    """
+
+    forward: Callable[..., tuple]
+    backward: Callable[..., Any]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def describe(tree: PyTree) -> str:
+    """A pytree printed with each leaf as ``dtype[shape]`` (e.g. ``{'w': float32[3, 4]}``)."""
+
+    def leaf(a):
+        if hasattr(a, "shape") and hasattr(a, "dtype"):
+            return _Repr(f"{jnp.dtype(a.dtype).name}{list(a.shape)}")
+        return _Repr(repr(a))
+
+    return repr(jax.tree_util.tree_map(leaf, tree))
+
+
+class _Repr:
+    def __init__(self, text):
+        self.text = text
+
+    def __repr__(self):
+        return self.text
+
+
+def check_positive_int(name: str, arg: str, value) -> int:
+    """Raise unless ``value`` is an integer > 0; returns it as ``int``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name}: expected {arg} to be an integer > 0, got {value!r}")
+    return int(value)
+
+
+def check_float_input(name: str, arg: str, x) -> jax.Array:
+    """Raise unless ``x`` is an array of a floating-point dtype; returns it as a JAX array."""
+    if not hasattr(x, "dtype"):
+        try:
+            x = jnp.asarray(x)
+        except TypeError as e:
+            raise TypeError(f"{name}: expected {arg} to be an array, got {type(x).__name__}") from e
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{name}: expected a floating-point {arg}, got dtype {jnp.dtype(x.dtype).name} "
+            f"(cast it first, e.g. {arg}.astype(jnp.float32))"
+        )
+    return x
+
+
+def check_ndim(name: str, arg: str, x, *, ndim: Optional[int] = None, min_ndim: int = 1,
+               meaning: str = "") -> None:
+    """Raise unless ``x.ndim`` is ``ndim`` (when given) or at least ``min_ndim``."""
+    hint = f" {meaning}" if meaning else ""
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name}: expected {arg}.ndim == {ndim}{hint}, got {arg}.shape={tuple(x.shape)}")
+    if x.ndim < min_ndim:
+        raise ValueError(f"{name}: expected {arg}.ndim >= {min_ndim}{hint}, got {arg}.shape={tuple(x.shape)}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _abstract_init(init: Callable, in_shape: Shape):
+    """Shapes and structure of ``init``'s params and state for ``in_shape``, without computing them."""
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    return jax.eval_shape(lambda k: init(k, in_shape)[:2], key)
+
+
+def check_tree(name: str, what: str, expected: PyTree, got: PyTree, *, shapes: bool) -> None:
+    """Raise ``TypeError`` if the structures differ, ``ValueError`` if (with ``shapes``) a leaf's shape does."""
+    exp_def = jax.tree_util.tree_structure(expected)
+    got_def = jax.tree_util.tree_structure(got)
+    if exp_def != got_def:
+        raise TypeError(
+            f"{name}: the {what} tree does not fit the model.\n"
+            f"  expected: {describe(expected)}\n"
+            f"  got:      {describe(got)}"
+        )
+    if not shapes:
+        return
+    for (path, e), g in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree_util.tree_leaves(got)):
+        gshape = getattr(g, "shape", None)
+        if gshape is None or tuple(gshape) != tuple(e.shape):
+            where = f"{what}{jax.tree_util.keystr(path)}"
+            raise ValueError(
+                f"{name}: expected {where}.shape == {tuple(e.shape)}, "
+                f"got {tuple(gshape) if gshape is not None else type(g).__name__}"
+            )
+
+
+def cast_like(tree: PyTree, like: PyTree) -> PyTree:
+    """Cast every leaf of ``tree`` to the dtype of the matching leaf of ``like``."""
+    return jax.tree_util.tree_map(lambda g, p: jnp.asarray(g).astype(p.dtype), tree, like)
+
+
+# ----------------------------------------------------------------------------- factories
+
+
+def make_layer(
+    name: str,
+    init: Callable,
+    forward: Callable,
+    backward: Callable,
+    *,
+    check: Optional[Callable] = None,
+    min_ndim: int = 1,
+    ndim: Optional[int] = None,
+    meaning: str = "",
+    float_input: bool = True,
+) -> Layer:
+    """Build a :class:`Layer` from raw functions, adding the checks every layer shares.
+
+    ``forward`` then checks, in order, at trace time: that ``x`` is a floating-point array
+    (unless ``float_input=False``) of the right rank; that ``params`` and ``state`` have the
+    structure ``init`` gives for ``x.shape[1:]`` (``TypeError`` showing both); the layer's
+    own ``check(params, state, x)``; and finally every leaf's shape. ``backward`` casts
+    ``dparams`` to the dtypes of ``params``.
+    """
+
+    def init_(key, in_shape):
+        in_shape = tuple(int(d) for d in in_shape)
+        return init(key, in_shape)
+
+    def forward_(params, state, x, *, key=None, train=True):
+        if float_input:
+            x = check_float_input(name, "x", x)
+        elif not hasattr(x, "dtype"):
+            x = jnp.asarray(x)
+        check_ndim(name, "x", x, ndim=ndim, min_ndim=min_ndim, meaning=meaning)
+        exp_params, exp_state = _abstract_init(init, tuple(x.shape[1:]))
+        if not jax.tree_util.tree_leaves(state) and not jax.tree_util.tree_leaves(exp_state):
+            state = exp_state            # stateless: () stands for any tree of empty tuples
+        check_tree(name, "params", exp_params, params, shapes=False)
+        check_tree(name, "state", exp_state, state, shapes=False)
+        if check is not None:
+            check(params, state, x)
+        check_tree(name, "params", exp_params, params, shapes=True)
+        check_tree(name, "state", exp_state, state, shapes=True)
+        return forward(params, state, x, key=key, train=train)
+
+    def backward_(params, res, dy):
+        dparams, dx = backward(params, res, dy)
+        return cast_like(dparams, params), dx
+
+    for f in (init_, forward_, backward_):
+        f.__qualname__ = f"{name}.{f.__name__.rstrip('_')}"
+    return Layer(init_, forward_, backward_)
+
+
+def make_loss(name: str, forward: Callable, backward: Callable, *, check: Optional[Callable] = None) -> Loss:
+    """Build a :class:`Loss`; ``forward`` checks that ``pred`` is a floating array with a batch
+    axis and then runs the loss's own ``check(pred, target)``."""
+
+    def forward_(pred, target):
+        pred = check_float_input(name, "pred", pred)
+        check_ndim(name, "pred", pred, min_ndim=1)
+        if not hasattr(target, "dtype"):
+            target = jnp.asarray(target)
+        if check is not None:
+            check(pred, target)
+        return forward(pred, target)
+
+    def backward_(res, dvalue=1.0):
+        return backward(res, dvalue)
+
+    return Loss(forward_, backward_)
+
+
+def concrete(x) -> Optional[np.ndarray]:
+    """``x`` as a NumPy array when its values are known (not traced under jit), else ``None``."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def num_rows(shape: Sequence[int], trailing: int = 0) -> int:
+    """Number of examples: the product of ``shape`` without its last ``trailing`` axes."""
+    return math.prod(shape[: len(shape) - trailing])

@@ -1,0 +1,162 @@
+"""Losses, each with its hand-written derivative: the error at the output of the network."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ._core import Loss, concrete, make_loss, num_rows
+
+__all__ = ["squared_error", "mean_squared_error", "softmax_cross_entropy",
+           "sigmoid_binary_cross_entropy", "huber"]
+
+
+def _same_shape(name):
+    def check(pred, target):
+        if tuple(target.shape) != tuple(pred.shape):
+            raise ValueError(f"{name}: expected target.shape == pred.shape == {tuple(pred.shape)}, "
+                             f"got target.shape={tuple(target.shape)}")
+    return check
+
+
+def squared_error() -> Loss:
+    """The textbook loss: half the squared Euclidean distance, averaged over the n examples.
+
+    Forward::   E = (1/n) Σ_i ½‖y_i − y'_i‖²       y, y' (n, ...);  E scalar
+    Backward::  dE/dy = dE · (y − y') / n            (n, ...)
+    """
+
+    def forward(pred, target):
+        r = pred - target                                   # (n, ...)
+        return 0.5 * jnp.sum(r * r) / pred.shape[0], (r,)
+
+    def backward(res, dvalue):
+        (r,) = res
+        return r * (dvalue / r.shape[0])
+
+    return make_loss("squared_error", forward, backward, check=_same_shape("squared_error"))
+
+
+def mean_squared_error() -> Loss:
+    """Mean of the squared error over every element.
+
+    Forward::   L = (1/S) Σ (y − y')²       S = y.size
+    Backward::  dL/dy = dL · 2(y − y') / S
+    """
+
+    def forward(pred, target):
+        r = pred - target
+        return jnp.mean(r * r), (r,)
+
+    def backward(res, dvalue):
+        (r,) = res
+        return r * (2 * dvalue / r.size)
+
+    return make_loss("mean_squared_error", forward, backward, check=_same_shape("mean_squared_error"))
+
+
+def huber(delta: float = 1.0) -> Loss:
+    """Huber loss, mean over every element (quadratic near 0, linear beyond ``delta``).
+
+    Forward::   r = y − y',  ℓ(r) = ½r² if |r| ≤ δ else δ(|r| − ½δ),  L = (1/S) Σ ℓ(r)
+    Backward::  dL/dy = dL · clip(r, −δ, δ) / S
+    """
+    delta = float(delta)
+    if not delta > 0:
+        raise ValueError(f"huber: expected delta > 0, got {delta!r}")
+
+    def forward(pred, target):
+        r = pred - target
+        a = jnp.abs(r)
+        quad = jnp.minimum(a, delta)
+        return jnp.mean(0.5 * quad * quad + delta * (a - quad)), (r,)
+
+    def backward(res, dvalue):
+        (r,) = res
+        return jnp.clip(r, -delta, delta) * (dvalue / r.size)
+
+    return make_loss("huber", forward, backward, check=_same_shape("huber"))
+
+
+def softmax_cross_entropy(label_smoothing: float = 0.0) -> Loss:
+    """Softmax cross-entropy over the last (class) axis, averaged over all other axes.
+
+    Targets are integer labels of shape ``pred.shape[:-1]`` or probabilities (one-hot or soft)
+    of shape ``pred.shape``. With smoothing ε the target is t = (1 − ε) t + ε/K.
+
+    Forward::   log p = z − logsumexp(z)   (stable for large logits)
+                L = −(1/n) Σ_rows Σ_k t_k log p_k          z (..., K), n = rows
+    Backward::  dL/dz = dL · (p − t) / n                      (..., K)
+    """
+    eps = float(label_smoothing)
+    if not 0.0 <= eps < 1.0:
+        raise ValueError(f"softmax_cross_entropy: expected 0 <= label_smoothing < 1, got {label_smoothing!r}")
+
+    def forward(logits, target):
+        k = logits.shape[-1]
+        logp = jax.nn.log_softmax(logits, axis=-1)                          # (..., K)
+        if jnp.issubdtype(target.dtype, jnp.integer):
+            picked = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+            per_row = -(1 - eps) * picked - (eps / k) * jnp.sum(logp, axis=-1)
+        else:
+            t = (1 - eps) * target + eps / k
+            per_row = -jnp.sum(t * logp, axis=-1)
+        return jnp.mean(per_row), (logp, target)
+
+    def backward(res, dvalue):
+        logp, target = res
+        k = logp.shape[-1]
+        if jnp.issubdtype(target.dtype, jnp.integer):
+            t = (1 - eps) * (target[..., None] == jnp.arange(k)).astype(logp.dtype) + eps / k
+        else:
+            t = (1 - eps) * target + eps / k
+        return (jnp.exp(logp) - t) * (dvalue / num_rows(logp.shape, trailing=1))
+
+    def check(pred, target):
+        name = "softmax_cross_entropy"
+        if pred.ndim < 2:
+            raise ValueError(f"{name}: expected pred.ndim >= 2 (batch, ..., classes), got pred.shape={tuple(pred.shape)}")
+        if jnp.issubdtype(target.dtype, jnp.integer):
+            if tuple(target.shape) != tuple(pred.shape[:-1]):
+                raise ValueError(f"{name}: expected integer labels of shape {tuple(pred.shape[:-1])}, "
+                                 f"got target.shape={tuple(target.shape)}")
+            labels = concrete(target)          # values are only known outside jit
+            if labels is not None and labels.size:
+                lo, hi = int(labels.min()), int(labels.max())
+                if lo < 0 or hi >= pred.shape[-1]:
+                    raise ValueError(f"{name}: expected labels in [0, {pred.shape[-1]}), "
+                                     f"got labels in [{lo}, {hi}]")
+        elif jnp.issubdtype(target.dtype, jnp.floating):
+            if tuple(target.shape) != tuple(pred.shape):
+                raise ValueError(f"{name}: expected probability targets of shape {tuple(pred.shape)} or integer "
+                                 f"labels of shape {tuple(pred.shape[:-1])}, got target.shape={tuple(target.shape)}")
+        else:
+            raise TypeError(f"{name}: expected integer labels or floating-point probabilities, "
+                            f"got target dtype {jnp.dtype(target.dtype).name}")
+
+    return make_loss("softmax_cross_entropy", forward, backward, check=check)
+
+
+def sigmoid_binary_cross_entropy() -> Loss:
+    """Binary cross-entropy on logits, mean over every element (each is one binary example).
+
+    Forward::   ℓ = max(z, 0) − z t + log(1 + e^{−|z|})     (= −t log σ(z) − (1−t) log(1−σ(z)))
+                L = (1/S) Σ ℓ                               z, t (N, ...), t ∈ [0, 1]
+    Backward::  dL/dz = dL · (σ(z) − t) / S
+    """
+    name = "sigmoid_binary_cross_entropy"
+
+    def forward(logits, target):
+        loss = jnp.maximum(logits, 0) - logits * target + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+        return jnp.mean(loss), (logits, target)
+
+    def backward(res, dvalue):
+        logits, target = res
+        return (jax.nn.sigmoid(logits) - target) * (dvalue / logits.size)
+
+    def check(pred, target):
+        if not jnp.issubdtype(target.dtype, jnp.floating):
+            raise TypeError(f"{name}: expected floating-point targets in [0, 1], "
+                            f"got dtype {jnp.dtype(target.dtype).name}")
+        _same_shape(name)(pred, target)
+
+    return make_loss(name, forward, backward, check=check)

@@ -1,0 +1,129 @@
+"""Every hand-written backward equals jax.vjp of the same forward: one table, one test."""
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bpjax as bp
+from helpers import assert_close, init_params, normal, rng
+from table import LAYER_CASES, LOSS_CASES, LayerCase
+
+CASES = LAYER_CASES + LOSS_CASES
+
+
+def _layer_inputs(case: LayerCase, dtype):
+    layer = case.make()
+    gen = rng(case)
+    params, state, _ = init_params(layer, case.in_shape, gen, dtype)
+    shape = (case.batch, *case.in_shape)
+    if case.int_input is not None:
+        x = jnp.asarray(gen.integers(0, case.int_input, shape))
+    elif case.draw_x is not None:
+        x = case.draw_x(gen, shape, dtype)
+    else:
+        x = normal(gen, shape, dtype, case.x_scale)
+    key = jax.random.PRNGKey(3) if case.needs_key else None
+    return layer, params, state, x, key, gen
+
+
+def _check_layer(case, dtype, jit):
+    layer, params, state, x, key, gen = _layer_inputs(case, dtype)
+    wrap = jax.jit if jit else (lambda f: f)
+
+    @wrap
+    def manual(params, state, x, key, dy):
+        y, _, res = layer.forward(params, state, x, key=key, train=case.train)
+        return layer.backward(params, res, dy)
+
+    @wrap
+    def reference(params, state, x, key, dy):
+        f = lambda p, x: layer.forward(p, state, x, key=key, train=case.train)[0]
+        if case.int_input is not None:
+            _, vjp = jax.vjp(lambda p: f(p, x), params)
+            return vjp(dy)[0], None
+        _, vjp = jax.vjp(f, params, x)
+        return vjp(dy)
+
+    y, _, _ = layer.forward(params, state, x, key=key, train=case.train)
+    dy = normal(gen, y.shape, dtype)                  # a random cotangent, never ones
+    dparams, dx = manual(params, state, x, key, dy)
+    ref_dparams, ref_dx = reference(params, state, x, key, dy)
+
+    chex.assert_trees_all_equal_shapes_and_dtypes(dparams, params)
+    assert_close(dparams, ref_dparams, dtype, f"{case} dparams")
+    if case.int_input is None:
+        assert dx.shape == x.shape and dx.dtype == x.dtype, (dx.shape, dx.dtype, x.shape, x.dtype)
+        assert_close(dx, ref_dx, dtype, f"{case} dx")
+
+
+def _check_loss(case, dtype, jit):
+    loss = case.make()
+    gen = rng(case)
+    pred = normal(gen, case.pred_shape, dtype, case.pred_scale)
+    target = case.target(gen, case.pred_shape, dtype)
+    dvalue = jnp.asarray(0.7312, dtype)                      # a random-looking cotangent, not 1
+    wrap = jax.jit if jit else (lambda f: f)
+
+    @wrap
+    def manual(pred, target, dvalue):
+        value, res = loss.forward(pred, target)
+        return value, loss.backward(res, dvalue)
+
+    @wrap
+    def reference(pred, target, dvalue):
+        value, vjp = jax.vjp(lambda p: loss.forward(p, target)[0], pred)
+        return value, vjp(dvalue)[0]
+
+    value, dpred = manual(pred, target, dvalue)
+    ref_value, ref_dpred = reference(pred, target, dvalue)
+    assert value.shape == () and np.isfinite(value)
+    assert dpred.shape == pred.shape and dpred.dtype == pred.dtype
+    assert_close(dpred, ref_dpred, dtype, f"{case} dpred")
+
+
+# Jitted in float64 (tight) and float32 (float32 tolerances); eager in float64 too. An eager
+# float32 run adds little (the same ops, unfused) and each eager op costs a compile here.
+MODES = [(jnp.float64, True), (jnp.float32, True), (jnp.float64, False)]
+
+
+@pytest.mark.parametrize("dtype,jit", MODES, ids=["f64-jit", "f32-jit", "f64-eager"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_backward_matches_autodiff(case, dtype, jit):
+    if isinstance(case, LayerCase):
+        _check_layer(case, dtype, jit)
+    else:
+        _check_loss(case, dtype, jit)
+
+
+UTILITIES = {"Layer", "Loss", "make_layer", "make_loss", "value_and_grad",
+             "reference_value_and_grad", "as_jax_fn", "initializers"}
+
+
+def test_every_export_is_in_the_table():
+    in_table = {c.export for c in CASES}
+    missing = (set(bp.LAYERS) | set(bp.LOSSES)) - in_table
+    assert not missing, f"exported but not in tests/table.py: {sorted(missing)}"
+    unclassified = set(bp.__all__) - set(bp.LAYERS) - set(bp.LOSSES) - UTILITIES
+    assert not unclassified, (f"new exports {sorted(unclassified)}: add them to bpjax.LAYERS/LOSSES "
+                              "(and the table) or to UTILITIES here")
+    for c in LAYER_CASES:
+        assert c.export in bp.LAYERS and isinstance(c.make(), bp.Layer), c
+    for c in LOSS_CASES:
+        assert c.export in bp.LOSSES and isinstance(c.make(), bp.Loss), c
+
+
+def test_cross_check_catches_a_wrong_backward():
+    """The comparison itself can fail: a dense layer whose dW misses a transpose-like error."""
+    good = bp.dense(3)
+
+    def bad_backward(params, res, dy):
+        dparams, dx = good.backward(params, res, dy)
+        return {"w": dparams["w"], "b": dparams["b"] * 2}, dx     # wrong bias reduction
+
+    bad = bp.Layer(good.init, good.forward, bad_backward)
+    case = LayerCase("dense", lambda: bad, (4,))
+    with pytest.raises(AssertionError, match=r"dparams\['b'\]"):
+        _check_layer(case, jnp.float64, False)
