@@ -8,6 +8,14 @@ runs ``jax.value_and_grad`` on the same forward, to check against.
 from . import initializers
 from ._basic import *  # noqa: F401,F403
 from ._basic import __all__ as _basic_all
+from ._conv import *  # noqa: F401,F403
+from ._conv import __all__ as _conv_all
+from ._pool import *  # noqa: F401,F403
+from ._pool import __all__ as _pool_all
+from ._norm import *  # noqa: F401,F403
+from ._norm import __all__ as _norm_all
+from ._structure import *  # noqa: F401,F403
+from ._structure import __all__ as _structure_all
 from ._bridge import as_jax_fn
 from ._combinators import *  # noqa: F401,F403
 from ._combinators import __all__ as _comb_all
@@ -20,7 +28,8 @@ from ._reference import reference_value_and_grad
 __version__ = "0.1.0"
 
 #: Factories of layers, each in the gradient cross-check table.
-LAYERS = tuple(_basic_all) + tuple(_comb_all)
+LAYERS = (tuple(_basic_all) + tuple(_comb_all) + tuple(_conv_all) + tuple(_pool_all)
+          + tuple(_norm_all) + tuple(_structure_all))
 #: Factories of losses, each in the gradient cross-check table.
 LOSSES = tuple(_loss_all)
 

@@ -6,44 +6,12 @@ what one example looks like, and how to draw inputs and targets.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Optional, Tuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import bpjax as bp
-
-
-@dataclass(frozen=True)
-class LayerCase:
-    export: str                     # the bpjax name this case exercises
-    make: Callable[[], bp.Layer]
-    in_shape: Tuple[int, ...]       # one example, without the batch axis
-    batch: int = 4
-    id: str = ""                    # distinguishes several cases of one export
-    x_scale: float = 1.0
-    needs_key: bool = False         # forward draws randomness (dropout)
-    train: bool = True
-    int_input: Optional[int] = None  # inputs are integer ids in [0, int_input) (embedding)
-    draw_x: Optional[Callable] = None  # custom input: draw_x(gen, shape, dtype)
-
-    def __str__(self):
-        return f"{self.export}{'-' + self.id if self.id else ''}"
-
-
-@dataclass(frozen=True)
-class LossCase:
-    export: str
-    make: Callable[[], bp.Loss]
-    pred_shape: Tuple[int, ...]     # including the batch axis
-    target: Callable                # target(gen, pred_shape, dtype) -> array
-    id: str = ""
-    pred_scale: float = 1.0
-
-    def __str__(self):
-        return f"{self.export}{'-' + self.id if self.id else ''}"
+from table_base import LayerCase, LossCase
 
 
 # Target makers take a NumPy generator (test data is drawn on the host: no compiles).
@@ -105,3 +73,10 @@ LOSS_CASES = [
     LossCase("sigmoid_binary_cross_entropy", bp.sigmoid_binary_cross_entropy, (8, 3), _binary,
              pred_scale=3.0),
 ]
+
+# Cases of the image and signal layers (issue 3) live beside their own helpers; they are part
+# of this one table.
+from table_conv import CONV_CASES  # noqa: E402
+from table_norm import NORM_CASES  # noqa: E402
+
+LAYER_CASES = LAYER_CASES + CONV_CASES + NORM_CASES

@@ -9,7 +9,8 @@ import pytest
 
 import bpjax as bp
 from helpers import assert_close, init_params, normal, rng
-from table import LAYER_CASES, LOSS_CASES, LayerCase
+from table import LAYER_CASES, LOSS_CASES
+from table_base import LayerCase
 
 CASES = LAYER_CASES + LOSS_CASES
 
