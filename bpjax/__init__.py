@@ -3,7 +3,7 @@
 Every layer is a :class:`Layer` of three pure functions, ``init``, ``forward`` and a
 hand-written ``backward``; every loss is a :class:`Loss` with a hand-written derivative.
 :func:`value_and_grad` runs the classic algorithm with them; :func:`reference_value_and_grad`
-runs ``jax.value_and_grad`` on the same forward, to check against.
+runs JAX autodiff (value_and_grad) on the same forward, to check against.
 """
 from . import initializers
 from ._basic import *  # noqa: F401,F403

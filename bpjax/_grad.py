@@ -10,7 +10,7 @@ def value_and_grad(model: Layer, loss: Loss):
     """Loss and gradients of ``model`` under ``loss``, computed entirely by the hand-written passes.
 
     Returns ``f(params, state, x, target, *, key=None) -> ((value, new_state), grads)``; it
-    mirrors ``jax.value_and_grad(..., has_aux=True)`` so the two swap, and it is jittable.
+    mirrors JAX's own ``value_and_grad(..., has_aux=True)`` so the two swap, and it is jittable.
     ``grads`` has the structure, shapes and dtypes of ``params``.
     """
 

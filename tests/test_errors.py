@@ -1,0 +1,156 @@
+"""Bad input raises at trace time, naming the layer, what it expected and what it got."""
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import bpjax as bp
+from helpers import init_params, rng
+
+
+def _dense_params(in_dim=5, out_dim=3):
+    params, _, _ = init_params(bp.dense(out_dim), (in_dim,), rng("err"), jnp.float32)
+    return params
+
+
+def test_dense_wrong_feature_size():
+    with pytest.raises(ValueError, match=re.escape("dense: expected x.shape[-1] == 5, got x.shape=(4, 6)")):
+        bp.dense(3).forward(_dense_params(), (), jnp.ones((4, 6)))
+
+
+def test_dense_wrong_feature_size_under_jit_is_a_trace_time_error():
+    f = jax.jit(lambda p, x: bp.dense(3).forward(p, (), x)[0])
+    with pytest.raises(ValueError, match=re.escape("dense: expected x.shape[-1] == 5, got x.shape=(2, 7)")):
+        f(_dense_params(), jnp.ones((2, 7)))
+
+
+def test_dense_wrong_rank():
+    with pytest.raises(ValueError, match=re.escape("dense: expected x.ndim >= 2 (batch, ..., features), got x.shape=(5,)")):
+        bp.dense(3).forward(_dense_params(), (), jnp.ones(5))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+def test_dense_integer_or_boolean_input(dtype):
+    with pytest.raises(TypeError, match=r"dense: expected a floating-point x, got dtype (int32|bool)"):
+        bp.dense(3).forward(_dense_params(), (), jnp.ones((4, 5), dtype))
+
+
+@pytest.mark.parametrize("out_dim", [0, -2, 2.5, True])
+def test_dense_bad_out_dim(out_dim):
+    with pytest.raises(ValueError, match=re.escape(f"dense: expected out_dim to be an integer > 0, got {out_dim!r}")):
+        bp.dense(out_dim)
+
+
+def test_params_missing_leaf_shows_both_structures():
+    params = {"w": _dense_params()["w"]}
+    with pytest.raises(TypeError) as e:
+        bp.dense(3).forward(params, (), jnp.ones((4, 5)))
+    msg = str(e.value)
+    assert msg.startswith("dense: the params tree does not fit the model.")
+    assert "expected: {'b': float32[3], 'w': float32[5, 3]}" in msg
+    assert "got:      {'w': float32[5, 3]}" in msg
+
+
+def test_params_extra_leaf():
+    params = dict(_dense_params(), gamma=jnp.ones(3))
+    with pytest.raises(TypeError, match=r"dense: the params tree does not fit the model\.\n  expected: .*\n  got: .*'gamma'"):
+        bp.dense(3).forward(params, (), jnp.ones((4, 5)))
+
+
+def test_params_wrong_leaf_shape():
+    params = dict(_dense_params(), b=jnp.ones(4))
+    with pytest.raises(ValueError, match=re.escape("dense: expected params['b'].shape == (3,), got (4,)")):
+        bp.dense(3).forward(params, (), jnp.ones((4, 5)))
+
+
+def test_sequential_params_for_another_model():
+    net = bp.sequential(bp.dense(4), bp.relu(), bp.dense(2))
+    other = bp.sequential(bp.dense(4), bp.dense(2))
+    params, _, _ = init_params(other, (3,), rng("other"), jnp.float32)
+    with pytest.raises(TypeError, match=r"sequential: the params tree does not fit the model\.\n  expected: \(\{.*\}, \(\), \{.*\}\)\n  got: "):
+        net.forward(params, (), jnp.ones((2, 3)))
+
+
+def test_value_and_grad_checks_the_tree_too():
+    net = bp.sequential(bp.dense(4), bp.relu(), bp.dense(2))
+    params, state, _ = init_params(net, (3,), rng("vg"), jnp.float32)
+    bad = (params[0], (), {"w": params[2]["w"]})
+    with pytest.raises(TypeError, match="sequential: the params tree does not fit the model"):
+        jax.jit(bp.value_and_grad(net, bp.squared_error()))(bad, state, jnp.ones((2, 3)), jnp.ones((2, 2)))
+
+
+def test_sequential_needs_layers():
+    with pytest.raises(ValueError, match="sequential: expected at least one layer, got none"):
+        bp.sequential()
+    with pytest.raises(TypeError, match=r"sequential: expected a bpjax.Layer at position 1, got function \(did you forget"):
+        bp.sequential(bp.dense(2), bp.relu)
+
+
+def test_residual_rejects_a_shape_change():
+    with pytest.raises(ValueError, match=re.escape("residual: expected the inner layer to keep the shape (5,), got out_shape=(3,)")):
+        bp.residual(bp.dense(3)).init(jax.random.PRNGKey(0), (5,))
+
+
+def test_softmax_needs_a_class_axis():
+    with pytest.raises(ValueError, match=re.escape("softmax: expected x.ndim >= 2 (batch, ..., classes), got x.shape=(5,)")):
+        bp.softmax().forward((), (), jnp.ones(5))
+
+
+def test_unknown_initializer():
+    with pytest.raises(ValueError, match=r"dense: expected an initializer, one of \[.*'he_normal'.*\] or a callable .*, got 'kaiming'"):
+        bp.dense(3, w_init="kaiming")
+
+
+@pytest.mark.parametrize("make", [bp.squared_error, bp.mean_squared_error, bp.huber])
+def test_target_shape_must_match_prediction(make):
+    name = make.__name__
+    with pytest.raises(ValueError, match=re.escape(f"{name}: expected target.shape == pred.shape == (4, 2), got target.shape=(4,)")):
+        make().forward(jnp.ones((4, 2)), jnp.ones(4))
+
+
+def test_loss_needs_float_predictions():
+    with pytest.raises(TypeError, match="squared_error: expected a floating-point pred, got dtype int32"):
+        bp.squared_error().forward(jnp.ones((4, 2), jnp.int32), jnp.ones((4, 2)))
+
+
+def test_cross_entropy_label_shape():
+    with pytest.raises(ValueError, match=re.escape("softmax_cross_entropy: expected integer labels of shape (4,), got target.shape=(4, 1)")):
+        bp.softmax_cross_entropy().forward(jnp.ones((4, 3)), jnp.zeros((4, 1), jnp.int32))
+
+
+def test_cross_entropy_probability_shape():
+    with pytest.raises(ValueError, match=re.escape("softmax_cross_entropy: expected probability targets of shape (4, 3) or integer labels of shape (4,), got target.shape=(4, 2)")):
+        bp.softmax_cross_entropy().forward(jnp.ones((4, 3)), jnp.ones((4, 2)))
+
+
+@pytest.mark.parametrize("labels,seen", [([0, 1, 3, 2], "[0, 3]"), ([0, -1, 2, 2], "[-1, 2]")])
+def test_cross_entropy_labels_out_of_range(labels, seen):
+    with pytest.raises(ValueError, match=re.escape(f"softmax_cross_entropy: expected labels in [0, 3), got labels in {seen}")):
+        bp.softmax_cross_entropy().forward(jnp.ones((4, 3)), jnp.array(labels))
+
+
+def test_cross_entropy_boolean_labels():
+    with pytest.raises(TypeError, match="softmax_cross_entropy: expected integer labels or floating-point probabilities, got target dtype bool"):
+        bp.softmax_cross_entropy().forward(jnp.ones((4, 3)), jnp.ones(4, bool))
+
+
+def test_cross_entropy_needs_a_class_axis():
+    with pytest.raises(ValueError, match=re.escape("softmax_cross_entropy: expected pred.ndim >= 2 (batch, ..., classes), got pred.shape=(4,)")):
+        bp.softmax_cross_entropy().forward(jnp.ones(4), jnp.zeros(4, jnp.int32))
+
+
+def test_binary_cross_entropy_integer_targets():
+    with pytest.raises(TypeError, match="sigmoid_binary_cross_entropy: expected floating-point targets in \\[0, 1\\], got dtype int32"):
+        bp.sigmoid_binary_cross_entropy().forward(jnp.ones((4, 1)), jnp.ones((4, 1), jnp.int32))
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda: bp.huber(0.0), "huber: expected delta > 0, got 0.0"),
+    (lambda: bp.softmax_cross_entropy(1.0), "softmax_cross_entropy: expected 0 <= label_smoothing < 1, got 1.0"),
+])
+def test_bad_loss_hyperparameters(make, msg):
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        make()

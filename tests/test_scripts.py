@@ -1,0 +1,45 @@
+"""The worked examples run, and the README's Python examples run as written."""
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_seed_example_learns_xor_and_stops_when_the_error_stops_falling(capsys):
+    seed = _load("seed_example")
+    final = seed.train("xor", lr=2.0, momentum=0.9, tol=1e-6, patience=50, max_epochs=5000, seed=0,
+                       print_every=1)
+    out = capsys.readouterr().out
+    assert "epoch     1  error" in out and "epoch     2  error" in out     # every epoch
+    assert re.search(r"stopped at epoch \d+: the error fell by less than 1e-06 in 50 epochs", out)
+    assert "final error" in out and "prediction" in out
+    assert final < 0.01                                                     # XOR learned
+
+
+def test_seed_example_command_line(capsys):
+    _load("seed_example").main(["--task", "regression", "--max-epochs", "30", "--print-every", "10"])
+    out = capsys.readouterr().out
+    assert "epoch    10  error" in out and "stopped at epoch 30 (max epochs)" in out
+
+
+def _readme_python_blocks():
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.parametrize("index", range(len(_readme_python_blocks())))
+def test_readme_python_examples_run(index):
+    code = _readme_python_blocks()[index]
+    exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
