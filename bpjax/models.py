@@ -1,0 +1,79 @@
+"""Ready-made models for the datasets in :mod:`bpjax.datasets`, by name.
+
+Each entry of :data:`MODELS` is ``make(num_classes) -> Layer``; inputs are channels-last
+(MNIST-1D is ``(N, 40, 1)``, digits ``(N, 8, 8, 1)``). The MNIST-1D models follow the paper
+(Greydanus & Kobak, "Scaling down deep learning"): a logistic regression, an MLP with two hidden
+layers of 100, and a three-layer CNN with 25 channels; ``resnet1d`` is our residual 1-D CNN.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+from . import _basic as B
+from ._combinators import residual, sequential
+from ._core import Layer
+
+
+def _bp():
+    import bpjax  # the conv/pool/norm layers live in sibling modules filled in later issues
+    return bpjax
+
+
+def logreg(num_classes: int = 10) -> Layer:
+    """Logistic regression: flatten, one dense layer (softmax is in the loss)."""
+    return sequential(_bp().flatten(), B.dense(num_classes))
+
+
+def mlp(num_classes: int = 10, hidden: int = 100, depth: int = 2) -> Layer:
+    """MLP: ``depth`` ReLU layers of ``hidden`` units."""
+    layers = [_bp().flatten()]
+    for _ in range(depth):
+        layers += [B.dense(hidden, w_init="he_normal"), B.relu()]
+    return sequential(*layers, B.dense(num_classes))
+
+
+def cnn(num_classes: int = 10, channels: int = 25) -> Layer:
+    """The paper's 1-D CNN: conv 5 (stride 2) → conv 3 (stride 2) → conv 3 (stride 2), ReLU
+    after each, padding 1, then flatten and dense. On MNIST-1D the lengths are 40 → 19 → 10 → 5."""
+    bp = _bp()
+    return sequential(
+        bp.conv(channels, 5, strides=2, padding=1), B.relu(),
+        bp.conv(channels, 3, strides=2, padding=1), B.relu(),
+        bp.conv(channels, 3, strides=2, padding=1), B.relu(),
+        bp.flatten(), B.dense(num_classes))
+
+
+def resnet1d(num_classes: int = 10, channels: int = 64, blocks: int = 3) -> Layer:
+    """A residual 1-D CNN: a stem conv, ``blocks`` stages of a residual block
+    (conv-BN-ReLU-conv-BN, skip) followed by a stride-2 max pool, then global average pooling."""
+    bp = _bp()
+
+    def block():
+        return residual(sequential(
+            bp.conv(channels, 3, use_bias=False), bp.batch_norm(), B.relu(),
+            bp.conv(channels, 3, use_bias=False), bp.batch_norm()))
+
+    layers = [bp.conv(channels, 5, use_bias=False), bp.batch_norm(), B.relu()]
+    for _ in range(blocks):
+        layers += [block(), B.relu(), bp.max_pool(2, strides=2)]
+    return sequential(*layers, bp.global_avg_pool(), B.dense(num_classes))
+
+
+def digits_cnn(num_classes: int = 10, channels: int = 32) -> Layer:
+    """A small 2-D CNN for 8×8 digits: conv-BN-ReLU-pool twice, then dense."""
+    bp = _bp()
+    return sequential(
+        bp.conv(channels, 3), bp.batch_norm(), B.relu(), bp.max_pool(2, strides=2),
+        bp.conv(2 * channels, 3), bp.batch_norm(), B.relu(), bp.max_pool(2, strides=2),
+        bp.flatten(), B.dense(num_classes))
+
+
+def textbook_mlp(num_classes: int = 2) -> Layer:
+    """The textbook sigmoid network for XOR and the regression task: 2 hidden layers of 16."""
+    return sequential(B.dense(16), B.sigmoid(), B.dense(16), B.sigmoid(), B.dense(num_classes))
+
+
+MODELS: Dict[str, Callable[..., Layer]] = {
+    "logreg": logreg, "mlp": mlp, "cnn": cnn, "resnet1d": resnet1d, "digits_cnn": digits_cnn,
+    "textbook_mlp": textbook_mlp,
+}

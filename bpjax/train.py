@@ -1,0 +1,503 @@
+"""Training: the textbook loop — forward, error, backward, update, repeat until the validation
+error stops falling — as a trainer with checkpoints, metrics, a progress bar and a plot.
+
+The main entry point is :func:`fit`::
+
+    import optax, bpjax as bp
+    from bpjax import datasets, train
+
+    data = datasets.mnist1d()
+    model = train.MODELS["cnn"](data)
+    result = train.fit(model, bp.softmax_cross_entropy(), data, optimizer=optax.adam(1e-2), epochs=20)
+
+Everything runs on whatever device JAX defaults to (CPU, GPU, TPU). Data order, dropout keys
+and the validation split are all derived from one seed, so a run is reproducible, and a run
+resumed from a checkpoint reaches the same params as an uninterrupted one (bit for bit on CPU).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import signal
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ._core import Layer, Loss, describe
+from ._grad import forward_backward
+from .datasets import Dataset
+
+__all__ = ["fit", "FitResult", "evaluate", "make_train_step", "epoch_order", "split_validation",
+           "TrainingError"]
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on: a non-finite loss, or a checkpoint that does not fit."""
+
+
+@dataclasses.dataclass
+class FitResult:
+    params: Any
+    state: Any
+    history: List[Dict[str, float]]     # one row per epoch
+    test: Dict[str, float]              # loss (and accuracy) on the test split
+    best_epoch: int
+    stopped_early: bool
+    seconds: float
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def make_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, *,
+                    classification: bool = True, donate: bool = True):
+    """A jitted step: the hand-written forward and backward, then an optax update.
+
+    ``step(params, state, opt_state, x, y, key) -> (params, state, opt_state, loss, correct)``;
+    ``params``, ``state`` and ``opt_state`` are donated, so their buffers are reused.
+    """
+    fb = forward_backward(model, loss)
+
+    def step(params, state, opt_state, x, y, key):
+        value, state, out, grads = fb(params, state, x, y, key=key)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        correct = _correct(out, y) if classification else jnp.zeros((), jnp.int32)
+        return params, state, opt_state, value, correct
+
+    return jax.jit(step, donate_argnums=(0, 1, 2) if donate else ())
+
+
+def _correct(logits, labels):
+    return jnp.sum(jnp.argmax(logits, axis=-1) == labels)
+
+
+def evaluate(model: Layer, loss: Loss, params, state, x, y, *, batch_size: int = 1000,
+             classification: bool = True) -> Dict[str, float]:
+    """Loss (and accuracy) of the model in evaluation mode (``train=False``) over ``(x, y)``."""
+
+    @jax.jit
+    def batch(params, state, xb, yb):
+        out, _, _ = model.forward(params, state, xb, train=False)
+        value, _ = loss.forward(out, yb)
+        return value * xb.shape[0], (_correct(out, yb) if classification else 0)
+
+    total, correct, n = 0.0, 0, x.shape[0]
+    for i in range(0, n, batch_size):
+        v, c = batch(params, state, x[i:i + batch_size], y[i:i + batch_size])
+        total += float(v)
+        correct += int(c)
+    out = {"loss": total / n}
+    if classification:
+        out["acc"] = correct / n
+    return out
+
+
+def epoch_order(data_key, epoch: int, n: int) -> np.ndarray:
+    """The order of the ``n`` training examples in ``epoch``: a permutation under
+    ``fold_in(data_key, epoch)``, so it depends on the key and the epoch only."""
+    return np.asarray(jax.random.permutation(jax.random.fold_in(data_key, epoch), n))
+
+
+def split_validation(data: Dataset, fraction: float, seed: int):
+    """A fixed held-out split of the training set: ``(x_train, y_train, x_val, y_val)``."""
+    n = data.x_train.shape[0]
+    n_val = int(round(fraction * n))
+    if n_val == 0:
+        return data.x_train, data.y_train, data.x_test, data.y_test
+    order = np.random.default_rng(seed).permutation(n)
+    val, tr = order[:n_val], order[n_val:]
+    return data.x_train[tr], data.y_train[tr], data.x_train[val], data.y_train[val]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+class _Checkpointer:
+    """Orbax checkpoints of the whole run state, one per epoch; orbax writes each into a
+    temporary directory and renames it when complete, so a kill leaves the previous one intact."""
+
+    def __init__(self, directory, keep: int = 2):
+        try:
+            import orbax.checkpoint as ocp
+        except ImportError as e:
+            raise ImportError("checkpoints need orbax: pip install orbax-checkpoint "
+                              "(or pip install 'bpjax[train]')") from e
+        self.ocp = ocp
+        self.directory = pathlib.Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 enable_async_checkpointing=False))
+
+    def latest(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def save(self, epoch: int, run_state: Dict[str, Any]):
+        leaves = jax.tree_util.tree_leaves(run_state)
+        self.manager.save(epoch, args=self.ocp.args.StandardSave({f"{i:05d}": np.asarray(a)
+                                                                 for i, a in enumerate(leaves)}))
+        self.manager.wait_until_finished()
+
+    def restore(self, epoch: int, like: Dict[str, Any]) -> Dict[str, Any]:
+        leaves, treedef = jax.tree_util.tree_flatten(like)
+        target = {f"{i:05d}": jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype)
+                  for i, a in enumerate(leaves)}
+        where = self.directory / str(epoch)
+        try:
+            restored = self.manager.restore(epoch, args=self.ocp.args.StandardRestore(target))
+        except Exception as e:  # orbax raises several types for a corrupt or foreign checkpoint
+            raise TrainingError(
+                f"fit: the checkpoint at {where} does not fit this run (a corrupt checkpoint, or one "
+                f"written for another model or optimizer).\n  expected: {describe(like['params'])}\n"
+                f"  orbax said: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        got = [restored[k] for k in sorted(restored)]
+        bad = [k for k, a, b in zip(sorted(target), got, target.values())
+               if tuple(np.shape(a)) != b.shape or np.asarray(a).dtype != b.dtype]
+        if len(got) != len(leaves) or bad:
+            raise TrainingError(f"fit: the checkpoint at {where} was written for another model: "
+                                f"leaves {bad[:5]} differ from {describe(like['params'])}")
+        return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(a) for a in got])
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _write_row(path: pathlib.Path, row: Dict[str, float]):
+    if path.suffix == ".csv":
+        new = not path.exists() or path.stat().st_size == 0
+        with open(path, "a") as f:
+            if new:
+                f.write(",".join(row) + "\n")
+            f.write(",".join(f"{v}" for v in row.values()) + "\n")
+    else:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _rewrite_rows(path: pathlib.Path, rows: List[Dict[str, float]]):
+    if path.exists():
+        path.unlink()
+    for row in rows:
+        _write_row(path, row)
+
+
+def plot_history(history: List[Dict[str, float]], path, *, title: str = ""):
+    """Save a PNG of the loss and accuracy curves (train and validation) per epoch."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("plots need matplotlib: pip install matplotlib "
+                          "(or pip install 'bpjax[train]')") from e
+    epochs = [r["epoch"] for r in history]
+    has_acc = "train_acc" in history[0]
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(10 if has_acc else 5, 3.6))
+    axes = np.atleast_1d(axes)
+    axes[0].plot(epochs, [r["train_loss"] for r in history], label="train")
+    axes[0].plot(epochs, [r["val_loss"] for r in history], label="validation")
+    axes[0].set_xlabel("epoch"), axes[0].set_ylabel("loss")
+    axes[0].legend()
+    if has_acc:
+        axes[1].plot(epochs, [r["train_acc"] for r in history], label="train")
+        axes[1].plot(epochs, [r["val_acc"] for r in history], label="validation")
+        axes[1].set_xlabel("epoch"), axes[1].set_ylabel("accuracy"), axes[1].legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _Signals:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and stops at the next step."""
+
+    def __init__(self):
+        self.caught = None
+        self.old = {}
+
+    def __enter__(self):
+        def handler(signum, frame):
+            self.caught = signum
+        try:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.old[s] = signal.signal(s, handler)
+        except ValueError:        # not the main thread: leave signals alone
+            self.old = {}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+def fit(model: Layer, loss: Loss, data: Dataset, *,
+        optimizer: Optional[optax.GradientTransformation] = None,
+        epochs: int = 20, batch_size: int = 128, seed: int = 0,
+        val_fraction: float = 0.1, patience: Optional[int] = 10, min_delta: float = 0.0,
+        restore_best: bool = True, checkpoint_dir=None, resume: bool = False,
+        metrics_path=None, plot_path=None, progress: bool = True,
+        log: Callable[[str], None] = print, stop_after_epoch: Optional[int] = None) -> FitResult:
+    """Train ``model`` under ``loss`` on ``data`` with the hand-written backward.
+
+    Args:
+      optimizer: an optax transformation (default ``optax.adam(1e-3)``); learning-rate schedules
+        and weight decay come from optax (e.g. ``optax.adamw(optax.cosine_decay_schedule(...))``).
+      epochs: the most epochs to run. Each epoch shuffles the training split under
+        ``fold_in(data_key, epoch)`` and takes full batches of ``batch_size``.
+      val_fraction: the held-out part of the training set that early stopping watches (a fixed
+        split under ``seed``); with 0 the test split is used instead.
+      patience, min_delta: stop when the validation loss has not fallen by more than
+        ``min_delta`` for ``patience`` epochs (``None``: never stop early).
+      restore_best: return the params of the epoch with the lowest validation loss.
+      checkpoint_dir: save the whole run state (params, optimizer state, layer state, epoch,
+        data-order key, early-stopping state) there after every epoch, with Orbax.
+      resume: continue from the latest checkpoint in ``checkpoint_dir``.
+      metrics_path: append one row per epoch (``.jsonl``, or ``.csv`` by suffix).
+      plot_path: save a PNG of the loss and accuracy curves.
+      progress: show a tqdm progress bar with the running loss and accuracy.
+      stop_after_epoch: stop (as if interrupted) after this epoch: for tests of resuming.
+
+    Returns:
+      A :class:`FitResult` with the final (or best) params and state, the history, the test
+      metrics, the best epoch and whether early stopping fired.
+
+    Raises:
+      TrainingError: a non-finite loss (the message names the step; the last good checkpoint is
+        kept), or a checkpoint that does not fit the model.
+    """
+    optimizer = optimizer or optax.adam(1e-3)
+    classification = data.num_classes is not None
+    x_tr, y_tr, x_val, y_val = split_validation(data, val_fraction, seed)
+    n = x_tr.shape[0]
+    if n < batch_size:
+        batch_size = n
+    steps_per_epoch = n // batch_size
+
+    k_init, data_key, k_dropout = jax.random.split(jax.random.PRNGKey(seed), 3)
+    params, state, _ = model.init(k_init, data.in_shape)
+    opt_state = optimizer.init(params)
+    run = {"params": params, "state": state, "opt_state": opt_state, "epoch": np.int64(0),
+           "data_key": data_key, "best_val": np.float64(np.inf), "since_best": np.int64(0),
+           "best_epoch": np.int64(0), "best_params": _copy(params), "best_state": _copy(state)}
+
+    metrics_path = pathlib.Path(metrics_path) if metrics_path else None
+    ckpt = _Checkpointer(checkpoint_dir) if checkpoint_dir else None
+    history: List[Dict[str, float]] = []
+    if resume and ckpt and ckpt.latest() is not None:
+        run = ckpt.restore(ckpt.latest(), run)
+        history = _read_history(metrics_path, int(run["epoch"])) if metrics_path else []
+        log(f"resumed from {ckpt.directory / str(ckpt.latest())} after epoch {int(run['epoch'])}")
+    elif metrics_path and metrics_path.exists():
+        metrics_path.unlink()
+    if metrics_path:
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        _rewrite_rows(metrics_path, history)
+
+    step = make_train_step(model, loss, optimizer, classification=classification)
+    params, state, opt_state = run["params"], run["state"], run["opt_state"]
+    start_epoch, t0, stopped_early = int(run["epoch"]), time.perf_counter(), False
+    bar_cls = _tqdm() if progress else None
+
+    with _Signals() as signals:
+        for epoch in range(start_epoch + 1, epochs + 1):
+            order = epoch_order(run["data_key"], epoch, n)
+            losses, corrects = [], []
+            bar = bar_cls(total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", leave=False,
+                          file=sys.stderr) if bar_cls else None
+            for i in range(steps_per_epoch):
+                idx = order[i * batch_size:(i + 1) * batch_size]
+                global_step = (epoch - 1) * steps_per_epoch + i
+                key = jax.random.fold_in(k_dropout, global_step)
+                params, state, opt_state, value, correct = step(
+                    params, state, opt_state, x_tr[idx], y_tr[idx], key)
+                losses.append(value)
+                corrects.append(correct)
+                if bar:
+                    bar.update(1)
+                    if i % 10 == 0 or i == steps_per_epoch - 1:
+                        post = {"loss": f"{float(value):.4f}"}
+                        if classification:
+                            post["acc"] = f"{float(correct) / batch_size:.3f}"
+                        bar.set_postfix(post)
+                if signals.caught:
+                    break
+            if bar:
+                bar.close()
+            batch_losses = np.asarray(jax.device_get(losses), np.float64)
+            if not np.all(np.isfinite(batch_losses)):
+                bad = int(np.argmax(~np.isfinite(batch_losses)))
+                raise TrainingError(
+                    f"fit: the loss became {batch_losses[bad]} at step {(epoch - 1) * steps_per_epoch + bad + 1} "
+                    f"(epoch {epoch}, batch {bad + 1}); the last good checkpoint "
+                    f"{'is kept in ' + str(ckpt.directory) if ckpt else 'was not written (no checkpoint_dir)'}")
+            if signals.caught:
+                name = signal.Signals(signals.caught).name
+                log(f"{name} received during epoch {epoch}: stopping; the checkpoint after epoch "
+                    f"{int(run['epoch'])} is the one to resume from")
+                break
+
+            val = evaluate(model, loss, params, state, x_val, y_val, classification=classification)
+            row = {"epoch": epoch, "step": epoch * steps_per_epoch,
+                   "train_loss": float(batch_losses.mean())}
+            if classification:
+                row["train_acc"] = float(np.sum(jax.device_get(corrects))) / (steps_per_epoch * batch_size)
+            row["val_loss"] = val["loss"]
+            if classification:
+                row["val_acc"] = val["acc"]
+            row["seconds"] = round(time.perf_counter() - t0, 3)
+            history.append(row)
+            if metrics_path:
+                _write_row(metrics_path, row)
+            log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+
+            improved = val["loss"] < float(run["best_val"]) - min_delta
+            run.update(params=params, state=state, opt_state=opt_state, epoch=np.int64(epoch))
+            if improved:
+                run.update(best_val=np.float64(val["loss"]), since_best=np.int64(0),
+                           best_epoch=np.int64(epoch), best_params=_copy(params), best_state=_copy(state))
+            else:
+                run["since_best"] = np.int64(int(run["since_best"]) + 1)
+            if ckpt:
+                ckpt.save(epoch, run)
+            if patience is not None and int(run["since_best"]) >= patience:
+                stopped_early = True
+                log(f"early stop after epoch {epoch}: the validation loss has not fallen by more than "
+                    f"{min_delta:g} for {patience} epochs (best: epoch {int(run['best_epoch'])})")
+                break
+            if stop_after_epoch is not None and epoch >= stop_after_epoch:
+                break
+
+    if restore_best and int(run["best_epoch"]) > 0:
+        params, state = run["best_params"], run["best_state"]
+    test = evaluate(model, loss, params, state, data.x_test, data.y_test, classification=classification)
+    seconds = time.perf_counter() - t0
+    if plot_path and history:
+        plot_history(history, plot_path, title=f"{data.name}")
+    return FitResult(params, state, history, test, int(run["best_epoch"]), stopped_early, seconds)
+
+
+def _copy(tree):
+    """A copy that survives the step donating (and so deleting) the original buffers."""
+    return jax.tree_util.tree_map(jnp.copy, tree)
+
+
+def _read_history(path: Optional[pathlib.Path], upto_epoch: int) -> List[Dict[str, float]]:
+    """Rows of an earlier run's metrics file up to ``upto_epoch`` (rows after it are dropped)."""
+    if path is None or not path.exists():
+        return []
+    rows = []
+    if path.suffix == ".csv":
+        lines = path.read_text().splitlines()
+        head = lines[0].split(",") if lines else []
+        for line in lines[1:]:
+            rows.append({k: (int(v) if k in ("epoch", "step") else float(v))
+                         for k, v in zip(head, line.split(","))})
+    else:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["epoch"] <= upto_epoch]
+
+
+def _tqdm():
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm
+
+
+# ----------------------------------------------------------------------------- `bpjax train`
+
+
+def add_arguments(p) -> None:
+    """The options of ``bpjax train`` (added to an argparse parser)."""
+    from .datasets import DATASETS
+    from .models import MODELS
+
+    p.add_argument("--model", choices=sorted(MODELS), default="cnn", help="model (default: cnn)")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist1d",
+                   help="dataset, generated or shipped locally, never downloaded (default: mnist1d)")
+    p.add_argument("--epochs", type=int, default=60, help="most epochs (default: 60)")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam")
+    p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (default: 1e-2)")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="cosine",
+                   help="learning-rate schedule from optax (default: cosine decay over the run)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (adamw)")
+    p.add_argument("--patience", type=int, default=10,
+                   help="stop when the validation loss has not fallen for this many epochs (0: never)")
+    p.add_argument("--min-delta", type=float, default=0.0, help="least fall that counts")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="held-out part of the training set watched by early stopping (default: 0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="run directory (default: runs/MODEL-DATASET-sSEED)")
+    p.add_argument("--metrics-format", choices=["jsonl", "csv"], default="jsonl")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plot", action="store_true", help="no PNG of the curves")
+
+
+def make_optimizer(name: str, lr: float, schedule: str, weight_decay: float, total_steps: int):
+    """An optax optimizer with an optax schedule; nothing here re-implements either."""
+    rate = optax.cosine_decay_schedule(lr, max(total_steps, 1)) if schedule == "cosine" else lr
+    if name == "adamw" or weight_decay:
+        return optax.adamw(rate, weight_decay=weight_decay)
+    if name == "sgd":
+        return optax.sgd(rate, momentum=0.9)
+    return optax.adam(rate)
+
+
+def command(args) -> int:
+    """Run ``bpjax train`` with parsed ``args``; returns the exit code."""
+    from . import _losses
+    from .datasets import load
+    from .models import MODELS
+
+    data = load(args.dataset)
+    if data.num_classes is None:
+        model = MODELS[args.model](1)
+        loss = _losses.squared_error()
+    else:
+        model = MODELS[args.model](data.num_classes)
+        loss = _losses.softmax_cross_entropy()
+    out = pathlib.Path(args.out or f"runs/{args.model}-{args.dataset}-s{args.seed}")
+    out.mkdir(parents=True, exist_ok=True)
+    n_train = int(round(data.x_train.shape[0] * (1 - args.val_fraction)))
+    total_steps = args.epochs * max(n_train // args.batch_size, 1)
+    optimizer = make_optimizer(args.optimizer, args.lr, args.schedule, args.weight_decay, total_steps)
+    print(f"bpjax train: {args.model} on {args.dataset} ({data.x_train.shape[0]} train, "
+          f"{data.x_test.shape[0]} test), {args.epochs} epochs of batch {args.batch_size}, "
+          f"{args.optimizer} lr {args.lr:g} ({args.schedule}), device {jax.devices()[0].platform}, "
+          f"writing to {out}")
+    metrics = out / f"metrics.{args.metrics_format}"
+    try:
+        result = fit(model, loss, data, optimizer=optimizer, epochs=args.epochs,
+                     batch_size=args.batch_size, seed=args.seed, val_fraction=args.val_fraction,
+                     patience=args.patience or None, min_delta=args.min_delta,
+                     checkpoint_dir=out / "checkpoints", resume=args.resume, metrics_path=metrics,
+                     plot_path=None if args.no_plot else out / "curves.png",
+                     progress=not args.no_progress)
+    except TrainingError as e:
+        print(f"bpjax train: {e}", file=sys.stderr)
+        return 1
+    summary = {"model": args.model, "dataset": args.dataset, "seed": args.seed,
+               "epochs_run": len(result.history), "best_epoch": result.best_epoch,
+               "stopped_early": result.stopped_early, "seconds": round(result.seconds, 2),
+               **{f"test_{k}": v for k, v in result.test.items()}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    test = " ".join(f"test {k} {v:.4f}" for k, v in result.test.items())
+    print(f"done in {result.seconds:.1f} s: {test} (best epoch {result.best_epoch}); "
+          f"metrics {metrics}" + ("" if args.no_plot else f", plot {out / 'curves.png'}"))
+    return 0
