@@ -52,6 +52,7 @@ class FitResult:
     best_epoch: int
     stopped_early: bool
     seconds: float
+    interrupted_by: Optional[str] = None   # "SIGINT"/"SIGTERM" when a signal stopped the run
 
 
 # ----------------------------------------------------------------------------- the step
@@ -263,7 +264,10 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
         ``min_delta`` for ``patience`` epochs (``None``: never stop early).
       restore_best: return the params of the epoch with the lowest validation loss.
       checkpoint_dir: save the whole run state (params, optimizer state, layer state, epoch,
-        data-order key, early-stopping state) there after every epoch, with Orbax.
+        data-order key, early-stopping state) there after every epoch, with Orbax (named by the
+        global step). SIGINT and SIGTERM stop the run after the current step and save it first;
+        resuming then continues mid-epoch with the same data order (that epoch's ``train_loss``
+        row averages only the batches run after the resume).
       resume: continue from the latest checkpoint in ``checkpoint_dir``.
       metrics_path: append one row per epoch (``.jsonl``, or ``.csv`` by suffix).
       plot_path: save a PNG of the loss and accuracy curves.
@@ -289,7 +293,9 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
     k_init, data_key, k_dropout = jax.random.split(jax.random.PRNGKey(seed), 3)
     params, state, _ = model.init(k_init, data.in_shape)
     opt_state = optimizer.init(params)
-    run = {"params": params, "state": state, "opt_state": opt_state, "epoch": np.int64(0),
+    run = {"params": params, "state": state, "opt_state": opt_state,
+           "epoch": np.int64(0),        # completed epochs
+           "batch": np.int64(0),        # completed batches of the epoch after them (an interrupt)
            "data_key": data_key, "best_val": np.float64(np.inf), "since_best": np.int64(0),
            "best_epoch": np.int64(0), "best_params": _copy(params), "best_state": _copy(state)}
 
@@ -299,7 +305,8 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
     if resume and ckpt and ckpt.latest() is not None:
         run = ckpt.restore(ckpt.latest(), run)
         history = _read_history(metrics_path, int(run["epoch"])) if metrics_path else []
-        log(f"resumed from {ckpt.directory / str(ckpt.latest())} after epoch {int(run['epoch'])}")
+        log(f"resumed from {ckpt.directory / str(ckpt.latest())}: epoch {int(run['epoch'])} done"
+            + (f", {int(run['batch'])} batches of epoch {int(run['epoch']) + 1}" if int(run["batch"]) else ""))
     elif metrics_path and metrics_path.exists():
         metrics_path.unlink()
     if metrics_path:
@@ -308,16 +315,17 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
 
     step = make_train_step(model, loss, optimizer, classification=classification)
     params, state, opt_state = run["params"], run["state"], run["opt_state"]
-    start_epoch, t0, stopped_early = int(run["epoch"]), time.perf_counter(), False
+    start_epoch, t0, stopped_early, interrupted = int(run["epoch"]), time.perf_counter(), False, None
     bar_cls = _tqdm() if progress else None
 
     with _Signals() as signals:
         for epoch in range(start_epoch + 1, epochs + 1):
             order = epoch_order(run["data_key"], epoch, n)
+            first = int(run["batch"]) if epoch == start_epoch + 1 else 0   # mid-epoch resume
             losses, corrects = [], []
-            bar = bar_cls(total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", leave=False,
-                          file=sys.stderr) if bar_cls else None
-            for i in range(steps_per_epoch):
+            bar = bar_cls(total=steps_per_epoch, initial=first, desc=f"epoch {epoch}/{epochs}",
+                          leave=False, file=sys.stderr) if bar_cls else None
+            for i in range(first, steps_per_epoch):
                 idx = order[i * batch_size:(i + 1) * batch_size]
                 global_step = (epoch - 1) * steps_per_epoch + i
                 key = jax.random.fold_in(k_dropout, global_step)
@@ -332,7 +340,8 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
                         if classification:
                             post["acc"] = f"{float(correct) / batch_size:.3f}"
                         bar.set_postfix(post)
-                if signals.caught:
+                if signals.caught and i + 1 < steps_per_epoch:
+                    interrupted = (epoch, i + 1)
                     break
             if bar:
                 bar.close()
@@ -340,20 +349,25 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
             if not np.all(np.isfinite(batch_losses)):
                 bad = int(np.argmax(~np.isfinite(batch_losses)))
                 raise TrainingError(
-                    f"fit: the loss became {batch_losses[bad]} at step {(epoch - 1) * steps_per_epoch + bad + 1} "
-                    f"(epoch {epoch}, batch {bad + 1}); the last good checkpoint "
+                    f"fit: the loss became {batch_losses[bad]} at step {global_step - len(losses) + bad + 2} "
+                    f"(epoch {epoch}, batch {first + bad + 1}); the last good checkpoint "
                     f"{'is kept in ' + str(ckpt.directory) if ckpt else 'was not written (no checkpoint_dir)'}")
-            if signals.caught:
-                name = signal.Signals(signals.caught).name
-                log(f"{name} received during epoch {epoch}: stopping; the checkpoint after epoch "
-                    f"{int(run['epoch'])} is the one to resume from")
+            if interrupted:
+                run.update(params=params, state=state, opt_state=opt_state,
+                           epoch=np.int64(epoch - 1), batch=np.int64(interrupted[1]))
+                where = "no checkpoint_dir, nothing saved"
+                if ckpt:
+                    ckpt.save(global_step + 1, run)
+                    where = f"saved {ckpt.directory / str(global_step + 1)}"
+                log(f"{signal.Signals(signals.caught).name} received at epoch {epoch}, batch "
+                    f"{interrupted[1]}: {where}; resume to continue")
                 break
 
             val = evaluate(model, loss, params, state, x_val, y_val, classification=classification)
             row = {"epoch": epoch, "step": epoch * steps_per_epoch,
                    "train_loss": float(batch_losses.mean())}
             if classification:
-                row["train_acc"] = float(np.sum(jax.device_get(corrects))) / (steps_per_epoch * batch_size)
+                row["train_acc"] = float(np.sum(jax.device_get(corrects))) / (len(corrects) * batch_size)
             row["val_loss"] = val["loss"]
             if classification:
                 row["val_acc"] = val["acc"]
@@ -364,14 +378,20 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
             log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
 
             improved = val["loss"] < float(run["best_val"]) - min_delta
-            run.update(params=params, state=state, opt_state=opt_state, epoch=np.int64(epoch))
+            run.update(params=params, state=state, opt_state=opt_state, epoch=np.int64(epoch),
+                       batch=np.int64(0))
             if improved:
                 run.update(best_val=np.float64(val["loss"]), since_best=np.int64(0),
                            best_epoch=np.int64(epoch), best_params=_copy(params), best_state=_copy(state))
             else:
                 run["since_best"] = np.int64(int(run["since_best"]) + 1)
             if ckpt:
-                ckpt.save(epoch, run)
+                ckpt.save(epoch * steps_per_epoch, run)
+            if signals.caught:
+                interrupted = (epoch, steps_per_epoch)
+                log(f"{signal.Signals(signals.caught).name} received: stopping after epoch {epoch} "
+                    f"(checkpoint saved); resume to continue")
+                break
             if patience is not None and int(run["since_best"]) >= patience:
                 stopped_early = True
                 log(f"early stop after epoch {epoch}: the validation loss has not fallen by more than "
@@ -386,7 +406,8 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
     seconds = time.perf_counter() - t0
     if plot_path and history:
         plot_history(history, plot_path, title=f"{data.name}")
-    return FitResult(params, state, history, test, int(run["best_epoch"]), stopped_early, seconds)
+    return FitResult(params, state, history, test, int(run["best_epoch"]), stopped_early, seconds,
+                     signal.Signals(signals.caught).name if signals.caught else None)
 
 
 def _copy(tree):
@@ -492,6 +513,9 @@ def command(args) -> int:
     except TrainingError as e:
         print(f"bpjax train: {e}", file=sys.stderr)
         return 1
+    if result.interrupted_by:
+        print(f"bpjax train: stopped by {result.interrupted_by}; run again with --resume to continue")
+        return 128 + int(getattr(signal, result.interrupted_by))
     summary = {"model": args.model, "dataset": args.dataset, "seed": args.seed,
                "epochs_run": len(result.history), "best_epoch": result.best_epoch,
                "stopped_early": result.stopped_early, "seconds": round(result.seconds, 2),
