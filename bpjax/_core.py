@@ -103,6 +103,49 @@ def check_ndim(name: str, arg: str, x, *, ndim: Optional[int] = None, min_ndim: 
         raise ValueError(f"{name}: expected {arg}.ndim >= {min_ndim}{hint}, got {arg}.shape={tuple(x.shape)}")
 
 
+def _check_x(name, arg, x, float_input, ndim, min_ndim, meaning):
+    """The dtype and rank checks of one input array; returns it as a JAX array."""
+    if float_input:
+        x = check_float_input(name, arg, x)
+    elif not hasattr(x, "dtype"):
+        x = jnp.asarray(x)
+    check_ndim(name, arg, x, ndim=ndim, min_ndim=min_ndim, meaning=meaning)
+    return x
+
+
+def check_tuple_input(name: str, x, *, float_input: bool = True, ndim: Optional[int] = None,
+                      min_ndim: int = 1, meaning: str = "") -> tuple:
+    """Raise unless ``x`` is a non-empty tuple (or list) of arrays, each passing the dtype and
+    rank checks, all with the same batch size; returns it as a tuple of JAX arrays."""
+    if not isinstance(x, (tuple, list)) or not x:
+        got = (f"an array of shape {tuple(x.shape)}" if hasattr(x, "shape")
+               else f"{type(x).__name__} {x!r}" if isinstance(x, (tuple, list)) else type(x).__name__)
+        raise TypeError(f"{name}: expected x to be a non-empty tuple of arrays (one per branch), got {got}")
+    elems = [_check_x(name, f"x[{i}]", e, float_input, ndim, min_ndim, meaning) for i, e in enumerate(x)]
+    if len({e.shape[0] for e in elems}) > 1:
+        raise ValueError(f"{name}: expected every x[i] to have the same batch size, "
+                         f"got shapes {[tuple(e.shape) for e in elems]}")
+    return tuple(elems)
+
+
+def _tuple_of_shapes(name: str, in_shape) -> tuple:
+    """``in_shape`` of a layer with tuple input: a tuple of per-example shapes, as ints."""
+    try:
+        if not in_shape or any(isinstance(s, (int, np.integer)) for s in in_shape):
+            raise TypeError
+        return tuple(tuple(int(d) for d in s) for s in in_shape)
+    except TypeError:
+        raise TypeError(f"{name}: expected in_shape to be a non-empty tuple of shapes, one per input, "
+                        f"got in_shape={in_shape!r}") from None
+
+
+def shape_record(x) -> jax.Array:
+    """A zero-size array ``(0, *x.shape[1:])`` of ``x``'s dtype: it records, in residuals (which
+    hold arrays only), the per-example shape and dtype that a backward needs to undo a reshape
+    or a concatenation, at no memory cost."""
+    return jnp.zeros((0, *x.shape[1:]), x.dtype)
+
+
 @functools.lru_cache(maxsize=4096)
 def _abstract_init(init: Callable, in_shape: Shape):
     """Shapes and structure of ``init``'s params and state for ``in_shape``, without computing them."""
@@ -151,6 +194,7 @@ def make_layer(
     ndim: Optional[int] = None,
     meaning: str = "",
     float_input: bool = True,
+    tuple_input: bool = False,
 ) -> Layer:
     """Build a :class:`Layer` from raw functions, adding the checks every layer shares.
 
@@ -159,19 +203,28 @@ def make_layer(
     structure ``init`` gives for ``x.shape[1:]`` (``TypeError`` showing both); the layer's
     own ``check(params, state, x)``; and finally every leaf's shape. ``backward`` casts
     ``dparams`` to the dtypes of ``params``.
+
+    With ``tuple_input=True`` (the joins: ``concat``, ``add``) ``x`` is a non-empty tuple
+    (or list, taken as a tuple) of arrays: each element gets the dtype and rank checks, all
+    must share the batch size, and ``init`` takes a tuple of per-example shapes,
+    ``tuple(e.shape[1:] for e in x)``. ``backward`` then returns ``dx`` as a tuple.
     """
 
     def init_(key, in_shape):
+        if tuple_input:
+            return init(key, _tuple_of_shapes(name, in_shape))
         in_shape = tuple(int(d) for d in in_shape)
         return init(key, in_shape)
 
     def forward_(params, state, x, *, key=None, train=True):
-        if float_input:
-            x = check_float_input(name, "x", x)
-        elif not hasattr(x, "dtype"):
-            x = jnp.asarray(x)
-        check_ndim(name, "x", x, ndim=ndim, min_ndim=min_ndim, meaning=meaning)
-        exp_params, exp_state = _abstract_init(init, tuple(x.shape[1:]))
+        if tuple_input:
+            x = check_tuple_input(name, x, float_input=float_input, ndim=ndim, min_ndim=min_ndim,
+                                  meaning=meaning)
+            in_shape = tuple(tuple(e.shape[1:]) for e in x)
+        else:
+            x = _check_x(name, "x", x, float_input, ndim, min_ndim, meaning)
+            in_shape = tuple(x.shape[1:])
+        exp_params, exp_state = _abstract_init(init, in_shape)
         if not jax.tree_util.tree_leaves(state) and not jax.tree_util.tree_leaves(exp_state):
             state = exp_state            # stateless: () stands for any tree of empty tuples
         check_tree(name, "params", exp_params, params, shapes=False)
