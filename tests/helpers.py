@@ -48,7 +48,10 @@ def init_params(layer, in_shape, gen, dtype):
             return jnp.zeros(s.shape, s.dtype)
         return jnp.asarray(0.5 + gen.uniform(size=s.shape), dtype)
 
-    out_shape = tuple(int(d) for d in out_shape)
+    def as_ints(shape):            # one shape, or a tuple of shapes (layers with tuple outputs)
+        return tuple(as_ints(d) if isinstance(d, (tuple, list)) else int(d) for d in shape)
+
+    out_shape = as_ints(out_shape)
     return jax.tree_util.tree_map(fill_param, params), jax.tree_util.tree_map(fill_state, state), out_shape
 
 
