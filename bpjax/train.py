@@ -35,7 +35,7 @@ from ._core import Layer, Loss, describe
 from ._grad import forward_backward
 from .datasets import Dataset
 
-__all__ = ["fit", "FitResult", "evaluate", "make_train_step", "epoch_order", "split_validation",
+__all__ = ["fit", "FitResult", "evaluate", "make_eval_step", "make_train_step", "epoch_order", "split_validation",
            "TrainingError"]
 
 
@@ -62,13 +62,14 @@ def make_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransform
                     classification: bool = True, donate: bool = True):
     """A jitted step: the hand-written forward and backward, then an optax update.
 
-    ``step(params, state, opt_state, x, y, key) -> (params, state, opt_state, loss, correct)``;
-    ``params``, ``state`` and ``opt_state`` are donated, so their buffers are reused.
+    ``step(params, state, opt_state, x, y, key, step_num) -> (params, state, opt_state, loss,
+    correct)``; the layers' randomness (dropout) uses ``fold_in(key, step_num)``. ``params``,
+    ``state`` and ``opt_state`` are donated, so their buffers are reused.
     """
     fb = forward_backward(model, loss)
 
-    def step(params, state, opt_state, x, y, key):
-        value, state, out, grads = fb(params, state, x, y, key=key)
+    def step(params, state, opt_state, x, y, key, step_num):
+        value, state, out, grads = fb(params, state, x, y, key=jax.random.fold_in(key, step_num))
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         correct = _correct(out, y) if classification else jnp.zeros((), jnp.int32)
@@ -81,16 +82,24 @@ def _correct(logits, labels):
     return jnp.sum(jnp.argmax(logits, axis=-1) == labels)
 
 
-def evaluate(model: Layer, loss: Loss, params, state, x, y, *, batch_size: int = 1000,
-             classification: bool = True) -> Dict[str, float]:
-    """Loss (and accuracy) of the model in evaluation mode (``train=False``) over ``(x, y)``."""
+def make_eval_step(model: Layer, loss: Loss, *, classification: bool = True):
+    """A jitted ``(params, state, x, y) -> (summed loss, correct)`` in evaluation mode."""
 
-    @jax.jit
     def batch(params, state, xb, yb):
         out, _, _ = model.forward(params, state, xb, train=False)
         value, _ = loss.forward(out, yb)
         return value * xb.shape[0], (_correct(out, yb) if classification else 0)
 
+    return jax.jit(batch)
+
+
+def evaluate(model: Layer, loss: Loss, params, state, x, y, *, batch_size: int = 1000,
+             classification: bool = True, eval_step=None) -> Dict[str, float]:
+    """Loss (and accuracy) of the model in evaluation mode (``train=False``) over ``(x, y)``.
+
+    Pass ``eval_step`` (from :func:`make_eval_step`) when calling repeatedly, to compile once.
+    """
+    batch = eval_step or make_eval_step(model, loss, classification=classification)
     total, correct, n = 0.0, 0, x.shape[0]
     for i in range(0, n, batch_size):
         v, c = batch(params, state, x[i:i + batch_size], y[i:i + batch_size])
@@ -260,9 +269,10 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
         ``fold_in(data_key, epoch)`` and takes full batches of ``batch_size``.
       val_fraction: the held-out part of the training set that early stopping watches (a fixed
         split under ``seed``); with 0 the test split is used instead.
-      patience, min_delta: stop when the validation loss has not fallen by more than
-        ``min_delta`` for ``patience`` epochs (``None``: never stop early).
-      restore_best: return the params of the epoch with the lowest validation loss.
+      patience, min_delta: stop when the validation error has not fallen by more than
+        ``min_delta`` for ``patience`` epochs (``None``: never stop early). The error is the
+        classification error (1 − accuracy) for classification and the loss for regression.
+      restore_best: return the params of the epoch with the lowest validation error.
       checkpoint_dir: save the whole run state (params, optimizer state, layer state, epoch,
         data-order key, early-stopping state) there after every epoch, with Orbax (named by the
         global step). SIGINT and SIGTERM stop the run after the current step and save it first;
@@ -314,6 +324,7 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
         _rewrite_rows(metrics_path, history)
 
     step = make_train_step(model, loss, optimizer, classification=classification)
+    eval_step = make_eval_step(model, loss, classification=classification)
     params, state, opt_state = run["params"], run["state"], run["opt_state"]
     start_epoch, t0, stopped_early, interrupted = int(run["epoch"]), time.perf_counter(), False, None
     bar_cls = _tqdm() if progress else None
@@ -328,9 +339,8 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
             for i in range(first, steps_per_epoch):
                 idx = order[i * batch_size:(i + 1) * batch_size]
                 global_step = (epoch - 1) * steps_per_epoch + i
-                key = jax.random.fold_in(k_dropout, global_step)
                 params, state, opt_state, value, correct = step(
-                    params, state, opt_state, x_tr[idx], y_tr[idx], key)
+                    params, state, opt_state, x_tr[idx], y_tr[idx], k_dropout, global_step)
                 losses.append(value)
                 corrects.append(correct)
                 if bar:
@@ -363,7 +373,8 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
                     f"{interrupted[1]}: {where}; resume to continue")
                 break
 
-            val = evaluate(model, loss, params, state, x_val, y_val, classification=classification)
+            val = evaluate(model, loss, params, state, x_val, y_val, classification=classification,
+                           eval_step=eval_step)
             row = {"epoch": epoch, "step": epoch * steps_per_epoch,
                    "train_loss": float(batch_losses.mean())}
             if classification:
@@ -377,11 +388,12 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
                 _write_row(metrics_path, row)
             log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
 
-            improved = val["loss"] < float(run["best_val"]) - min_delta
+            error = 1.0 - val["acc"] if classification else val["loss"]
+            improved = error < float(run["best_val"]) - min_delta
             run.update(params=params, state=state, opt_state=opt_state, epoch=np.int64(epoch),
                        batch=np.int64(0))
             if improved:
-                run.update(best_val=np.float64(val["loss"]), since_best=np.int64(0),
+                run.update(best_val=np.float64(error), since_best=np.int64(0),
                            best_epoch=np.int64(epoch), best_params=_copy(params), best_state=_copy(state))
             else:
                 run["since_best"] = np.int64(int(run["since_best"]) + 1)
@@ -394,7 +406,7 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
                 break
             if patience is not None and int(run["since_best"]) >= patience:
                 stopped_early = True
-                log(f"early stop after epoch {epoch}: the validation loss has not fallen by more than "
+                log(f"early stop after epoch {epoch}: the validation error has not fallen by more than "
                     f"{min_delta:g} for {patience} epochs (best: epoch {int(run['best_epoch'])})")
                 break
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
@@ -402,7 +414,8 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
 
     if restore_best and int(run["best_epoch"]) > 0:
         params, state = run["best_params"], run["best_state"]
-    test = evaluate(model, loss, params, state, data.x_test, data.y_test, classification=classification)
+    test = evaluate(model, loss, params, state, data.x_test, data.y_test, classification=classification,
+                    eval_step=eval_step)
     seconds = time.perf_counter() - t0
     if plot_path and history:
         plot_history(history, plot_path, title=f"{data.name}")
@@ -458,7 +471,8 @@ def add_arguments(p) -> None:
                    help="learning-rate schedule from optax (default: cosine decay over the run)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (adamw)")
     p.add_argument("--patience", type=int, default=10,
-                   help="stop when the validation loss has not fallen for this many epochs (0: never)")
+                   help="stop when the validation error (1 - accuracy, or the loss for regression) "
+                        "has not fallen for this many epochs (0: never; default: 10)")
     p.add_argument("--min-delta", type=float, default=0.0, help="least fall that counts")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="held-out part of the training set watched by early stopping (default: 0.1)")
