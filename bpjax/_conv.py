@@ -1,2 +1,418 @@
-"""Placeholder filled in by the layers work of issue 3."""
-__all__ = []
+"""Convolution layers (``conv``, ``conv_transpose``), each with its hand-written backward.
+
+Channels last, with 1, 2 or 3 spatial axes: x (N, L, C), (N, H, W, C) or (N, D, H, W, C).
+Both layers are one *generalised* convolution (``lax.conv_general_dilated``)::
+
+    y[n, o, co] = b[co] + Σ_κ Σ_ci xp[n, o·s + κ·d, ci] · W[κ, ci, co]
+
+where o runs over the output positions and κ over the kernel offsets (both multi-indices over
+the spatial axes, κ in row-major order), s is the stride, d the dilation of the kernel, and xp
+is x dilated by ``u`` (u − 1 zeros between neighbours; u = 1 for ``conv``, u = the stride for
+``conv_transpose``) and then zero-padded by (lo, hi) along each spatial axis. ``_conv_dx`` and
+``_conv_dw`` below are the two halves of its backward; each layer says which s, u and padding.
+
+Sizes, per spatial axis: the dilated kernel k' = d·(k − 1) + 1, the dilated input
+L' = u·(L − 1) + 1, and the output O = ⌊(L' + lo + hi − k') / s⌋ + 1.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import initializers
+from ._core import Layer, check_positive_int, make_layer
+
+__all__ = ["conv", "conv_transpose"]
+
+# channels-last layouts of x, W and y, by the number of spatial axes
+_DIMENSION_NUMBERS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}
+# dW by shifted views and matrix products from this many spatial axes on, by one lax
+# convolution below it: the faster on CPU (measurements in _conv_dw's docstring)
+_DW_BY_VIEWS_FROM_RANK = 2
+_AXES = {1: "length, channels", 2: "height, width, channels", 3: "depth, height, width, channels"}
+
+
+# ----------------------------------------------------------------------------- hyperparameters
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _positive_ints(name: str, arg: str, value):
+    """An integer > 0, or a non-empty tuple of them (one per spatial axis)."""
+    if isinstance(value, (tuple, list)) and value and all(_is_int(v) and v > 0 for v in value):
+        return tuple(int(v) for v in value)
+    if _is_int(value) and value > 0:
+        return int(value)
+    raise ValueError(f"{name}: expected {arg} to be an integer > 0 or a tuple of them, one per "
+                     f"spatial axis, got {value!r}")
+
+
+def _padding(name: str, padding):
+    """``"SAME"``, ``"VALID"``, an integer p ≥ 0 (p on both sides of every axis) or a tuple of
+    (lo, hi) pairs of integers ≥ 0, one per spatial axis."""
+    if isinstance(padding, str) and padding.upper() in ("SAME", "VALID"):
+        return padding.upper()
+    if _is_int(padding) and padding >= 0:
+        return int(padding)
+    if (isinstance(padding, (tuple, list)) and padding
+            and all(isinstance(p, (tuple, list)) and len(p) == 2 and all(_is_int(v) and v >= 0 for v in p)
+                    for p in padding)):
+        return tuple((int(lo), int(hi)) for lo, hi in padding)
+    raise ValueError(f"{name}: expected padding to be 'SAME', 'VALID', an integer >= 0 or a tuple of "
+                     f"(lo, hi) pairs of integers >= 0, one per spatial axis, got {padding!r}")
+
+
+def _spatial_rank(name: str, max_rank, **args):
+    """The number of spatial axes fixed by the tuple-valued ``args``, or None (then the input's)."""
+    lengths = {arg: len(v) for arg, v in args.items() if isinstance(v, tuple)}
+    got = ", ".join(f"{arg}={args[arg]!r}" for arg in lengths)
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"{name}: expected one entry per spatial axis in every tuple, got {got}")
+    rank = next(iter(lengths.values()), None)
+    if rank is not None and max_rank is not None and rank > max_rank:
+        raise ValueError(f"{name}: expected 1 to {max_rank} spatial axes, got {got}")
+    return rank
+
+
+def _per_axis(value, rank: int) -> tuple:
+    """``value`` for each of ``rank`` spatial axes (an integer stands for every axis)."""
+    return tuple(value) if isinstance(value, tuple) else (value,) * rank
+
+
+def _same_pads(size: int, window: int, stride: int) -> tuple:
+    """'SAME' (lax's rule): O = ⌈L/s⌉, the total padding split with the extra cell at the end."""
+    total = max((-(-size // stride) - 1) * stride + window - size, 0)
+    return total // 2, total - total // 2
+
+
+def _explicit_pads(padding, spatial, windows, strides) -> tuple:
+    """Per-axis (lo, hi) padding of the input for a window sliding with ``strides``."""
+    if padding == "SAME":
+        return tuple(_same_pads(n, k, s) for n, k, s in zip(spatial, windows, strides))
+    if padding == "VALID":
+        return ((0, 0),) * len(spatial)
+    if isinstance(padding, tuple):
+        return padding
+    return ((padding, padding),) * len(spatial)
+
+
+def _transpose_pads(padding, spatial, windows, strides) -> tuple:
+    """Padding of the stride-dilated input of ``conv_transpose``, from the padding of the
+    convolution it transposes (lax.conv_transpose's rule with ``use_consistent_padding=True``,
+    which is PyTorch's): (lo, hi) becomes (k' − 1 − lo, k' − 1 − hi); 'SAME' gives O = s·L and
+    'VALID' O = s·L + max(k' − s, 0)."""
+    if isinstance(padding, str):
+        pads = []
+        for k, s in zip(windows, strides):
+            total = k + s - 2 + (max(k - s, 0) if padding == "VALID" else 0)
+            lo = k - 1 if padding == "VALID" or s > k - 1 else -(-total // 2)
+            pads.append((lo, total - lo))
+        return tuple(pads)
+    return tuple((k - 1 - lo, k - 1 - hi)
+                 for k, (lo, hi) in zip(windows, _explicit_pads(padding, spatial, windows, strides)))
+
+
+def _promote(*arrays):
+    """The arrays cast to their common dtype (``lax`` convolutions need one)."""
+    dtype = jnp.result_type(*arrays)
+    return tuple(a.astype(dtype) for a in arrays)
+
+
+def _out_size(size, window, stride, lo, hi, in_dilation=1) -> int:
+    return (in_dilation * (size - 1) + 1 + lo + hi - window) // stride + 1
+
+
+# ----------------------------------------------------------------------------- shifted views
+
+
+def _offsets(kernel):
+    """Every kernel offset κ, in row-major order."""
+    return itertools.product(*(range(k) for k in kernel))
+
+
+def _view(xp, kappa, dilation, strides, out):
+    """The shifted view xp[:, κ·d + o·s, :] over the output positions o: (N, *out, C)."""
+    start = (0, *(k * d for k, d in zip(kappa, dilation)), 0)
+    stop = (st + (o - 1) * s + 1 for st, o, s in zip(start[1:-1], out, strides))
+    limit = (xp.shape[0], *stop, xp.shape[-1])
+    return lax.slice(xp, start, limit, (1, *strides, 1))
+
+
+def _place(v, kappa, dilation, strides, padded_spatial):
+    """The adjoint of ``_view``: v (N, *out, C) put at positions κ·d + o·s of a zero array
+    (N, *padded_spatial, C)."""
+    cfg = [(0, 0, 0)]
+    for k, d, s, o, size in zip(kappa, dilation, strides, v.shape[1:-1], padded_spatial):
+        cfg.append((k * d, size - k * d - ((o - 1) * s + 1), s - 1))
+    return lax.pad(v, jnp.zeros((), v.dtype), cfg + [(0, 0, 0)])
+
+
+# ----------------------------------------------------------------------------- the two gradients
+
+
+_GEOMETRY = ("strides", "pads", "in_dilation", "dilation", "groups")
+
+
+@functools.partial(jax.jit, static_argnames=("x_shape", *_GEOMETRY))   # jit: one compile when eager
+def _conv_dx(dy, w, x_shape, *, strides, pads, in_dilation, dilation, groups):
+    """dx of the generalised convolution: the transposed convolution of dy::
+
+        dx = conv(dilate_s(dy), flip(W)ᵀ)  at stride u                     (N, *spatial, C_in)
+
+    dy gets s − 1 zeros between neighbours (s: the forward's stride) and k' − 1 − lo zeros
+    before (then as many after as make the output L long); W is flipped along its spatial
+    axes and its channel axes are swapped within each group; u is the forward's input dilation.
+    """
+    r = dy.ndim - 2
+    kernel = w.shape[:r]
+    c_in_g, c_out = w.shape[-2], w.shape[-1]
+    wt = jnp.flip(w, axis=tuple(range(r)))                                   # (*K, C_in/G, C_out)
+    wt = wt.reshape(*kernel, c_in_g, groups, c_out // groups)                 # (*K, C_in/G, G, C_out/G)
+    wt = jnp.swapaxes(wt, -3, -1).reshape(*kernel, c_out // groups, groups * c_in_g)  # (*K, C_out/G, C_in)
+    dx_pads = []
+    for n, k, d, s, u, (lo, _), o in zip(x_shape[1:-1], kernel, dilation, strides, in_dilation, pads,
+                                          dy.shape[1:-1]):
+        k_eff, n_dil, o_dil = d * (k - 1) + 1, u * (n - 1) + 1, s * (o - 1) + 1
+        before = k_eff - 1 - lo                                               # < 0 crops
+        dx_pads.append((before, n_dil + k_eff - 1 - o_dil - before))
+    return lax.conv_general_dilated(dy, wt, window_strides=in_dilation, padding=dx_pads,
+                                    lhs_dilation=strides, rhs_dilation=dilation,
+                                    dimension_numbers=_DIMENSION_NUMBERS[r],
+                                    feature_group_count=groups)               # (N, *spatial, C_in)
+
+
+@functools.partial(jax.jit, static_argnames=("kernel", *_GEOMETRY))
+def _conv_dw(x, dy, kernel, *, strides, pads, in_dilation, dilation, groups):
+    """dW of the generalised convolution, within each group::
+
+        dW[κ, i, co] = Σ_n Σ_o xp[n, o·s + κ·d, g·C_in/G + i] · dy[n, o, co]   (*K, C_in/G, C_out)
+
+    Two formulations, chosen by the number r of spatial axes (``_DW_BY_VIEWS_FROM_RANK``):
+
+    * r = 1: one ``lax`` convolution (XLA's kernel-gradient convolution): x as the input with
+      the roles of batch and channels swapped, dy as the kernel, dilated by s;
+    * r ≥ 2: shifted views and matrix products: for each offset κ, the strided view
+      xp[:, κ·d + o·s, :] flattened to (M, C_in), M = N·∏O, gives dW[κ] = viewᵀ · dy with dy
+      flattened to (M, C_out).
+
+    Measured on the 2-core CPU this was written on (float32, jitted, best of 10): a 3×3 conv,
+    32→64 channels, 28×28, batch 128, 'SAME': forward 119 ms, ``jax.vjp`` dW 1428 ms, the lax
+    dW 1305 ms, the views 249 ms. A 1-D conv, kernel 5, 32→32 channels, length 40, batch 128:
+    forward 1.9 ms, ``jax.vjp`` dW 2.8 ms, the lax dW 3.8 ms, the views 4.9 ms. The lax dW falls
+    behind in 2-D once N·∏O·C_out grows (14×14×32 channels, batch 128, and up); in 1-D it kept
+    up at every size tried (up to length 2000).
+    """
+    r = x.ndim - 2
+    out = dy.shape[1:-1]
+    # pad the high end so that xp holds exactly the cells some window reads (less when the
+    # stride skips the last cells): L' + lo + hi = s·(O − 1) + 1 + k' − 1
+    pads = tuple((lo, s * (o - 1) + 1 + d * (k - 1) - (u * (n - 1) + 1) - lo)
+                 for n, k, d, s, u, (lo, _), o in zip(x.shape[1:-1], kernel, dilation, strides,
+                                                      in_dilation, pads, out))
+    if r < _DW_BY_VIEWS_FROM_RANK:
+        spatial = tuple(range(1, r + 1))
+        dn = lax.ConvDimensionNumbers(lhs_spec=(r + 1, 0, *spatial),       # x: C as batch, N as feature
+                                      rhs_spec=(r + 1, 0, *spatial),       # dy: C_out out, N in
+                                      out_spec=(r, r + 1, *range(r)))      # dW: (*K, C_in/G, C_out)
+        return lax.conv_general_dilated(x, dy, window_strides=dilation, padding=pads,
+                                        lhs_dilation=in_dilation, rhs_dilation=strides,
+                                        dimension_numbers=dn, batch_group_count=groups)
+    c_in, c_out = x.shape[-1], dy.shape[-1]
+    m = math.prod(dy.shape[:-1])
+    cfg = [(0, 0, 0), *((lo, hi, u - 1) for (lo, hi), u in zip(pads, in_dilation)), (0, 0, 0)]
+    xp = lax.pad(x, jnp.zeros((), x.dtype), cfg)                              # (N, *padded, C_in)
+    dy2 = dy.reshape(m, groups, c_out // groups)                              # (M, G, C_out/G)
+    dw = []
+    for kappa in _offsets(kernel):
+        v = _view(xp, kappa, dilation, strides, out).reshape(m, groups, c_in // groups)  # (M, G, C_in/G)
+        if groups == 1:
+            dw.append(v[:, 0].T @ dy2[:, 0])                                  # (C_in, C_out)
+        else:
+            dw.append(jnp.einsum("mgi,mgo->igo", v, dy2).reshape(c_in // groups, c_out))  # (C_in/G, C_out)
+    return jnp.stack(dw).reshape(*kernel, c_in // groups, c_out)             # (*K, C_in/G, C_out)
+
+
+# ----------------------------------------------------------------------------- the layers
+
+
+def _conv_layer(name, out_channels, kernel_size, strides, padding, dilation, groups, use_bias,
+                w_init, b_init, param_dtype, transpose) -> Layer:
+    """conv (transpose=False) and conv_transpose (transpose=True): the same generalised
+    convolution, with s = strides, u = 1 or s = 1, u = strides."""
+    out_channels = check_positive_int(name, "out_channels", out_channels)
+    kernel_size = _positive_ints(name, "kernel_size", kernel_size)
+    strides = _positive_ints(name, "strides", strides)
+    dilation = _positive_ints(name, "dilation", dilation)
+    padding = _padding(name, padding)
+    groups = check_positive_int(name, "groups", groups)
+    if out_channels % groups:
+        raise ValueError(f"{name}: expected out_channels divisible by groups={groups}, got {out_channels}")
+    rank = _spatial_rank(name, 3, kernel_size=kernel_size, strides=strides, dilation=dilation,
+                         padding=padding if isinstance(padding, tuple) else None)
+    w_fn = initializers.get(w_init, name)
+    b_fn = initializers.get(b_init, name)
+
+    def geometry(in_shape):
+        """Per-axis sizes for one example's shape: kernel, strides s, input dilation u, kernel
+        dilation d, (lo, hi) padding, output size."""
+        r = len(in_shape) - 1
+        if not 1 <= r <= 3 or (rank is not None and r != rank):
+            want = f"{rank + 1} axes ({_AXES[rank]})" if rank else "2 to 4 axes (*spatial, channels)"
+            raise ValueError(f"{name}: expected in_shape with {want}, got in_shape={tuple(in_shape)}")
+        kernel, s, d = (_per_axis(v, r) for v in (kernel_size, strides, dilation))
+        k_eff = tuple(di * (k - 1) + 1 for k, di in zip(kernel, d))
+        spatial = in_shape[:-1]
+        if transpose:
+            pads = _transpose_pads(padding, spatial, k_eff, s)
+            g = dict(kernel=kernel, strides=(1,) * r, in_dilation=s, dilation=d, pads=pads)
+        else:
+            pads = _explicit_pads(padding, spatial, k_eff, s)
+            g = dict(kernel=kernel, strides=s, in_dilation=(1,) * r, dilation=d, pads=pads)
+        out = tuple(_out_size(n, k, st, lo, hi, u) for n, k, st, u, (lo, hi)
+                    in zip(spatial, k_eff, g["strides"], g["in_dilation"], pads))
+        if min(out) < 1:
+            raise ValueError(f"{name}: expected the dilated kernel {k_eff} to fit in the padded input "
+                             f"along every spatial axis, got spatial shape {tuple(spatial)} with "
+                             f"padding {pads}{' of the stride-dilated input' if transpose else ''}")
+        return g, out
+
+    def init(key, in_shape):
+        g, out = geometry(in_shape)
+        c_in = in_shape[-1]
+        if c_in % groups:
+            raise ValueError(f"{name}: expected input channels divisible by groups={groups}, "
+                             f"got in_shape={tuple(in_shape)}")
+        kw, kb = jax.random.split(key)
+        params = {"w": w_fn(kw, (*g["kernel"], c_in // groups, out_channels), param_dtype)}
+        if use_bias:
+            params["b"] = b_fn(kb, (out_channels,), param_dtype)
+        return params, (), (*out, out_channels)
+
+    def forward(params, state, x, *, key=None, train=True):
+        g, _ = geometry(x.shape[1:])
+        xc, w = _promote(x, params["w"])                                      # lax wants one dtype
+        y = lax.conv_general_dilated(xc, w, window_strides=g["strides"], padding=g["pads"],
+                                     lhs_dilation=g["in_dilation"], rhs_dilation=g["dilation"],
+                                     dimension_numbers=_DIMENSION_NUMBERS[x.ndim - 2],
+                                     feature_group_count=groups)              # (N, *out, C_out)
+        if use_bias:
+            y = y + params["b"]
+        return y, state, (x,)
+
+    def backward(params, res, dy):
+        (x,) = res                                                            # (N, *spatial, C_in)
+        g, _ = geometry(x.shape[1:])
+        xc, w, dy = _promote(x, params["w"], dy)
+        opts = dict(strides=g["strides"], pads=g["pads"], in_dilation=g["in_dilation"],
+                    dilation=g["dilation"], groups=groups)
+        dparams = {"w": _conv_dw(xc, dy, g["kernel"], **opts)}                # (*K, C_in/G, C_out)
+        if use_bias:
+            dparams["b"] = dy.sum(axis=tuple(range(dy.ndim - 1)))            # (C_out,)
+        dx = _conv_dx(dy, w, x.shape, **opts).astype(x.dtype)                 # (N, *spatial, C_in)
+        return dparams, dx
+
+    def check(params, state, x):
+        c_in = params["w"].shape[-2] * groups
+        if x.shape[-1] != c_in:
+            raise ValueError(f"{name}: expected x.shape[-1] == {c_in} input channels, "
+                             f"got x.shape={tuple(x.shape)}")
+
+    if rank is None:
+        return make_layer(name, init, forward, backward, check=check, min_ndim=3,
+                          meaning="(batch, *spatial, channels)")
+    return make_layer(name, init, forward, backward, check=check, ndim=rank + 2,
+                      meaning=f"(batch, {_AXES[rank]})")
+
+
+def conv(out_channels: int, kernel_size, *, strides=1, padding="SAME", dilation=1, groups: int = 1,
+         use_bias: bool = True, w_init="he_normal", b_init="zeros", param_dtype=jnp.float32) -> Layer:
+    """Convolution (cross-correlation, as in every deep-learning library), channels last.
+
+    x (N, *spatial, C_in) with 1, 2 or 3 spatial axes: (N, L, C), (N, H, W, C) or
+    (N, D, H, W, C). Any tuple among ``kernel_size``, ``strides``, ``dilation`` and
+    ``padding`` fixes the number of spatial axes; with integers only, the input's is used.
+    Params ``{"w": W (*K, C_in/G, C_out), "b": (C_out,)}`` (no ``"b"`` when
+    ``use_bias=False``); W is He-normal (fan-in ∏K·C_in/G), b zeros. G = ``groups`` splits
+    the channels into G groups; output channel co sees only the C_in/G input channels of its
+    group g = co // (C_out/G).
+
+    Forward, per spatial axis with stride s, dilation d and padding (lo, hi); o is the output
+    position and κ the kernel offset (multi-indices), i < C_in/G::
+
+        xp = x zero-padded by (lo, hi)                                     (N, *padded, C_in)
+        y[n, o, co] = b[co] + Σ_κ Σ_i xp[n, o·s + κ·d, g·C_in/G + i] · W[κ, i, co]
+                                                                           (N, *O, C_out)
+
+    Sizes: k' = d·(k − 1) + 1 (the dilated kernel), O = ⌊(L + lo + hi − k')/s⌋ + 1.
+    ``padding``: 'VALID' is (0, 0); 'SAME' gives O = ⌈L/s⌉ with a total padding of
+    max((O − 1)·s + k' − L, 0), the odd cell at the end (lax's rule); an integer p is (p, p) on
+    every axis; or one (lo, hi) pair per axis.
+
+    Backward::
+
+        db[co]       = Σ_n Σ_o dy[n, o, co]                                 (C_out,)
+        dW[κ, i, co] = Σ_n Σ_o xp[n, o·s + κ·d, g·C_in/G + i] · dy[n, o, co]
+                                                                           (*K, C_in/G, C_out)
+        dx           = conv(dilate_s(dy), flip(W)ᵀ)                         (N, *spatial, C_in)
+
+    dx is the transposed convolution of dy: dy with s − 1 zeros between neighbours and
+    k' − 1 − lo zeros before, correlated with W flipped along its spatial axes and with its
+    channel axes swapped (per group). dW is one ``lax`` convolution for 1 spatial axis, and a
+    matrix product per kernel offset, of the shifted view xp[:, o·s + κ·d, :] and dy, for 2 or
+    3: XLA's kernel-gradient convolution is several times slower there on CPU (see
+    ``_conv_dw``).
+
+    Raises ``ValueError`` for bad hyperparameters, for ``out_channels`` or the input channels
+    not divisible by ``groups``, for a wrong rank or channel count, and (in ``init`` and
+    ``forward``) for a dilated kernel larger than the padded input.
+    """
+    return _conv_layer("conv", out_channels, kernel_size, strides, padding, dilation, groups,
+                       use_bias, w_init, b_init, param_dtype, transpose=False)
+
+
+def conv_transpose(out_channels: int, kernel_size, *, strides=1, padding="SAME", dilation=1,
+                   groups: int = 1, use_bias: bool = True, w_init="he_normal", b_init="zeros",
+                   param_dtype=jnp.float32) -> Layer:
+    """Transposed convolution (“deconvolution”), channels last: a convolution of the input
+    dilated by the stride, which upsamples by s.
+
+    Shapes and params as :func:`conv`: x (N, *spatial, C_in), W (*K, C_in/G, C_out) He-normal,
+    b (C_out,) zeros. The kernel is applied as it is, not flipped, with axes (in, out): flax's
+    ``ConvTranspose`` and ``lax.conv_transpose(..., transpose_kernel=False)``.
+
+    ``padding`` is the padding of the convolution this layer transposes: PyTorch's convention,
+    and ``lax.conv_transpose(..., use_consistent_padding=True)``'s. With explicit padding,
+    conv_transpose maps the output shape of ``conv`` (same kernel, strides, padding, dilation)
+    back to its input shape, less the (L + lo + hi − k') mod s cells the stride dropped.
+    Per axis, with k' = d·(k − 1) + 1::
+
+        explicit (lo, hi), integer p = (p, p):  O = s·(L − 1) + k' − lo − hi
+        'SAME':  O = s·L                        'VALID':  O = s·L + max(k' − s, 0)
+
+    Forward: xd is x with s − 1 zeros between neighbours, padded by (P_lo, P_hi) =
+    (k' − 1 − lo, k' − 1 − hi) (negative padding crops; 'SAME' and 'VALID' use
+    lax.conv_transpose's (P_lo, P_hi)), o the output position, κ the kernel offset::
+
+        y[n, o, co] = b[co] + Σ_κ Σ_i xd[n, o + κ·d, g·C_in/G + i] · W[κ, i, co]    (N, *O, C_out)
+
+    Backward::
+
+        db[co]       = Σ_n Σ_o dy[n, o, co]                                 (C_out,)
+        dW[κ, i, co] = Σ_n Σ_o xd[n, o + κ·d, g·C_in/G + i] · dy[n, o, co]   (*K, C_in/G, C_out)
+        dx           = conv(dy, flip(W)ᵀ) at stride s                        (N, *spatial, C_in)
+
+    dx is an ordinary strided convolution of dy, padded by k' − 1 − P_lo (= lo for explicit
+    padding) before, with W flipped along its spatial axes and its channel axes swapped (per
+    group): the backward of ``conv_transpose`` is ``conv`` with the same stride and padding.
+    dW is formulated as in :func:`conv`, with xd in place of xp.
+    """
+    return _conv_layer("conv_transpose", out_channels, kernel_size, strides, padding, dilation,
+                       groups, use_bias, w_init, b_init, param_dtype, transpose=True)

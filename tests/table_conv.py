@@ -1,4 +1,58 @@
-"""Cross-check table cases for convolution and pooling (part of tests/table.py's one table)."""
-from table_base import LayerCase  # noqa: F401
+"""Cross-check table cases for convolution and pooling (part of tests/table.py's one table).
 
-CONV_CASES = []
+Shapes are tiny: what matters is that every padding kind, stride, dilation and groups option
+meets every formulation. Both formulations of the conv kernel gradient are here: a ``lax``
+convolution for 1 spatial axis (the ``1d-*`` cases) and shifted views times dy for 2 and 3
+(the ``2d-*`` and ``3d`` cases). Pooling inputs are continuous random draws, so no window
+holds a tie (jax.grad may route ties differently; tests/test_conv.py checks the tie rule).
+"""
+import bpjax as bp
+from table_base import LayerCase
+
+CONV_CASES = [
+    # conv, 1 spatial axis: dW as a lax convolution
+    LayerCase("conv", lambda: bp.conv(4, 3), (9, 3), id="1d-same"),
+    LayerCase("conv", lambda: bp.conv(3, (3,), strides=2, padding="VALID", dilation=2), (11, 2),
+              id="1d-valid-stride2-dilation2"),
+    LayerCase("conv", lambda: bp.conv(4, 3, padding=2, groups=2, strides=2), (8, 4),
+              id="1d-int-groups2-stride2"),
+    LayerCase("conv", lambda: bp.conv(2, (2,), padding=((3, 1),), use_bias=False), (5, 2),
+              id="1d-pairs-beyond-kernel-nobias"),                # dx pads by k' - 1 - lo < 0
+    # conv, 2 and 3 spatial axes: dW as shifted views times dy
+    LayerCase("conv", lambda: bp.conv(4, (3, 3), strides=2), (6, 5, 2), batch=2, id="2d-same-stride2"),
+    LayerCase("conv", lambda: bp.conv(3, (3, 2), strides=(2, 1), padding="VALID", dilation=(1, 2)), (7, 6, 2),
+              batch=2, id="2d-valid-stride21-dilation12"),
+    LayerCase("conv", lambda: bp.conv(6, 3, padding=1, groups=3, use_bias=False), (5, 4, 3), batch=2,
+              id="2d-int-groups3-nobias"),
+    LayerCase("conv", lambda: bp.conv(3, (2, 3), strides=(1, 2), padding=((1, 0), (2, 1))), (5, 4, 2),
+              batch=2, id="2d-pairs-stride12"),
+    LayerCase("conv", lambda: bp.conv(2, (2, 2, 2), strides=(1, 2, 1)), (3, 4, 3, 2), batch=2, id="3d"),
+    # conv_transpose (padding is that of the conv it transposes)
+    LayerCase("conv_transpose", lambda: bp.conv_transpose(3, 3, strides=2), (5, 2), id="1d-same-stride2"),
+    LayerCase("conv_transpose", lambda: bp.conv_transpose(4, 4, strides=3, padding=1, dilation=2, groups=2),
+              (4, 4), id="1d-int-stride3-dilation2-groups2"),
+    LayerCase("conv_transpose", lambda: bp.conv_transpose(2, (2, 3), strides=(2, 1), padding="VALID"),
+              (3, 4, 2), batch=2, id="2d-valid-stride21"),
+    LayerCase("conv_transpose", lambda: bp.conv_transpose(4, (3, 2), strides=(2, 3), padding=((1, 0), (2, 1)),
+                                                          dilation=(2, 1), groups=2, use_bias=False),
+              (4, 3, 2), batch=2, id="2d-pairs-groups2-dilation-nobias"),
+    # max_pool: padded cells are -inf
+    LayerCase("max_pool", lambda: bp.max_pool(2), (6, 4, 3), id="2d-2x2"),
+    LayerCase("max_pool", lambda: bp.max_pool((3, 2), strides=(2, 1), padding="SAME"), (7, 5, 2),
+              id="2d-same-overlapping"),
+    LayerCase("max_pool", lambda: bp.max_pool(3, strides=1, padding=1), (7, 3), id="1d-int-stride1"),
+    LayerCase("max_pool", lambda: bp.max_pool((2, 3), strides=2, padding=((1, 0), (0, 2))), (5, 6, 2),
+              id="2d-pairs"),
+    # avg_pool: padded cells count as zeros
+    LayerCase("avg_pool", lambda: bp.avg_pool(2), (6, 4, 3), id="2d-2x2"),
+    LayerCase("avg_pool", lambda: bp.avg_pool((3, 2), strides=(2, 1), padding="SAME"), (7, 5, 2),
+              id="2d-same-overlapping"),
+    LayerCase("avg_pool", lambda: bp.avg_pool(3, strides=1, padding=1), (7, 3), id="1d-int-stride1"),
+    LayerCase("avg_pool", lambda: bp.avg_pool((2, 3), strides=2, padding=((1, 0), (0, 2))), (5, 6, 2),
+              id="2d-pairs"),
+    # global pools
+    LayerCase("global_avg_pool", bp.global_avg_pool, (4, 5, 3), id="2d"),
+    LayerCase("global_avg_pool", bp.global_avg_pool, (6, 3), id="1d"),
+    LayerCase("global_max_pool", bp.global_max_pool, (4, 5, 3), id="2d"),
+    LayerCase("global_max_pool", bp.global_max_pool, (6, 3), id="1d"),
+]
