@@ -1,0 +1,4 @@
+"""``python -m bpjax …``: the same as the ``bpjax`` command (see :mod:`bpjax.cli`)."""
+from .cli import main
+
+raise SystemExit(main())
