@@ -59,7 +59,7 @@ class FitResult:
 
 
 def make_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, *,
-                    classification: bool = True, donate: bool = True):
+                    classification: bool = True, donate: bool = True, shardings=None):
     """A jitted step: the hand-written forward and backward, then an optax update.
 
     ``step(params, state, opt_state, x, y, key, step_num) -> (params, state, opt_state, loss,
@@ -75,7 +75,14 @@ def make_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransform
         correct = _correct(out, y) if classification else jnp.zeros((), jnp.int32)
         return params, state, opt_state, value, correct
 
-    return jax.jit(step, donate_argnums=(0, 1, 2) if donate else ())
+    donate_argnums = (0, 1, 2) if donate else ()
+    if shardings is None:
+        return jax.jit(step, donate_argnums=donate_argnums)
+    # On a mesh: params/state/opt_state keep their placement; the batch is split over "data".
+    p_sh, s_sh, o_sh, batch_sh, rep = shardings
+    return jax.jit(step, donate_argnums=donate_argnums,
+                   in_shardings=(p_sh, s_sh, o_sh, batch_sh, batch_sh, rep, rep),
+                   out_shardings=(p_sh, s_sh, o_sh, rep, rep))
 
 
 def _correct(logits, labels):
@@ -259,7 +266,8 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
         val_fraction: float = 0.1, patience: Optional[int] = 10, min_delta: float = 0.0,
         restore_best: bool = True, checkpoint_dir=None, resume: bool = False,
         metrics_path=None, plot_path=None, progress: bool = True,
-        log: Callable[[str], None] = print, stop_after_epoch: Optional[int] = None) -> FitResult:
+        log: Callable[[str], None] = print, stop_after_epoch: Optional[int] = None,
+        mesh=None, fsdp: bool = False) -> FitResult:
     """Train ``model`` under ``loss`` on ``data`` with the hand-written backward.
 
     Args:
@@ -283,6 +291,10 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
       plot_path: save a PNG of the loss and accuracy curves.
       progress: show a tqdm progress bar with the running loss and accuracy.
       stop_after_epoch: stop (as if interrupted) after this epoch: for tests of resuming.
+      mesh: a :func:`bpjax.distributed.make_mesh` mesh: each batch is split over its ``"data"``
+        axis and XLA all-reduces the gradients; ``batch_size`` must divide evenly.
+      fsdp: with a mesh, shard params and optimizer state over ``"data"`` instead of
+        replicating them (FSDP-style memory savings).
 
     Returns:
       A :class:`FitResult` with the final (or best) params and state, the history, the test
@@ -323,9 +335,19 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         _rewrite_rows(metrics_path, history)
 
-    step = make_train_step(model, loss, optimizer, classification=classification)
-    eval_step = make_eval_step(model, loss, classification=classification)
     params, state, opt_state = run["params"], run["state"], run["opt_state"]
+    put = lambda a: a                                       # noqa: E731  (one device: as is)
+    shardings = None
+    if mesh is not None:
+        from . import distributed as dist
+        dist.check_batch(mesh, batch_size)
+        params, p_sh = dist.place(mesh, params, fsdp=fsdp)
+        opt_state, o_sh = dist.place(mesh, opt_state, fsdp=fsdp)
+        state, s_sh = dist.place(mesh, state)
+        shardings = (p_sh, s_sh, o_sh, dist.batch_sharding(mesh), dist.replicated(mesh))
+        put = lambda a: jax.device_put(a, dist.batch_sharding(mesh))   # noqa: E731
+    step = make_train_step(model, loss, optimizer, classification=classification, shardings=shardings)
+    eval_step = make_eval_step(model, loss, classification=classification)
     start_epoch, t0, stopped_early, interrupted = int(run["epoch"]), time.perf_counter(), False, None
     bar_cls = _tqdm() if progress else None
 
@@ -340,7 +362,7 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
                 idx = order[i * batch_size:(i + 1) * batch_size]
                 global_step = (epoch - 1) * steps_per_epoch + i
                 params, state, opt_state, value, correct = step(
-                    params, state, opt_state, x_tr[idx], y_tr[idx], k_dropout, global_step)
+                    params, state, opt_state, put(x_tr[idx]), put(y_tr[idx]), k_dropout, global_step)
                 losses.append(value)
                 corrects.append(correct)
                 if bar:
