@@ -311,8 +311,32 @@ def _add_gradcheck(subparsers) -> None:
     p.set_defaults(run=_gradcheck)
 
 
+def _add_train(subparsers) -> None:
+    from . import train  # the options live beside the loop they configure
+
+    p = subparsers.add_parser(
+        "train", help="train a model on a dataset with the hand-written backward (default: MNIST-1D CNN)",
+        description="Train a model on a dataset (generated or shipped locally, never downloaded) with "
+                    "the hand-written backward: progress bar, metrics file, PNG of the curves, Orbax "
+                    "checkpoints every epoch, exact --resume. Models: " + ", ".join(sorted(train_models())) +
+                    ". Datasets: " + ", ".join(sorted(train_datasets())) + ".",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_arguments(p)
+    p.set_defaults(run=train.command)
+
+
+def train_models():
+    from .models import MODELS
+    return MODELS
+
+
+def train_datasets():
+    from .datasets import DATASETS
+    return DATASETS
+
+
 #: The subcommands: each adds its parser and sets ``run`` (args -> exit status).
-SUBCOMMANDS = [_add_gradcheck]
+SUBCOMMANDS = [_add_train, _add_gradcheck]
 
 
 def build_parser() -> argparse.ArgumentParser:

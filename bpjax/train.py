@@ -482,25 +482,28 @@ def add_arguments(p) -> None:
     from .datasets import DATASETS
     from .models import MODELS
 
-    p.add_argument("--model", choices=sorted(MODELS), default="cnn", help="model (default: cnn)")
+    p.add_argument("--model", choices=sorted(MODELS), default="cnn", help="model")
     p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist1d",
-                   help="dataset, generated or shipped locally, never downloaded (default: mnist1d)")
-    p.add_argument("--epochs", type=int, default=60, help="most epochs (default: 60)")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam")
-    p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (default: 1e-2)")
+                   help="dataset, generated or shipped locally, never downloaded")
+    p.add_argument("--epochs", type=int, default=40, help="most epochs")
+    p.add_argument("--batch-size", type=int, default=100, help="examples per step")
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam", help="optax optimizer")
+    p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate")
     p.add_argument("--schedule", choices=["constant", "cosine"], default="cosine",
-                   help="learning-rate schedule from optax (default: cosine decay over the run)")
+                   help="learning-rate schedule from optax (cosine: decay to 0 over the run)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (adamw)")
     p.add_argument("--patience", type=int, default=10,
                    help="stop when the validation error (1 - accuracy, or the loss for regression) "
-                        "has not fallen for this many epochs (0: never; default: 10)")
-    p.add_argument("--min-delta", type=float, default=0.0, help="least fall that counts")
+                        "has not fallen for this many epochs; 0: never")
+    p.add_argument("--min-delta", type=float, default=0.0, help="least fall of the error that counts")
     p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="held-out part of the training set watched by early stopping (default: 0.1)")
-    p.add_argument("--seed", type=int, default=0)
+                   help="held-out part of the training set that early stopping watches")
+    p.add_argument("--seed", type=int, default=0, help="seed of init, data order, split and dropout")
+    p.add_argument("--devices", type=int, default=None,
+                   help="data-parallel over this many devices (a mesh over a 'data' axis)")
+    p.add_argument("--fsdp", action="store_true", help="with --devices: shard params and optimizer state")
     p.add_argument("--out", default=None, help="run directory (default: runs/MODEL-DATASET-sSEED)")
-    p.add_argument("--metrics-format", choices=["jsonl", "csv"], default="jsonl")
+    p.add_argument("--metrics-format", choices=["jsonl", "csv"], default="jsonl", help="metrics file format")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="no PNG of the curves")
@@ -520,6 +523,7 @@ def command(args) -> int:
     """Run ``bpjax train`` with parsed ``args``; returns the exit code."""
     from . import _losses
     from .datasets import load
+    from .distributed import make_mesh
     from .models import MODELS
 
     data = load(args.dataset)
@@ -545,7 +549,8 @@ def command(args) -> int:
                      patience=args.patience or None, min_delta=args.min_delta,
                      checkpoint_dir=out / "checkpoints", resume=args.resume, metrics_path=metrics,
                      plot_path=None if args.no_plot else out / "curves.png",
-                     progress=not args.no_progress)
+                     progress=not args.no_progress,
+                     mesh=make_mesh(args.devices) if args.devices else None, fsdp=args.fsdp)
     except TrainingError as e:
         print(f"bpjax train: {e}", file=sys.stderr)
         return 1

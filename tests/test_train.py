@@ -1,7 +1,6 @@
 """The training loop: loss falls, data order is deterministic, resuming is exact, faults are clear."""
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 
@@ -99,11 +98,9 @@ def test_regression_dataset_trains_with_squared_error():
 
 
 def test_train_command_smoke(tmp_path, capsys):
-    p = argparse.ArgumentParser()
-    train.add_arguments(p)
-    args = p.parse_args(["--model", "textbook_mlp", "--dataset", "xor", "--epochs", "2",
-                         "--batch-size", "32", "--out", str(tmp_path / "run"), "--no-progress"])
-    assert train.command(args) == 0
+    from bpjax import cli
+    assert cli.main(["train", "--model", "textbook_mlp", "--dataset", "xor", "--epochs", "2",
+                     "--batch-size", "32", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "bpjax train: textbook_mlp on xor" in out and "done in" in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -111,6 +108,16 @@ def test_train_command_smoke(tmp_path, capsys):
     assert (tmp_path / "run" / "curves.png").exists() and (tmp_path / "run" / "metrics.jsonl").exists()
     steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
     assert len(steps) == 2 and steps[1] == 2 * steps[0]        # one per epoch, named by global step
+
+
+def test_train_help_lists_models_datasets_and_options(capsys):
+    from bpjax import cli
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for word in ("cnn", "resnet1d", "mnist1d", "digits", "xor", "--resume", "--epochs", "--devices"):
+        assert word in out, word
 
 
 def test_missing_optional_package_names_the_install_command(monkeypatch):
