@@ -43,3 +43,9 @@ def _readme_python_blocks():
 def test_readme_python_examples_run(index):
     code = _readme_python_blocks()[index]
     exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
+
+
+def test_digits_cnn_script_runs(capsys):
+    accs = _load("digits_cnn").main(["--epochs", "1", "--no-progress"])
+    out = capsys.readouterr().out
+    assert "seed 0: 1438 train / 359 test images, 1 epochs" in out and 0.0 <= accs[0] <= 1.0
