@@ -33,7 +33,7 @@ CONFIGS = {
     "mlp": (models.mlp, 150, lambda steps: optax.adam(1e-2)),
     "cnn": (models.cnn, 150, lambda steps: optax.adam(1e-2)),
     # ours: residual CNN, cosine-decayed AdamW
-    "resnet1d": (models.resnet1d, 60,
+    "resnet1d": (models.resnet1d, 30,
                  lambda steps: optax.adamw(optax.cosine_decay_schedule(3e-3, steps), weight_decay=1e-4)),
 }
 BATCH = 100
