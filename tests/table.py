@@ -78,5 +78,6 @@ LOSS_CASES = [
 # of this one table.
 from table_conv import CONV_CASES  # noqa: E402
 from table_norm import NORM_CASES  # noqa: E402
+from table_seq import SEQ_CASES  # noqa: E402
 
-LAYER_CASES = LAYER_CASES + CONV_CASES + NORM_CASES
+LAYER_CASES = LAYER_CASES + CONV_CASES + NORM_CASES + SEQ_CASES
