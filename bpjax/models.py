@@ -59,6 +59,12 @@ def resnet1d(num_classes: int = 10, channels: int = 64, blocks: int = 3) -> Laye
     return sequential(*layers, bp.global_avg_pool(), B.dense(num_classes))
 
 
+def gru(num_classes: int = 10, hidden: int = 64) -> Layer:
+    """A GRU over the sequence (each of the 40 positions is one step with 1 feature), its last
+    hidden state into a dense layer."""
+    return sequential(_bp().gru(hidden, return_sequences=False), B.dense(num_classes))
+
+
 def digits_cnn(num_classes: int = 10, channels: int = 32) -> Layer:
     """A small 2-D CNN for 8×8 digits: conv-BN-ReLU-pool twice, then dense."""
     bp = _bp()
@@ -74,6 +80,6 @@ def textbook_mlp(num_classes: int = 2) -> Layer:
 
 
 MODELS: Dict[str, Callable[..., Layer]] = {
-    "logreg": logreg, "mlp": mlp, "cnn": cnn, "resnet1d": resnet1d, "digits_cnn": digits_cnn,
+    "logreg": logreg, "mlp": mlp, "cnn": cnn, "gru": gru, "resnet1d": resnet1d, "digits_cnn": digits_cnn,
     "textbook_mlp": textbook_mlp,
 }

@@ -32,6 +32,7 @@ CONFIGS = {
     "logreg": (models.logreg, 150, lambda steps: optax.adam(1e-2)),
     "mlp": (models.mlp, 150, lambda steps: optax.adam(1e-2)),
     "cnn": (models.cnn, 150, lambda steps: optax.adam(1e-2)),
+    "gru": (models.gru, 150, lambda steps: optax.adam(1e-2)),
     # ours: residual CNN, cosine-decayed AdamW
     "resnet1d": (models.resnet1d, 30,
                  lambda steps: optax.adamw(optax.cosine_decay_schedule(3e-3, steps), weight_decay=1e-4)),
