@@ -201,7 +201,7 @@ def _conv_dw(x, dy, kernel, *, strides, pads, in_dilation, dilation, groups):
       the roles of batch and channels swapped, dy as the kernel, dilated by s;
     * r ≥ 2: shifted views and matrix products: for each offset κ, the strided view
       xp[:, κ·d + o·s, :] flattened to (M, C_in), M = N·∏O, gives dW[κ] = viewᵀ · dy with dy
-      flattened to (M, C_out).
+      flattened to (M, C_out), one offset after another in a ``lax.scan``.
 
     Measured on the 2-core CPU this was written on (float32, jitted, best of 10): a 3×3 conv,
     32→64 channels, 28×28, batch 128, 'SAME': forward 119 ms, ``jax.vjp`` dW 1428 ms, the lax
@@ -228,16 +228,27 @@ def _conv_dw(x, dy, kernel, *, strides, pads, in_dilation, dilation, groups):
     c_in, c_out = x.shape[-1], dy.shape[-1]
     m = math.prod(dy.shape[:-1])
     cfg = [(0, 0, 0), *((lo, hi, u - 1) for (lo, hi), u in zip(pads, in_dilation)), (0, 0, 0)]
-    xp = lax.pad(x, jnp.zeros((), x.dtype), cfg)                              # (N, *padded, C_in)
     dy2 = dy.reshape(m, groups, c_out // groups)                              # (M, G, C_out/G)
-    dw = []
-    for kappa in _offsets(kernel):
-        v = _view(xp, kappa, dilation, strides, out).reshape(m, groups, c_in // groups)  # (M, G, C_in/G)
+    # One offset at a time, in a scan rather than a Python loop: XLA then holds one view, not
+    # all ∏K of them. The zero padding is done inside the loop with a fill XLA cannot prove
+    # constant ([κ₀ < 0], always 0), so that it fuses pad and slice into one read of x instead
+    # of hoisting a padded copy of x out of the loop. On the 2-D case of the docstring: 12 MiB
+    # of temporaries (the Python loop over views: 112 MiB; jax.vjp: 37 MiB), the same speed.
+    span = (x.shape[0], *((o - 1) * s + 1 for o, s in zip(out, strides)), x.shape[-1])
+    kappas = jnp.asarray(list(_offsets(kernel)), jnp.int32)                   # (∏K, r)
+
+    def one_offset(_, kappa):
+        zero = jnp.zeros((), jnp.int32)                                       # int32 also under x64
+        xp = lax.pad(x, (kappa[0] < 0).astype(x.dtype), cfg)                  # (N, *padded, C_in)
+        start = (zero, *(kappa * jnp.asarray(dilation, jnp.int32)), zero)
+        v = lax.slice(lax.dynamic_slice(xp, start, span), (0,) * xp.ndim, span, (1, *strides, 1))
         if groups == 1:
-            dw.append(v[:, 0].T @ dy2[:, 0])                                  # (C_in, C_out)
-        else:
-            dw.append(jnp.einsum("mgi,mgo->igo", v, dy2).reshape(c_in // groups, c_out))  # (C_in/G, C_out)
-    return jnp.stack(dw).reshape(*kernel, c_in // groups, c_out)             # (*K, C_in/G, C_out)
+            return None, v.reshape(m, c_in).T @ dy.reshape(m, c_out)          # (C_in, C_out)
+        v = v.reshape(m, groups, c_in // groups)                              # (M, G, C_in/G)
+        return None, jnp.einsum("mgi,mgo->igo", v, dy2).reshape(c_in // groups, c_out)  # (C_in/G, C_out)
+
+    _, dw = lax.scan(one_offset, None, kappas)                                # (∏K, C_in/G, C_out)
+    return dw.reshape(*kernel, c_in // groups, c_out)                         # (*K, C_in/G, C_out)
 
 
 # ----------------------------------------------------------------------------- the layers
@@ -287,6 +298,8 @@ def _conv_layer(name, out_channels, kernel_size, strides, padding, dilation, gro
     def init(key, in_shape):
         g, out = geometry(in_shape)
         c_in = in_shape[-1]
+        if c_in < 1:
+            raise ValueError(f"{name}: expected at least one input channel, got in_shape={tuple(in_shape)}")
         if c_in % groups:
             raise ValueError(f"{name}: expected input channels divisible by groups={groups}, "
                              f"got in_shape={tuple(in_shape)}")
