@@ -16,11 +16,18 @@ from ._norm import *  # noqa: F401,F403
 from ._norm import __all__ as _norm_all
 from ._structure import *  # noqa: F401,F403
 from ._structure import __all__ as _structure_all
+from ._recurrent import *  # noqa: F401,F403
+from ._recurrent import __all__ as _recurrent_all
+from ._attention import *  # noqa: F401,F403
+from ._attention import __all__ as _attention_all
 from ._bridge import as_jax_fn
 from ._combinators import *  # noqa: F401,F403
 from ._combinators import __all__ as _comb_all
 from ._core import Layer, Loss, make_layer, make_loss
+from ._finite import check_finite, debug_nans
 from ._grad import value_and_grad
+from ._gradcheck import (GradientReport, assert_gradients_close, check_layer, check_loss, check_model,
+                         per_example_grads)
 from ._losses import *  # noqa: F401,F403
 from ._losses import __all__ as _loss_all
 from ._reference import reference_value_and_grad
@@ -29,7 +36,7 @@ __version__ = "0.1.0"
 
 #: Factories of layers, each in the gradient cross-check table.
 LAYERS = (tuple(_basic_all) + tuple(_comb_all) + tuple(_conv_all) + tuple(_pool_all)
-          + tuple(_norm_all) + tuple(_structure_all))
+          + tuple(_norm_all) + tuple(_structure_all) + tuple(_recurrent_all) + tuple(_attention_all))
 #: Factories of losses, each in the gradient cross-check table.
 LOSSES = tuple(_loss_all)
 
@@ -37,4 +44,6 @@ __all__ = [
     *LAYERS, *LOSSES,
     "Layer", "Loss", "make_layer", "make_loss",
     "value_and_grad", "reference_value_and_grad", "as_jax_fn", "initializers",
+    "check_layer", "check_model", "check_loss", "assert_gradients_close", "GradientReport",
+    "per_example_grads", "check_finite", "debug_nans",
 ]

@@ -9,7 +9,7 @@ from jax import lax
 from jax.scipy.special import erf
 
 from . import initializers
-from ._core import Layer, check_positive_int, make_layer
+from ._core import Layer, check_positive_int, check_real, make_layer
 
 __all__ = [
     "dense", "identity", "relu", "leaky_relu", "elu", "sigmoid", "tanh", "softplus", "gelu",
@@ -42,6 +42,8 @@ def dense(out_dim: int, *, use_bias: bool = True, w_init="glorot_uniform", b_ini
     b_fn = initializers.get(b_init, "dense")
 
     def init(key, in_shape):
+        if in_shape[-1] < 1:
+            raise ValueError(f"dense: expected at least one input feature, got in_shape={tuple(in_shape)}")
         kw, kb = jax.random.split(key)
         params = {"w": w_fn(kw, (in_shape[-1], out_dim), param_dtype)}
         if use_bias:
@@ -106,14 +108,14 @@ def relu() -> Layer:
 
 def leaky_relu(negative_slope: float = 0.01) -> Layer:
     """y = x if x ≥ 0 else s·x;  dx = dy ⊙ (1 if x ≥ 0 else s).  Shapes (N, ...)."""
-    s = float(negative_slope)
+    s = check_real("leaky_relu", "negative_slope", negative_slope)
     return _activation("leaky_relu", lambda x: jnp.where(x >= 0, x, s * x),
                        lambda x: jnp.where(x >= 0, 1.0, s).astype(x.dtype), saves="x")
 
 
 def elu(alpha: float = 1.0) -> Layer:
     """y = x if x > 0 else α(eˣ − 1);  dx = dy ⊙ (1 if x > 0 else y + α).  Shapes (N, ...)."""
-    a = float(alpha)
+    a = check_real("elu", "alpha", alpha)
 
     def f(x):
         return jnp.where(x > 0, x, a * jnp.expm1(jnp.minimum(x, 0)))
@@ -162,7 +164,10 @@ def gelu(approximate: bool = False) -> Layer:
 
         def df(x):
             t = jnp.tanh(c * (x + k * x**3))
-            return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * k * x * x)
+            # beyond |x| = 20, 1 − tanh²u is exactly 0 in float32 and float64: clipping x there
+            # keeps x·(1 + 3k x²) finite (x² would overflow to inf, and 0·inf is NaN)
+            xc = jnp.clip(x, -20.0, 20.0)
+            return 0.5 * (1 + t) + 0.5 * xc * (1 - t * t) * c * (1 + 3 * k * xc * xc)
     else:
         def f(x):
             return 0.5 * x * (1 + erf(x / math.sqrt(2)))
@@ -185,6 +190,13 @@ def silu() -> Layer:
     return _activation("silu", lambda x: x * jax.nn.sigmoid(x), df, saves="x")
 
 
+def _check_classes(name):
+    def check(params, state, x):
+        if x.shape[-1] < 1:
+            raise ValueError(f"{name}: expected x.shape[-1] >= 1 class, got x.shape={tuple(x.shape)}")
+    return check
+
+
 def softmax() -> Layer:
     """Softmax over the last axis.
 
@@ -203,7 +215,8 @@ def softmax() -> Layer:
         (y,) = res
         return (), y * (dy - jnp.sum(dy * y, axis=-1, keepdims=True))
 
-    return make_layer("softmax", init, forward, backward, min_ndim=2, meaning="(batch, ..., classes)")
+    return make_layer("softmax", init, forward, backward, check=_check_classes("softmax"), min_ndim=2,
+                      meaning="(batch, ..., classes)")
 
 
 def log_softmax() -> Layer:
@@ -225,5 +238,5 @@ def log_softmax() -> Layer:
         (y,) = res
         return (), dy - jnp.exp(y) * jnp.sum(dy, axis=-1, keepdims=True)
 
-    return make_layer("log_softmax", init, forward, backward, min_ndim=2,
-                      meaning="(batch, ..., classes)")
+    return make_layer("log_softmax", init, forward, backward, check=_check_classes("log_softmax"),
+                      min_ndim=2, meaning="(batch, ..., classes)")

@@ -56,8 +56,9 @@ def sequential(*layers: Layer) -> Layer:
             dparams[i], dy = layers[i].backward(params[i], res[i], dy)
         return tuple(dparams), dy
 
-    # The first layer checks x's dtype: integer ids are right for an embedding, wrong for dense.
-    return make_layer("sequential", init, forward, backward, float_input=False)
+    # The first layer checks x's dtype: integer ids are right for an embedding, wrong for dense;
+    # and whether x may be a tuple (a first layer that is a join).
+    return make_layer("sequential", init, forward, backward, float_input=False, passes_tuples=True)
 
 
 def residual(layer: Layer) -> Layer:

@@ -78,8 +78,24 @@ def check_positive_int(name: str, arg: str, value) -> int:
     return int(value)
 
 
+def check_real(name: str, arg: str, value) -> float:
+    """Raise ``TypeError`` unless ``value`` is a finite real number; returns it as ``float``."""
+    try:
+        if isinstance(value, (bool, str, bytes)):
+            raise TypeError
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected {arg} to be a real number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite {arg}, got {value!r}")
+    return v
+
+
 def check_float_input(name: str, arg: str, x) -> jax.Array:
     """Raise unless ``x`` is an array of a floating-point dtype; returns it as a JAX array."""
+    if isinstance(x, (tuple, list)) and any(hasattr(e, "shape") for e in x):
+        raise TypeError(f"{name}: expected {arg} to be an array, got a {type(x).__name__} of {len(x)} arrays "
+                        "(only the joins, concat() and add(), take one array per branch)")
     if not hasattr(x, "dtype"):
         try:
             x = jnp.asarray(x)
@@ -139,6 +155,31 @@ def _tuple_of_shapes(name: str, in_shape) -> tuple:
                         f"got in_shape={in_shape!r}") from None
 
 
+def _is_tuple_of_shapes(in_shape) -> bool:
+    return (isinstance(in_shape, (tuple, list)) and bool(in_shape)
+            and all(isinstance(s, (tuple, list)) for s in in_shape))
+
+
+def _check_in_shape(name: str, in_shape, ndim, min_ndim, meaning) -> tuple:
+    """``in_shape`` (one example's shape) as a tuple of ints >= 0 with the rank ``forward`` needs."""
+    try:
+        if isinstance(in_shape, (str, bytes)) or any(isinstance(d, bool) or int(d) != d for d in in_shape):
+            raise TypeError
+        out = tuple(int(d) for d in in_shape)
+    except TypeError:
+        raise TypeError(f"{name}: expected in_shape to be a tuple of integers (one example's shape, "
+                        f"without the batch axis), got in_shape={in_shape!r}") from None
+    if any(d < 0 for d in out):
+        raise ValueError(f"{name}: expected in_shape to hold sizes >= 0, got in_shape={out}")
+    hint = f" (x: {meaning})" if meaning else ""
+    axes = lambda k: f"{k} ax{'is' if k == 1 else 'es'}"  # noqa: E731
+    if ndim is not None and len(out) != ndim - 1:
+        raise ValueError(f"{name}: expected in_shape with {axes(ndim - 1)}{hint}, got in_shape={out}")
+    if len(out) < min_ndim - 1:
+        raise ValueError(f"{name}: expected in_shape with at least {axes(min_ndim - 1)}{hint}, got in_shape={out}")
+    return out
+
+
 def shape_record(x) -> jax.Array:
     """A zero-size array ``(0, *x.shape[1:])`` of ``x``'s dtype: it records, in residuals (which
     hold arrays only), the per-example shape and dtype that a backward needs to undo a reshape
@@ -167,12 +208,14 @@ def check_tree(name: str, what: str, expected: PyTree, got: PyTree, *, shapes: b
         return
     for (path, e), g in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree_util.tree_leaves(got)):
         gshape = getattr(g, "shape", None)
+        where = f"{what}{jax.tree_util.keystr(path)}"
         if gshape is None or tuple(gshape) != tuple(e.shape):
-            where = f"{what}{jax.tree_util.keystr(path)}"
             raise ValueError(
                 f"{name}: expected {where}.shape == {tuple(e.shape)}, "
                 f"got {tuple(gshape) if gshape is not None else type(g).__name__}"
             )
+        if jnp.issubdtype(e.dtype, jnp.floating) and not jnp.issubdtype(g.dtype, jnp.floating):
+            raise TypeError(f"{name}: expected a floating-point {where}, got dtype {jnp.dtype(g.dtype).name}")
 
 
 def cast_like(tree: PyTree, like: PyTree) -> PyTree:
@@ -181,6 +224,10 @@ def cast_like(tree: PyTree, like: PyTree) -> PyTree:
 
 
 # ----------------------------------------------------------------------------- factories
+
+#: Instrumentation that is switched on (``bpjax.check_finite`` pushes one while it traces);
+#: empty otherwise, and then the layers run their raw functions directly.
+_HOOKS: list = []
 
 
 def make_layer(
@@ -195,6 +242,7 @@ def make_layer(
     meaning: str = "",
     float_input: bool = True,
     tuple_input: bool = False,
+    passes_tuples: bool = False,
 ) -> Layer:
     """Build a :class:`Layer` from raw functions, adding the checks every layer shares.
 
@@ -208,16 +256,22 @@ def make_layer(
     (or list, taken as a tuple) of arrays: each element gets the dtype and rank checks, all
     must share the batch size, and ``init`` takes a tuple of per-example shapes,
     ``tuple(e.shape[1:] for e in x)``. ``backward`` then returns ``dx`` as a tuple.
+    ``passes_tuples=True`` (``sequential``) takes either: an array, or a tuple for a first
+    layer that is a join.
+
+    ``init`` checks that ``in_shape`` is a tuple of sizes >= 0 of the rank ``forward`` needs.
     """
+    token = object()                       # this layer, for the path names of bpjax.check_finite
 
     def init_(key, in_shape):
-        if tuple_input:
-            return init(key, _tuple_of_shapes(name, in_shape))
-        in_shape = tuple(int(d) for d in in_shape)
+        if tuple_input or (passes_tuples and _is_tuple_of_shapes(in_shape)):
+            return init(key, _tuple_of_shapes(name, in_shape))   # (a sequential may start with a join)
+        in_shape = _check_in_shape(name, in_shape, ndim, min_ndim, meaning)
         return init(key, in_shape)
 
     def forward_(params, state, x, *, key=None, train=True):
-        if tuple_input:
+        if tuple_input or (passes_tuples and isinstance(x, (tuple, list))
+                           and any(hasattr(e, "shape") for e in x)):
             x = check_tuple_input(name, x, float_input=float_input, ndim=ndim, min_ndim=min_ndim,
                                   meaning=meaning)
             in_shape = tuple(tuple(e.shape[1:]) for e in x)
@@ -233,10 +287,15 @@ def make_layer(
             check(params, state, x)
         check_tree(name, "params", exp_params, params, shapes=True)
         check_tree(name, "state", exp_state, state, shapes=True)
+        if _HOOKS:
+            return _HOOKS[-1].layer_forward(name, token, forward, params, state, x, key=key, train=train)
         return forward(params, state, x, key=key, train=train)
 
     def backward_(params, res, dy):
-        dparams, dx = backward(params, res, dy)
+        if _HOOKS:
+            dparams, dx = _HOOKS[-1].layer_backward(name, token, backward, params, res, dy)
+        else:
+            dparams, dx = backward(params, res, dy)
         return cast_like(dparams, params), dx
 
     for f in (init_, forward_, backward_):
@@ -251,13 +310,20 @@ def make_loss(name: str, forward: Callable, backward: Callable, *, check: Option
     def forward_(pred, target):
         pred = check_float_input(name, "pred", pred)
         check_ndim(name, "pred", pred, min_ndim=1)
+        if pred.size == 0:
+            raise ValueError(f"{name}: expected a non-empty pred (a mean over no elements is NaN), "
+                             f"got pred.shape={tuple(pred.shape)}")
         if not hasattr(target, "dtype"):
             target = jnp.asarray(target)
         if check is not None:
             check(pred, target)
+        if _HOOKS:
+            return _HOOKS[-1].loss_forward(name, forward, pred, target)
         return forward(pred, target)
 
     def backward_(res, dvalue=1.0):
+        if _HOOKS:
+            return _HOOKS[-1].loss_backward(name, backward, res, dvalue)
         return backward(res, dvalue)
 
     return Loss(forward_, backward_)

@@ -3,15 +3,28 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from ._core import Loss, concrete, make_loss, num_rows
+from ._core import Loss, check_real, concrete, make_loss, num_rows
 
 __all__ = ["squared_error", "mean_squared_error", "softmax_cross_entropy",
            "sigmoid_binary_cross_entropy", "huber"]
 
 
+def _in_unit_interval(name, what, target):
+    """Raise if ``target``'s values are known (outside jit) and some lie outside [0, 1]."""
+    t = concrete(target)
+    if t is not None and t.size:
+        lo, hi = float(t.min()), float(t.max())
+        if not (0.0 <= lo and hi <= 1.0):            # (NaN fails too)
+            raise ValueError(f"{name}: expected {what} in [0, 1], got values in [{lo}, {hi}]")
+
+
 def _same_shape(name):
     def check(pred, target):
+        if not jnp.issubdtype(target.dtype, jnp.floating):
+            raise TypeError(f"{name}: expected a floating-point target, got dtype {jnp.dtype(target.dtype).name} "
+                            "(cast it first, e.g. target.astype(jnp.float32))")
         if tuple(target.shape) != tuple(pred.shape):
             raise ValueError(f"{name}: expected target.shape == pred.shape == {tuple(pred.shape)}, "
                              f"got target.shape={tuple(target.shape)}")
@@ -60,7 +73,7 @@ def huber(delta: float = 1.0) -> Loss:
     Forward::   r = y − y',  ℓ(r) = ½r² if |r| ≤ δ else δ(|r| − ½δ),  L = (1/S) Σ ℓ(r)
     Backward::  dL/dy = dL · clip(r, −δ, δ) / S
     """
-    delta = float(delta)
+    delta = check_real("huber", "delta", delta)
     if not delta > 0:
         raise ValueError(f"huber: expected delta > 0, got {delta!r}")
 
@@ -85,9 +98,9 @@ def softmax_cross_entropy(label_smoothing: float = 0.0) -> Loss:
 
     Forward::   log p = z − logsumexp(z)   (stable for large logits)
                 L = −(1/n) Σ_rows Σ_k t_k log p_k          z (..., K), n = rows
-    Backward::  dL/dz = dL · (p − t) / n                      (..., K)
+    Backward::  dL/dz = dL · (p Σ_k t_k − t) / n             (..., K)   (= p − t for rows summing to 1)
     """
-    eps = float(label_smoothing)
+    eps = check_real("softmax_cross_entropy", "label_smoothing", label_smoothing)
     if not 0.0 <= eps < 1.0:
         raise ValueError(f"softmax_cross_entropy: expected 0 <= label_smoothing < 1, got {label_smoothing!r}")
 
@@ -107,9 +120,11 @@ def softmax_cross_entropy(label_smoothing: float = 0.0) -> Loss:
         k = logp.shape[-1]
         if jnp.issubdtype(target.dtype, jnp.integer):
             t = (1 - eps) * (target[..., None] == jnp.arange(k)).astype(logp.dtype) + eps / k
+            dz = jnp.exp(logp) - t                                      # Σ_k t_k = 1
         else:
             t = (1 - eps) * target + eps / k
-        return (jnp.exp(logp) - t) * (dvalue / num_rows(logp.shape, trailing=1))
+            dz = jnp.exp(logp) * jnp.sum(t, axis=-1, keepdims=True) - t  # exact for any row sum
+        return dz * (dvalue / num_rows(logp.shape, trailing=1))
 
     def check(pred, target):
         name = "softmax_cross_entropy"
@@ -129,6 +144,13 @@ def softmax_cross_entropy(label_smoothing: float = 0.0) -> Loss:
             if tuple(target.shape) != tuple(pred.shape):
                 raise ValueError(f"{name}: expected probability targets of shape {tuple(pred.shape)} or integer "
                                  f"labels of shape {tuple(pred.shape[:-1])}, got target.shape={tuple(target.shape)}")
+            _in_unit_interval(name, "probability targets", target)
+            t = concrete(target)             # dL/dz = p − t holds for rows of t that sum to 1
+            if t is not None and t.size:
+                sums = t.sum(axis=-1)
+                if not np.allclose(sums, 1.0, rtol=0, atol=1e-3):
+                    raise ValueError(f"{name}: expected probability targets summing to 1 over the last axis, "
+                                     f"got sums in [{float(sums.min())}, {float(sums.max())}]")
         else:
             raise TypeError(f"{name}: expected integer labels or floating-point probabilities, "
                             f"got target dtype {jnp.dtype(target.dtype).name}")
@@ -158,5 +180,6 @@ def sigmoid_binary_cross_entropy() -> Loss:
             raise TypeError(f"{name}: expected floating-point targets in [0, 1], "
                             f"got dtype {jnp.dtype(target.dtype).name}")
         _same_shape(name)(pred, target)
+        _in_unit_interval(name, "targets", target)
 
     return make_loss(name, forward, backward, check=check)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from ._core import Layer, check_positive_int, make_layer
+from ._core import Layer, check_positive_int, check_real, make_layer
 
 __all__ = ["batch_norm", "layer_norm", "rms_norm", "group_norm"]
 
@@ -43,7 +43,7 @@ def _standardize_backward(dxhat, xhat, rstd, axes, axis_name=None):
 
 
 def _check_eps(name, eps):
-    eps = float(eps)
+    eps = check_real(name, "eps", eps)
     if not eps > 0:
         raise ValueError(f"{name}: expected eps > 0, got {eps!r}")
     return eps
@@ -105,7 +105,7 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, *, axis_name=None,
     every other layer's dparams; sum them over devices with the rest of the gradient.
     """
     name = "batch_norm"
-    momentum = float(momentum)
+    momentum = check_real(name, "momentum", momentum)
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"{name}: expected momentum in [0, 1], got {momentum!r}")
     eps = _check_eps(name, eps)
@@ -145,6 +145,8 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, *, axis_name=None,
 
     def check(params, state, x):
         _check_channels(name, "channels", params["scale"].shape[0], x)
+        if x.size == 0 and x.shape[-1] > 0:      # training statistics of no rows would be NaN
+            raise ValueError(f"{name}: expected at least one row per channel, got x.shape={tuple(x.shape)}")
 
     return make_layer(name, init, forward, backward, check=check, min_ndim=2,
                       meaning="(batch, ..., channels)")
@@ -280,6 +282,8 @@ def group_norm(num_groups: int, eps: float = 1e-5, *, param_dtype=jnp.float32) -
 
     def init(key, in_shape):
         c = in_shape[-1]
+        if c < 1:
+            raise ValueError(f"{name}: expected at least one channel, got in_shape={tuple(in_shape)}")
         if c % groups:
             raise ValueError(f"{name}: expected the channel count divisible by num_groups={groups}, "
                              f"got in_shape={tuple(in_shape)}")

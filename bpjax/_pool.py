@@ -38,6 +38,7 @@ def _windows(name: str, window, strides, padding):
             raise ValueError(f"{name}: expected in_shape with {want}, got in_shape={tuple(in_shape)}")
         w, s = _per_axis(window, r), _per_axis(strides, r)
         spatial = in_shape[:-1]
+        _check_spatial(name, "in_shape", in_shape, spatial)
         pads = _explicit_pads(padding, spatial, w, s)
         if any(lo >= k or hi >= k for k, (lo, hi) in zip(w, pads)):
             raise ValueError(f"{name}: expected padding smaller than the window {w} on each side, "
@@ -49,6 +50,16 @@ def _windows(name: str, window, strides, padding):
         return w, s, pads, out
 
     return rank, geometry
+
+
+def _check_spatial(name, arg, shape, spatial):
+    """Raise if a spatial axis is empty (a window or a pool over no cells: −∞ or 0/0), or if
+    there are no channels."""
+    if min(spatial) < 1:
+        raise ValueError(f"{name}: expected every spatial axis to have at least one cell, "
+                         f"got {arg}={tuple(shape)}")
+    if shape[-1] < 1:
+        raise ValueError(f"{name}: expected at least one channel, got {arg}={tuple(shape)}")
 
 
 def _pad(x, pads, value):
@@ -197,7 +208,11 @@ def global_avg_pool() -> Layer:
                               (dy.shape[0], *like.shape[1:]))                  # (N, *spatial, C)
         return (), dx
 
-    return make_layer(name, init, forward, backward, min_ndim=3, meaning="(batch, *spatial, channels)")
+    def check(params, state, x):
+        _check_spatial(name, "x.shape", x.shape, x.shape[1:-1])
+
+    return make_layer(name, init, forward, backward, check=check, min_ndim=3,
+                      meaning="(batch, *spatial, channels)")
 
 
 def global_max_pool() -> Layer:
@@ -226,4 +241,8 @@ def global_max_pool() -> Layer:
         dx = jnp.where(wins, dy[:, None, :], 0).astype(dy.dtype)               # (N, S, C)
         return (), dx.reshape(x.shape)
 
-    return make_layer(name, init, forward, backward, min_ndim=3, meaning="(batch, *spatial, channels)")
+    def check(params, state, x):
+        _check_spatial(name, "x.shape", x.shape, x.shape[1:-1])
+
+    return make_layer(name, init, forward, backward, check=check, min_ndim=3,
+                      meaning="(batch, *spatial, channels)")

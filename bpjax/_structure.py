@@ -7,12 +7,23 @@ import jax
 import jax.numpy as jnp
 
 from . import initializers
-from ._core import Layer, check_positive_int, concrete, make_layer, shape_record
+from ._core import Layer, check_positive_int, check_real, concrete, make_layer, shape_record
 
 __all__ = ["dropout", "embedding", "flatten", "reshape"]
 
 
 # ----------------------------------------------------------------------------- dropout
+
+
+def _check_key(name, key):
+    """Raise unless ``key`` is one PRNG key: ``jax.random.key(0)`` or ``jax.random.PRNGKey(0)``."""
+    dtype, shape = getattr(key, "dtype", None), tuple(getattr(key, "shape", ()))
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    if typed and shape == () or not typed and dtype == jnp.uint32 and shape == (2,):
+        return
+    got = repr(key) if dtype is None else f"{'key' if typed else jnp.dtype(dtype).name}{list(shape)}"
+    raise TypeError(f"{name}: expected key to be one PRNG key (jax.random.key(0) or "
+                    f"jax.random.PRNGKey(0)), got {got}")
 
 
 def dropout(rate: float) -> Layer:
@@ -34,7 +45,7 @@ def dropout(rate: float) -> Layer:
     ``ValueError``. ``rate`` must lie in [0, 1).
     """
     name = "dropout"
-    p = float(rate)
+    p = check_real(name, "rate", rate)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"{name}: expected rate in [0, 1), got rate={rate!r}")
 
@@ -46,6 +57,7 @@ def dropout(rate: float) -> Layer:
             return x, state, ()                                    # the identity: nothing to save
         if key is None:
             raise ValueError(f"{name}: expected a PRNG key in training (forward(..., key=key)), got key=None")
+        _check_key(name, key)
         keep = jax.random.bernoulli(key, 1.0 - p, x.shape)         # (N, ...)
         m = keep.astype(x.dtype) / jnp.asarray(1.0 - p, x.dtype)   # (N, ...)
         return x * m, state, (m,)
@@ -154,9 +166,9 @@ def reshape(shape) -> Layer:
     name = "reshape"
     try:
         target = tuple(int(d) for d in shape)
-        if any(isinstance(d, bool) or int(d) != d for d in shape):
+        if isinstance(shape, (str, bytes)) or any(isinstance(d, bool) or int(d) != d for d in shape):
             raise TypeError
-    except TypeError:
+    except (TypeError, ValueError):
         raise TypeError(f"{name}: expected shape to be a tuple of integers, got shape={shape!r}") from None
     if any(d <= 0 and d != -1 for d in target) or target.count(-1) > 1:
         raise ValueError(f"{name}: expected positive sizes and at most one -1, got shape={target}")
