@@ -204,9 +204,9 @@ def _conv_dw(x, dy, kernel, *, strides, pads, in_dilation, dilation, groups):
       flattened to (M, C_out), one offset after another in a ``lax.scan``.
 
     Measured on the 2-core CPU this was written on (float32, jitted, best of 10): a 3×3 conv,
-    32→64 channels, 28×28, batch 128, 'SAME': forward 119 ms, ``jax.vjp`` dW 1428 ms, the lax
+    32→64 channels, 28×28, batch 128, 'SAME': forward 119 ms, autodiff (vjp) dW 1428 ms, the lax
     dW 1305 ms, the views 249 ms. A 1-D conv, kernel 5, 32→32 channels, length 40, batch 128:
-    forward 1.9 ms, ``jax.vjp`` dW 2.8 ms, the lax dW 3.8 ms, the views 4.9 ms. The lax dW falls
+    forward 1.9 ms, autodiff (vjp) dW 2.8 ms, the lax dW 3.8 ms, the views 4.9 ms. The lax dW falls
     behind in 2-D once N·∏O·C_out grows (14×14×32 channels, batch 128, and up); in 1-D it kept
     up at every size tried (up to length 2000).
     """

@@ -123,7 +123,7 @@ def check_finite(fn: Callable, *, jit: bool = True) -> Callable:
 
     Args:
       fn: any function of pytrees of arrays that calls bpjax layers or losses (a training
-        step, ``bpjax.value_and_grad(model, loss)``, a bare ``model.forward``).
+        step, ``bp.value_and_grad(model, loss)``, a bare ``model.forward``).
       jit: compile the checked function with ``jax.jit`` (default); ``False`` runs it eagerly.
 
     Returns:
@@ -156,7 +156,7 @@ def check_finite(fn: Callable, *, jit: bool = True) -> Callable:
 
 
 def debug_nans(model: Layer, loss: Loss, *, jit: bool = True) -> Callable:
-    """``bpjax.value_and_grad(model, loss)`` under :func:`check_finite`: the same
+    """``bp.value_and_grad(model, loss)`` under :func:`check_finite`: the same
     ``f(params, state, x, target, *, key=None) -> ((value, new_state), grads)``, which raises
     ``FloatingPointError`` naming the first layer whose forward or backward made a NaN or Inf."""
     from ._grad import value_and_grad

@@ -103,7 +103,7 @@ def max_pool(window, strides=None, padding="VALID") -> Layer:
 
     Ties are broken deterministically: of several equal maxima in a window the first in
     row-major order (the lowest index along the first spatial axis, then the next, …) gets all
-    of the gradient and the others get none. ``jax.grad`` of ``lax.reduce_window`` may route
+    of the gradient and the others get none. autodiff of ``lax.reduce_window`` may route
     ties differently.
     """
     name = "max_pool"

@@ -286,7 +286,7 @@ def _gradcheck(args) -> int:
 
 def _add_gradcheck(subparsers) -> None:
     p = subparsers.add_parser(
-        "gradcheck", help="check hand-written gradients against jax.vjp, finite differences and jax.jvp",
+        "gradcheck", help="check hand-written gradients against autodiff (vjp), finite differences and forward mode (jvp)",
         description="Check every built-in layer and loss, the ones named, or a user's module:factory "
                     "(a bpjax.Layer or bpjax.Loss, or a function of no arguments returning one). "
                     "Prints the table; exits 1 on any failure, 2 on a usage error.")
