@@ -248,6 +248,8 @@ def _recurrent(name, cell: _Cell, hidden_size, *, return_sequences, masked, init
         if xs.ndim != 3 or xs.shape[-1] != d_in:
             raise ValueError(f"{name}: expected x.shape == (N, T, {d_in}), got x.shape={tuple(xs.shape)}")
         n, t = xs.shape[:2]
+        if t == 0:
+            raise ValueError(f"{name}: expected at least one time step, got x.shape={tuple(xs.shape)}")
         if mask is not None and tuple(mask.shape) != (n, t):
             raise ValueError(f"{name}: expected mask.shape == {(n, t)} (N, T), got mask.shape={tuple(mask.shape)}")
         for i, s in enumerate(h0 or ()):

@@ -1,6 +1,6 @@
 """Property-based tests: hypothesis draws shapes, values and hyperparameters for every layer and
-loss (recurrent and attention layers aside: see their own tests). Each example ends one of
-two ways:
+loss (the recurrent and attention layers with fewer examples: each compiles a scan). Each
+example ends one of two ways:
 
 * a bpjax error: ``ValueError`` or ``TypeError`` whose message starts with the name of a layer
   or loss (``"dense: expected ..."``), raised before any compute; or
@@ -297,6 +297,45 @@ def test_fuzz_losses(name, data, pred_shape, target_kind, seed, scale):
         assert not np.any(pred == 0)
     _assert_close(dpred, ref_dpred, "dpred")
     event("gradients checked")
+
+
+RECURRENT = {
+    "rnn": lambda h, seq: bp.rnn(h, return_sequences=seq),
+    "gru": lambda h, seq: bp.gru(h, return_sequences=seq),
+    "lstm": lambda h, seq: bp.lstm(h, return_sequences=seq),
+    "bidirectional": lambda h, seq: bp.bidirectional(bp.gru(h, return_sequences=seq)),
+}
+
+
+@given(name=st.sampled_from(sorted(RECURRENT)), hidden=mostly(st.integers(1, 3), 0, -1),
+       seq=st.booleans(), x_shape=mostly(st.tuples(st.integers(1, 2), st.integers(1, 4), st.integers(1, 3)),
+                                         (2, 3), (2, 0, 2)), seed=seeds, scale=scales)
+@fuzz(8)
+def test_fuzz_recurrent(name, hidden, seq, x_shape, seed, scale):
+    names = [name, "gru", "bidirectional"]
+    check_layer(lambda: RECURRENT[name](hidden, seq), names, x_shape, seed, scale=min(scale, 30.0))
+
+
+@given(kind=st.sampled_from(["multi_head_attention", "transformer_block"]),
+       heads=mostly(st.sampled_from([1, 2]), 0, 3), causal=st.booleans(), lean=st.booleans(),
+       x_shape=mostly(st.tuples(st.integers(1, 2), st.integers(1, 5), st.sampled_from([2, 4])),
+                      (2, 4), (1, 3, 0)), seed=seeds)
+@fuzz(8)
+def test_fuzz_attention(kind, heads, causal, lean, x_shape, seed):
+    def make():
+        if kind == "multi_head_attention":
+            return bp.multi_head_attention(heads, causal=causal, lean=lean, block_size=2)
+        return bp.transformer_block(heads, causal=causal, lean=lean, block_size=2)
+    check_layer(make, [kind, "multi_head_attention", "layer_norm", "dense"], x_shape, seed)
+
+
+@given(vocab=mostly(st.integers(2, 5), 0), heads=mostly(st.just(2), 0, 3),
+       x_shape=mostly(st.tuples(st.integers(1, 2), st.integers(1, 4)), (3,), (2, 6)), seed=seeds)
+@fuzz(6)
+def test_fuzz_gpt(vocab, heads, x_shape, seed):
+    make = lambda: bp.gpt(vocab, dim=4, num_heads=heads, num_layers=1, max_len=4)   # noqa: E731
+    check_layer(make, ["gpt", "embedding", "multi_head_attention", "transformer_block"], x_shape, seed,
+                int_high=vocab, in_range=True)
 
 
 def test_the_property_rejects_a_raw_error():

@@ -133,3 +133,19 @@ def test_bad_hidden_size(factory):
 def test_bidirectional_needs_a_layer():
     with pytest.raises(TypeError, match="bidirectional: expected a bpjax.Layer, got function"):
         bp.bidirectional(bp.gru)
+
+
+def test_zero_time_steps_is_a_clear_error():
+    """Found by tests/test_fuzz.py: T = 0 used to reach lax.scan and raise its raw error."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    import pytest
+
+    import bpjax as bp
+    layer = bp.gru(3)
+    params, state = jax.eval_shape(lambda k: layer.init(k, (0, 2))[:2], jax.random.PRNGKey(0))
+    params = jax.tree_util.tree_map(lambda a: jnp.ones(a.shape, a.dtype), params)
+    with pytest.raises(ValueError, match=re.escape("gru: expected at least one time step, got x.shape=(2, 0, 2)")):
+        layer.forward(params, state, jnp.ones((2, 0, 2)))
