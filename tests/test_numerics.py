@@ -10,18 +10,25 @@ import bpjax as bp
 from helpers import assert_close
 
 
+def _loss_matches_reference(loss, logits, target, dvalue, dtype):
+    """Value and hand-written dlogits are finite and equal the ``jax.vjp`` reference; returns the value."""
+    dvalue = jnp.asarray(dvalue, dtype)
+    value, res = loss.forward(logits, target)
+    dlogits = loss.backward(res, dvalue)
+    ref_value, vjp = jax.vjp(lambda z: loss.forward(z, target)[0], logits)
+    assert np.isfinite(value) and np.all(np.isfinite(dlogits))
+    assert_close(value, ref_value, dtype, "value")
+    assert_close(dlogits, vjp(dvalue)[0], dtype, "dlogits")
+    return value
+
+
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("target_kind", ["labels", "probs"])
 def test_cross_entropy_with_huge_logits(dtype, target_kind):
     logits = jnp.array([[1e4, -1e4, 0.0], [-1e4, 1e4, 3.0], [2.0, 1e4, -1e4]], dtype)
     target = jnp.array([1, 1, 2]) if target_kind == "labels" else jax.nn.one_hot(jnp.array([1, 1, 2]), 3, dtype=dtype)
     loss = bp.softmax_cross_entropy(label_smoothing=0.1)
-    value, res = loss.forward(logits, target)
-    dlogits = loss.backward(res, jnp.asarray(0.9, dtype))
-    ref_value, vjp = jax.vjp(lambda z: loss.forward(z, target)[0], logits)
-    assert np.isfinite(value) and np.all(np.isfinite(dlogits))
-    assert_close(value, ref_value, dtype, "value")
-    assert_close(dlogits, vjp(jnp.asarray(0.9, dtype))[0], dtype, "dlogits")
+    value = _loss_matches_reference(loss, logits, target, 0.9, dtype)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
@@ -29,12 +36,7 @@ def test_binary_cross_entropy_with_huge_logits_and_hard_targets(dtype):
     logits = jnp.array([[1e4], [-1e4], [100.0], [-100.0], [0.5]], dtype)
     target = jnp.array([[0.0], [1.0], [1.0], [0.0], [1.0]], dtype)
     loss = bp.sigmoid_binary_cross_entropy()
-    value, res = loss.forward(logits, target)
-    dlogits = loss.backward(res)
-    ref_value, vjp = jax.vjp(lambda z: loss.forward(z, target)[0], logits)
-    assert np.isfinite(value) and np.all(np.isfinite(dlogits))
-    assert_close(value, ref_value, dtype, "value")
-    assert_close(dlogits, vjp(jnp.ones((), dtype))[0], dtype, "dlogits")
+    value = _loss_matches_reference(loss, logits, target, 1.0, dtype)
 
 
 def test_sigmoid_and_log_softmax_extremes_are_finite():
@@ -91,12 +93,7 @@ def test_cross_entropy_of_very_negative_logits(dtype):
     logits = jnp.asarray(EXTREME[1:3], dtype)
     loss = bp.softmax_cross_entropy()
     target = jnp.array([4, 2])
-    value, res = loss.forward(logits, target)
-    dlogits = loss.backward(res, jnp.asarray(0.6, dtype))
-    ref_value, vjp = jax.vjp(lambda z: loss.forward(z, target)[0], logits)
-    assert np.isfinite(value) and np.all(np.isfinite(dlogits))
-    assert_close(value, ref_value, dtype, "value")
-    assert_close(dlogits, vjp(jnp.asarray(0.6, dtype))[0], dtype, "dlogits")
+    value = _loss_matches_reference(loss, logits, target, 0.6, dtype)
     shifted, _ = loss.forward(logits - logits.max(-1, keepdims=True), target)
     assert_close(value, shifted, dtype, "shift invariance")
 
@@ -109,12 +106,7 @@ def test_binary_cross_entropy_with_exact_zero_and_one_targets(dtype):
     logits = jnp.stack([z, z, z], axis=1)                               # (7, 3)
     target = jnp.broadcast_to(jnp.asarray([0.0, 1.0, 0.5], dtype), logits.shape)
     loss = bp.sigmoid_binary_cross_entropy()
-    value, res = loss.forward(logits, target)
-    dlogits = loss.backward(res, jnp.asarray(1.3, dtype))
-    ref_value, vjp = jax.vjp(lambda z: loss.forward(z, target)[0], logits)
-    assert np.isfinite(value) and np.all(np.isfinite(dlogits))
-    assert_close(value, ref_value, dtype, "value")
-    assert_close(dlogits, vjp(jnp.asarray(1.3, dtype))[0], dtype, "dlogits")
+    value = _loss_matches_reference(loss, logits, target, 1.3, dtype)
     hard, _ = loss.forward(jnp.asarray([[-1e4, 1e4]], dtype), jnp.asarray([[0.0, 1.0]], dtype))
     assert float(hard) == 0.0                                           # −1e4 with t=0, +1e4 with t=1
 
