@@ -9,7 +9,7 @@ from jax import lax
 from jax.scipy.special import erf
 
 from . import initializers
-from ._core import Layer, check_positive_int, check_real, make_layer
+from ._core import Layer, check_positive_int, check_real, make_layer, matmul_tn
 
 __all__ = [
     "dense", "identity", "relu", "leaky_relu", "elu", "sigmoid", "tanh", "softplus", "gelu",
@@ -60,7 +60,7 @@ def dense(out_dim: int, *, use_bias: bool = True, w_init="glorot_uniform", b_ini
         (x,) = res
         x2 = x.reshape(-1, x.shape[-1])                     # (M, D_in)
         dy2 = dy.reshape(-1, dy.shape[-1])                  # (M, D_out)
-        dparams = {"w": x2.T @ dy2}                         # (D_in, D_out)
+        dparams = {"w": matmul_tn(x2, dy2)}                 # (D_in, D_out) = x2ᵀ dy2
         if use_bias:
             dparams["b"] = dy2.sum(axis=0)                  # (D_out,)
         dx = dy @ params["w"].T                             # (..., D_in)

@@ -26,7 +26,7 @@ import numpy as np
 from jax import lax
 
 from . import initializers
-from ._core import Layer, check_positive_int, make_layer
+from ._core import Layer, check_positive_int, make_layer, matmul_tn
 
 __all__ = ["conv", "conv_transpose"]
 
@@ -243,7 +243,7 @@ def _conv_dw(x, dy, kernel, *, strides, pads, in_dilation, dilation, groups):
         start = (zero, *(kappa * jnp.asarray(dilation, jnp.int32)), zero)
         v = lax.slice(lax.dynamic_slice(xp, start, span), (0,) * xp.ndim, span, (1, *strides, 1))
         if groups == 1:
-            return None, v.reshape(m, c_in).T @ dy.reshape(m, c_out)          # (C_in, C_out)
+            return None, matmul_tn(v.reshape(m, c_in), dy.reshape(m, c_out))  # (C_in, C_out)
         v = v.reshape(m, groups, c_in // groups)                              # (M, G, C_in/G)
         return None, jnp.einsum("mgi,mgo->igo", v, dy2).reshape(c_in // groups, c_out)  # (C_in/G, C_out)
 

@@ -340,3 +340,19 @@ def concrete(x) -> Optional[np.ndarray]:
 def num_rows(shape: Sequence[int], trailing: int = 0) -> int:
     """Number of examples: the product of ``shape`` without its last ``trailing`` axes."""
     return math.prod(shape[: len(shape) - trailing])
+
+
+def matmul_tn(a: jax.Array, b: jax.Array) -> jax.Array:
+    """aᵀ b for a (M, P) and b (M, Q), contracting the long axis M: the weight-gradient
+    product xᵀ dy of a dense layer or of a convolution's columns.            (P, Q)
+
+    When Q < P it is computed as (bᵀ a)ᵀ, with an optimisation barrier that keeps XLA from
+    folding the transpose back into the product. XLA's CPU matrix product is slow when its
+    output is narrow: on the 2-core CPU of BENCHMARKS.md, xᵀ dy for x (128, 50176) and
+    dy (128, 10), the last dense layer of the 2-D CNN, took 31 ms as (P, Q) and 4 ms as
+    (Q, P) then transposed; for (1024, 1024) and (1024, 10), 7.1 and 0.5 ms. With Q ≥ P the
+    direct form was as fast or faster (1024 × 1024 × 1024: 35 against 38 ms).
+    """
+    if b.shape[-1] < a.shape[-1]:
+        return jax.lax.optimization_barrier(b.T @ a).T                          # (Q, P)ᵀ
+    return a.T @ b                                                               # (P, Q)
