@@ -1,9 +1,11 @@
 """Cross-check table cases for convolution and pooling (part of tests/table.py's one table).
 
 Shapes are tiny: what matters is that every padding kind, stride, dilation and groups option
-meets every formulation. Both formulations of the conv kernel gradient are here: a ``lax``
-convolution for 1 spatial axis (the ``1d-*`` cases) and shifted views times dy for 2 and 3
-(the ``2d-*`` and ``3d`` cases). Pooling inputs are continuous random draws, so no window
+meets every formulation. conv has two (``impl``): lax's convolutions, with the kernel gradient
+as a ``lax`` convolution for 1 spatial axis (the ``1d-*`` cases) and shifted views times dy for
+2 and 3 (``groups > 1`` and the ``*-lax`` cases); and columns (im2col), which 'auto' picks on
+CPU for 2 and 3 spatial axes with groups = 1 and no input dilation (the other ``2d-*`` and
+``3d`` conv cases, and the ``*-columns`` cases). Pooling inputs are continuous random draws, so no window
 holds a tie (jax.grad may route ties differently; tests/test_conv.py checks the tie rule).
 """
 import bpjax as bp
@@ -27,6 +29,16 @@ CONV_CASES = [
     LayerCase("conv", lambda: bp.conv(3, (2, 3), strides=(1, 2), padding=((1, 0), (2, 1))), (5, 4, 2),
               batch=2, id="2d-pairs-stride12"),
     LayerCase("conv", lambda: bp.conv(2, (2, 2, 2), strides=(1, 2, 1)), (3, 4, 3, 2), batch=2, id="3d"),
+    # the two formulations forced: lax's convolutions with the shifted-view dW, and columns
+    # (im2col) where 'auto' would not choose them (1 spatial axis, input dilation)
+    LayerCase("conv", lambda: bp.conv(4, (3, 3), strides=2, impl="lax"), (6, 5, 2), batch=2,
+              id="2d-same-stride2-lax"),
+    LayerCase("conv", lambda: bp.conv(3, (2, 2, 3), padding=((1, 0), (0, 1), (2, 2)), dilation=(1, 2, 1),
+                                      impl="lax"), (3, 5, 4, 2), batch=2, id="3d-pairs-dilation-lax"),
+    LayerCase("conv", lambda: bp.conv(3, 3, strides=2, dilation=2, impl="columns"), (11, 2),
+              id="1d-stride2-dilation2-columns"),
+    LayerCase("conv", lambda: bp.conv(4, (3, 3), padding=((1, 2), (0, 1)), impl="columns"), (5, 4, 3),
+              batch=3, id="2d-pairs-columns-batch3"),
     # conv_transpose (padding is that of the conv it transposes)
     LayerCase("conv_transpose", lambda: bp.conv_transpose(3, 3, strides=2), (5, 2), id="1d-same-stride2"),
     LayerCase("conv_transpose", lambda: bp.conv_transpose(4, 4, strides=3, padding=1, dilation=2, groups=2),
@@ -36,6 +48,9 @@ CONV_CASES = [
     LayerCase("conv_transpose", lambda: bp.conv_transpose(4, (3, 2), strides=(2, 3), padding=((1, 0), (2, 1)),
                                                           dilation=(2, 1), groups=2, use_bias=False),
               (4, 3, 2), batch=2, id="2d-pairs-groups2-dilation-nobias"),
+    LayerCase("conv_transpose", lambda: bp.conv_transpose(3, (3, 2), strides=(2, 3), padding=((4, 0), (1, 3)),
+                                                          dilation=(2, 1), impl="columns"),
+              (4, 3, 2), batch=2, id="2d-pairs-crop-columns"),              # P_lo = k' - 1 - lo < 0
     # max_pool: padded cells are -inf
     LayerCase("max_pool", lambda: bp.max_pool(2), (6, 4, 3), id="2d-2x2"),
     LayerCase("max_pool", lambda: bp.max_pool((3, 2), strides=(2, 1), padding="SAME"), (7, 5, 2),

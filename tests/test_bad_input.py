@@ -207,6 +207,10 @@ for _n in ("conv", "conv_transpose"):
          f"{_n}: expected groups to be an integer > 0, got 0")
     case(f"{_n}-groups-out", lambda f=_f: f(6, 3, groups=4), ValueError,
          f"{_n}: expected out_channels divisible by groups=4, got 6")
+    case(f"{_n}-impl", lambda f=_f: f(4, 3, impl="cudnn"), ValueError,
+         f"{_n}: expected impl to be one of ('auto', 'lax', 'columns'), got 'cudnn'")
+    case(f"{_n}-impl-columns-groups", lambda f=_f: f(4, 3, groups=2, impl="columns"), ValueError,
+         f"{_n}: expected groups=1 with impl='columns', got groups=2")
     case(f"{_n}-tuples", lambda f=_f: f(4, (3, 3), strides=(1, 1, 1)), ValueError,
          f"{_n}: expected one entry per spatial axis in every tuple, got kernel_size=(3, 3), strides=(1, 1, 1)")
     case(f"{_n}-4d", lambda f=_f: f(4, (1, 1, 1, 1)), ValueError,

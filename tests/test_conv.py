@@ -3,6 +3,7 @@ conventions, and the error messages for bad hyperparameters and bad input."""
 from __future__ import annotations
 
 import inspect
+import math
 import re
 
 import jax
@@ -235,3 +236,44 @@ def test_input_channels_not_divisible_by_groups():
         bp.conv(4, 3, groups=2).init(jax.random.PRNGKey(0), (8, 3))
     with pytest.raises(ValueError, match=re.escape(msg)):
         bp.conv(4, 3, groups=2).forward({"w": jnp.ones((3, 1, 4)), "b": jnp.ones(4)}, (), jnp.ones((2, 8, 3)))
+
+
+# ----------------------------------------------------------------------------- formulations
+
+
+@pytest.mark.parametrize("chunk_examples", [1, 2, 6])
+@pytest.mark.parametrize("make, in_shape", [
+    (lambda impl: bp.conv(5, (3, 3), strides=(2, 1), padding="SAME", impl=impl), (7, 6, 3)),
+    (lambda impl: bp.conv_transpose(4, (2, 3), strides=2, padding=((1, 0), (2, 1)), impl=impl), (4, 5, 3)),
+    (lambda impl: bp.conv(2, (2, 2, 2), dilation=(1, 2, 1), padding="VALID", impl=impl), (3, 5, 4, 3)),
+], ids=["2d-stride21", "transpose-2d-pairs", "3d-dilation"])
+def test_columns_over_several_chunks_equal_lax(monkeypatch, make, in_shape, chunk_examples):
+    """The batch of 6 split into chunks of 1, 2 or 6 examples (the chunk budget set to that
+    many examples' columns): forward, dW, db and dx by columns equal lax's, in float64."""
+    from bpjax import _conv
+    lax_layer, col_layer = make("lax"), make("columns")
+    gen = rng(f"columns-chunks-{in_shape}-{chunk_examples}")
+    params, *_ = init_params(lax_layer, in_shape, gen, jnp.float64)
+    x = normal(gen, (6, *in_shape), jnp.float64)
+    y, _, res = lax_layer.forward(params, (), x)
+    one_example = math.prod(y.shape[1:-1]) * math.prod(params["w"].shape[:-1]) * 8   # bytes of columns
+    monkeypatch.setattr(_conv, "_COLUMN_CHUNK_BYTES", chunk_examples * one_example)
+    assert _conv._chunk(6, one_example) == chunk_examples
+    jax.clear_caches()                                         # the budget is read at trace time
+    dy = normal(gen, y.shape, jnp.float64)
+    y_col, _, res_col = col_layer.forward(params, (), x)
+    np.testing.assert_allclose(y_col, y, rtol=1e-12, atol=1e-12)
+    for got, want in zip(jax.tree.leaves(col_layer.backward(params, res_col, dy)),
+                         jax.tree.leaves(lax_layer.backward(params, res, dy))):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_auto_picks_columns_on_cpu_for_plain_2d_and_3d_convs_only():
+    from bpjax._conv import _by_columns
+    on_cpu = jax.default_backend() == "cpu"
+    assert _by_columns("auto", 2, 1, (1, 1)) == on_cpu
+    assert _by_columns("auto", 3, 1, (1, 1, 1)) == on_cpu
+    assert not _by_columns("auto", 1, 1, (1,))                 # 1 spatial axis: lax
+    assert not _by_columns("auto", 2, 2, (1, 1))               # groups: lax
+    assert not _by_columns("auto", 2, 1, (2, 1))               # a strided conv_transpose: lax
+    assert _by_columns("columns", 1, 1, (2,)) and not _by_columns("lax", 2, 1, (1, 1))
