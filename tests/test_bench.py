@@ -37,26 +37,3 @@ def test_bench_writes_a_table_with_the_expected_columns(tmp_path):
                    "PyTorch column skipped"):
         assert needed in text
 
-
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_conv_formulations_times_both_impls(capsys):
-    script = _load_script("conv_formulations")
-    rows = script.main(["--batch", "2", "--size", "5", "--c-in", "2", "--c-out", "3", "--reps", "1"])
-    assert [r[0] for r in rows] == ["lax", "columns"]
-    assert all(ms > 0 for row in rows for ms in row[1:])
-    assert "| columns |" in capsys.readouterr().out
-
-
-def test_profile_step_lists_the_step_s_operations():
-    _load_bench()                                   # profile_step imports bench from scripts/
-    script = _load_script("profile_step")
-    rows = script.profile("tiny", steps=1, top=5)
-    assert 0 < len(rows) <= 5
-    assert all(ms >= 0 and n > 0 and name for ms, n, name in rows)
-    assert rows == sorted(rows, key=lambda r: -r[0])

@@ -49,3 +49,19 @@ def test_digits_cnn_script_runs(capsys):
     accs = _load("digits_cnn").main(["--epochs", "1", "--no-progress"])
     out = capsys.readouterr().out
     assert "seed 0: 1438 train / 359 test images, 1 epochs" in out and 0.0 <= accs[0] <= 1.0
+
+
+def test_conv_formulations_times_both_impls(capsys):
+    script = _load("conv_formulations")
+    rows = script.main(["--batch", "2", "--size", "5", "--c-in", "2", "--c-out", "3", "--reps", "1"])
+    assert [r[0] for r in rows] == ["lax", "columns"]
+    assert all(ms > 0 for row in rows for ms in row[1:])
+    assert "| columns |" in capsys.readouterr().out
+
+
+def test_profile_step_lists_the_step_s_operations():
+    script = _load("profile_step")
+    rows = script.profile("tiny", steps=1, top=5)
+    assert 0 < len(rows) <= 5
+    assert all(ms >= 0 and n > 0 and name for ms, n, name in rows)
+    assert rows == sorted(rows, key=lambda r: -r[0])
