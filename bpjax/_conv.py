@@ -303,26 +303,43 @@ def _columns(x, kernel, out, *, strides, pads, in_dilation, dilation):
 
 _COLUMN_GEOMETRY = ("strides", "pads", "in_dilation", "dilation")
 
+#: The activations a conv layer can apply to its output: y = f(z), and f'(z) from y.
+_ACTIVATIONS = {
+    None: (lambda z: z, None),
+    "relu": (lambda z: jnp.maximum(z, 0), lambda y: (y > 0).astype(y.dtype)),
+}
 
-@functools.partial(jax.jit, static_argnames=("out", *_COLUMN_GEOMETRY))
-def _conv_columns(x, w, *, out, strides, pads, in_dilation, dilation):
-    """The forward by columns: y = cols · W, chunk by chunk.            (N, *O, C_out)"""
+
+@functools.partial(jax.jit, static_argnames=("out", "activation", *_COLUMN_GEOMETRY))
+def _conv_columns(x, w, bias, *, out, activation, strides, pads, in_dilation, dilation):
+    """The forward by columns: y = f(cols · W + b), chunk by chunk, with the bias (or None)
+    and the activation f (see ``_ACTIVATIONS``) applied to each chunk while it is in cache,
+    so cols · W is never held whole.                                   (N, *O, C_out)"""
     r = x.ndim - 2
     kernel, c_out = w.shape[:r], w.shape[-1]
     wm = w.reshape(-1, c_out)                                                  # (∏K·C_in, C_out)
     b = _chunk(x.shape[0], math.prod(out) * wm.shape[0] * x.dtype.itemsize)
+    f = _ACTIVATIONS[activation][0]
 
     def one(xb):
         cols = _columns(xb, kernel, out, strides=strides, pads=pads, in_dilation=in_dilation,
                         dilation=dilation)                                     # (b·∏O, ∏K·C_in)
-        return (cols @ wm).reshape(b, *out, c_out)
+        z = cols @ wm
+        return f(z if bias is None else z + bias).reshape(b, *out, c_out)
 
     return _chunked(one, b, x)
 
 
-@functools.partial(jax.jit, static_argnames=("x_shape", *_COLUMN_GEOMETRY))
-def _conv_dx_columns(dy, w, x_shape, *, strides, pads, in_dilation, dilation):
-    """dx by columns: dcols = dy · Wᵀ, each offset κ's block of C_in columns put back at the
+def _error(dyb, yb, activation):
+    """dz = dy ⊙ f'(z) for one chunk, f'(z) from the chunk yb = (y,) of the layer's output
+    (yb = () and dz = dy without an activation): formed inside the column loops, so dz is
+    never held whole."""
+    return dyb * _ACTIVATIONS[activation][1](*yb) if yb else dyb
+
+
+@functools.partial(jax.jit, static_argnames=("x_shape", "activation", *_COLUMN_GEOMETRY))
+def _conv_dx_columns(dy, y, w, x_shape, *, activation, strides, pads, in_dilation, dilation):
+    """dx by columns: dcols = dz · Wᵀ, each offset κ's block of C_in columns put back at the
     positions o·s + κ·d its view was read from and summed (col2im), then the padding undone
     (crop (lo, hi), keep every u-th cell).                             (N, *spatial, C_in)"""
     r = dy.ndim - 2
@@ -332,33 +349,37 @@ def _conv_dx_columns(dy, w, x_shape, *, strides, pads, in_dilation, dilation):
     wt = w.reshape(-1, c_out).T                                                # (C_out, ∏K·C_in)
     b = _chunk(dy.shape[0], math.prod(out) * wt.shape[1] * dy.dtype.itemsize)
 
-    def one(dyb):
-        dcols = (dyb.reshape(-1, c_out) @ wt).reshape(b, *out, math.prod(kernel), c_in)
+    def one(dyb, *yb):
+        dz = _error(dyb, yb, activation)
+        dcols = (dz.reshape(-1, c_out) @ wt).reshape(b, *out, math.prod(kernel), c_in)
         dxp = sum(_place(dcols[..., i, :], kappa, dilation, strides, padded)
                   for i, kappa in enumerate(_offsets(kernel)))                 # (b, *padded, C_in)
         dxp = lax.pad(dxp, jnp.zeros((), dxp.dtype), [(0, 0, 0), *((-lo, -hi, 0) for lo, hi in pads), (0, 0, 0)])
         return lax.slice(dxp, (0,) * dxp.ndim, dxp.shape, (1, *in_dilation, 1))  # (b, *spatial, C_in)
 
-    return _chunked(one, b, dy)
+    return _chunked(one, b, dy, *([] if y is None else [y]))
 
 
-@functools.partial(jax.jit, static_argnames=("kernel", *_COLUMN_GEOMETRY))
-def _conv_dw_columns(x, dy, kernel, *, strides, pads, in_dilation, dilation):
-    """dW by columns: Σ over chunks of colsᵀ · dy, in a lax.scan.        (*K, C_in, C_out)"""
+@functools.partial(jax.jit, static_argnames=("kernel", "activation", *_COLUMN_GEOMETRY))
+def _conv_dw_columns(x, dy, y, kernel, *, activation, strides, pads, in_dilation, dilation):
+    """dW and db by columns: Σ over chunks of colsᵀ · dz and of dz, in a lax.scan.
+                                                               ((*K, C_in, C_out), (C_out,))"""
     out, c_in, c_out = dy.shape[1:-1], x.shape[-1], dy.shape[-1]
     rows = math.prod(kernel) * c_in
     b = _chunk(x.shape[0], math.prod(out) * rows * x.dtype.itemsize)
     n = x.shape[0]
 
     def one(acc, chunk):
-        xb, dyb = chunk
+        xb, dyb, *yb = chunk
+        dz = _error(dyb, yb, activation).reshape(-1, c_out)                  # (b·∏O, C_out)
         cols = _columns(xb, kernel, out, strides=strides, pads=pads, in_dilation=in_dilation,
                         dilation=dilation)                                     # (b·∏O, ∏K·C_in)
-        return acc + matmul_tn(cols, dyb.reshape(-1, c_out)), None
+        return (acc[0] + matmul_tn(cols, dz), acc[1] + dz.sum(axis=0)), None
 
-    chunks = (x.reshape(n // b, b, *x.shape[1:]), dy.reshape(n // b, b, *dy.shape[1:]))
-    dw, _ = lax.scan(one, jnp.zeros((rows, c_out), jnp.result_type(x, dy)), chunks)
-    return dw.reshape(*kernel, c_in, c_out)
+    chunks = [a.reshape(n // b, b, *a.shape[1:]) for a in (x, dy, *([] if y is None else [y]))]
+    dtype = jnp.result_type(x, dy)
+    (dw, db), _ = lax.scan(one, (jnp.zeros((rows, c_out), dtype), jnp.zeros((c_out,), dtype)), chunks)
+    return dw.reshape(*kernel, c_in, c_out), db
 
 
 def _by_columns(impl: str, rank: int, groups: int, in_dilation) -> bool:
@@ -375,7 +396,7 @@ def _by_columns(impl: str, rank: int, groups: int, in_dilation) -> bool:
 
 
 def _conv_layer(name, out_channels, kernel_size, strides, padding, dilation, groups, use_bias,
-                w_init, b_init, param_dtype, transpose, impl) -> Layer:
+                w_init, b_init, param_dtype, transpose, impl, activation) -> Layer:
     """conv (transpose=False) and conv_transpose (transpose=True): the same generalised
     convolution, with s = strides, u = 1 or s = 1, u = strides."""
     out_channels = check_positive_int(name, "out_channels", out_channels)
@@ -388,6 +409,9 @@ def _conv_layer(name, out_channels, kernel_size, strides, padding, dilation, gro
         raise ValueError(f"{name}: expected out_channels divisible by groups={groups}, got {out_channels}")
     if impl not in _IMPLS:
         raise ValueError(f"{name}: expected impl to be one of {_IMPLS}, got {impl!r}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"{name}: expected activation to be one of {tuple(_ACTIVATIONS)}, got {activation!r}")
+    f, df = _ACTIVATIONS[activation]
     if impl == "columns" and groups != 1:
         raise ValueError(f"{name}: expected groups=1 with impl='columns', got groups={groups}")
     rank = _spatial_rank(name, 3, kernel_size=kernel_size, strides=strides, dilation=dilation,
@@ -436,33 +460,35 @@ def _conv_layer(name, out_channels, kernel_size, strides, padding, dilation, gro
     def forward(params, state, x, *, key=None, train=True):
         g, out = geometry(x.shape[1:])
         xc, w = _promote(x, params["w"])                                      # lax wants one dtype
+        bias = params["b"] if use_bias else None
         if _by_columns(impl, x.ndim - 2, groups, g["in_dilation"]):
-            y = _conv_columns(xc, w, out=out, strides=g["strides"], pads=g["pads"],
-                              in_dilation=g["in_dilation"], dilation=g["dilation"])
+            y = _conv_columns(xc, w, bias, out=out, activation=activation, strides=g["strides"],
+                              pads=g["pads"], in_dilation=g["in_dilation"], dilation=g["dilation"])
         else:
-            y = lax.conv_general_dilated(xc, w, window_strides=g["strides"], padding=g["pads"],
+            z = lax.conv_general_dilated(xc, w, window_strides=g["strides"], padding=g["pads"],
                                          lhs_dilation=g["in_dilation"], rhs_dilation=g["dilation"],
                                          dimension_numbers=_DIMENSION_NUMBERS[x.ndim - 2],
                                          feature_group_count=groups)          # (N, *out, C_out)
-        if use_bias:
-            y = y + params["b"]
-        return y, state, (x,)
+            y = f(z if bias is None else z + bias)
+        return y, state, ((x, y) if df else (x,))
 
     def backward(params, res, dy):
-        (x,) = res                                                            # (N, *spatial, C_in)
+        x, y = res if df else (res[0], None)          # (N, *spatial, C_in), y (N, *O, C_out)
         g, _ = geometry(x.shape[1:])
         xc, w, dy = _promote(x, params["w"], dy)
         opts = dict(strides=g["strides"], pads=g["pads"], in_dilation=g["in_dilation"],
                     dilation=g["dilation"])
-        if _by_columns(impl, x.ndim - 2, groups, g["in_dilation"]):
-            dw = _conv_dw_columns(xc, dy, g["kernel"], **opts)
-            dx = _conv_dx_columns(dy, w, x.shape, **opts)
+        if _by_columns(impl, x.ndim - 2, groups, g["in_dilation"]):        # dz chunk by chunk
+            dw, db = _conv_dw_columns(xc, dy, y, g["kernel"], activation=activation, **opts)
+            dx = _conv_dx_columns(dy, y, w, x.shape, activation=activation, **opts)
         else:
-            dw = _conv_dw(xc, dy, g["kernel"], groups=groups, **opts)
-            dx = _conv_dx(dy, w, x.shape, groups=groups, **opts)
+            dz = dy if df is None else dy * df(y)                             # dz = dy ⊙ f'(z)
+            dw = _conv_dw(xc, dz, g["kernel"], groups=groups, **opts)
+            dx = _conv_dx(dz, w, x.shape, groups=groups, **opts)
+            db = dz.sum(axis=tuple(range(dz.ndim - 1)))
         dparams = {"w": dw}                                                   # (*K, C_in/G, C_out)
         if use_bias:
-            dparams["b"] = dy.sum(axis=tuple(range(dy.ndim - 1)))            # (C_out,)
+            dparams["b"] = db                                                 # (C_out,)
         return dparams, dx.astype(x.dtype)                                    # (N, *spatial, C_in)
 
     def check(params, state, x):
@@ -480,7 +506,7 @@ def _conv_layer(name, out_channels, kernel_size, strides, padding, dilation, gro
 
 def conv(out_channels: int, kernel_size, *, strides=1, padding="SAME", dilation=1, groups: int = 1,
          use_bias: bool = True, w_init="he_normal", b_init="zeros", param_dtype=jnp.float32,
-         impl: str = "auto") -> Layer:
+         impl: str = "auto", activation=None) -> Layer:
     """Convolution (cross-correlation, as in every deep-learning library), channels last.
 
     x (N, *spatial, C_in) with 1, 2 or 3 spatial axes: (N, L, C), (N, H, W, C) or
@@ -524,23 +550,36 @@ def conv(out_channels: int, kernel_size, *, strides=1, padding="SAME", dilation=
     on CPU for 2 or 3 spatial axes with groups = 1 (faster there, see the columns section of
     this module), ``'lax'`` otherwise.
 
+    ``activation`` (None or ``'relu'``) applies f after the bias, y = f(z) with z the
+    output above, the same function as a separate :func:`relu` layer. The layer then saves y,
+    and its backward starts from the error before f::
+
+        dz = dy ⊙ f'(z) = dy ⊙ [y > 0]                                      (N, *O, C_out)
+
+    and computes db, dW and dx from dz in place of dy. By columns, f is applied to each chunk
+    of z while it is in cache, and dz is formed chunk by chunk inside the dW and dx loops, so
+    neither z nor dz is ever held whole: the 2-D CNN step of BENCHMARKS.md needs 78 MiB of
+    temporaries with ``activation='relu'`` against 113 MiB with separate relu layers.
+
     Raises ``ValueError`` for bad hyperparameters, for ``out_channels`` or the input channels
     not divisible by ``groups``, for a wrong rank or channel count, and (in ``init`` and
     ``forward``) for a dilated kernel larger than the padded input.
     """
     return _conv_layer("conv", out_channels, kernel_size, strides, padding, dilation, groups,
-                       use_bias, w_init, b_init, param_dtype, transpose=False, impl=impl)
+                       use_bias, w_init, b_init, param_dtype, transpose=False, impl=impl,
+                       activation=activation)
 
 
 def conv_transpose(out_channels: int, kernel_size, *, strides=1, padding="SAME", dilation=1,
                    groups: int = 1, use_bias: bool = True, w_init="he_normal", b_init="zeros",
-                   param_dtype=jnp.float32, impl: str = "auto") -> Layer:
+                   param_dtype=jnp.float32, impl: str = "auto", activation=None) -> Layer:
     """Transposed convolution (“deconvolution”), channels last: a convolution of the input
     dilated by the stride, which upsamples by s.
 
     Shapes and params as :func:`conv`: x (N, *spatial, C_in), W (*K, C_in/G, C_out) He-normal,
     b (C_out,) zeros. The kernel is applied as it is, not flipped, with axes (in, out): flax's
-    ``ConvTranspose`` and ``lax.conv_transpose(..., transpose_kernel=False)``.
+    ``ConvTranspose`` and ``lax.conv_transpose(..., transpose_kernel=False)``. ``activation``
+    and ``impl`` as in :func:`conv`.
 
     ``padding`` is the padding of the convolution this layer transposes: PyTorch's convention,
     and ``lax.conv_transpose(..., use_consistent_padding=True)``'s. With explicit padding,
@@ -570,4 +609,5 @@ def conv_transpose(out_channels: int, kernel_size, *, strides=1, padding="SAME",
     ('auto' takes columns only at stride 1, where xd has no inserted zeros).
     """
     return _conv_layer("conv_transpose", out_channels, kernel_size, strides, padding, dilation,
-                       groups, use_bias, w_init, b_init, param_dtype, transpose=True, impl=impl)
+                       groups, use_bias, w_init, b_init, param_dtype, transpose=True, impl=impl,
+                       activation=activation)

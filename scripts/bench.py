@@ -132,9 +132,12 @@ def cnn1d(batch=100):
 
 
 def cnn2d(batch=128):
-    """conv 3×3 32, ReLU, conv 3×3 64, ReLU ('SAME'), flatten, dense 10, on 28×28×1."""
-    model = bp.sequential(bp.conv(32, 3, padding="SAME"), bp.relu(), bp.conv(64, 3, padding="SAME"),
-                          bp.relu(), bp.flatten(), bp.dense(10))
+    """conv 3×3 32, ReLU, conv 3×3 64, ReLU ('SAME'), flatten, dense 10, on 28×28×1. Each ReLU
+    is inside its conv layer (``activation='relu'``: applied per chunk of the columns forward,
+    and dz = dy ⊙ [y > 0] formed inside the backward's loops); jax.grad differentiates the
+    same forward."""
+    model = bp.sequential(bp.conv(32, 3, padding="SAME", activation="relu"),
+                          bp.conv(64, 3, padding="SAME", activation="relu"), bp.flatten(), bp.dense(10))
     gen = np.random.default_rng(2)
     hw = 28 * 28
     layer_flops = [2.0 * batch * hw * 9 * 1 * 32, 2.0 * batch * hw * 9 * 32 * 64,

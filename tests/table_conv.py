@@ -39,6 +39,13 @@ CONV_CASES = [
               id="1d-stride2-dilation2-columns"),
     LayerCase("conv", lambda: bp.conv(4, (3, 3), padding=((1, 2), (0, 1)), impl="columns"), (5, 4, 3),
               batch=3, id="2d-pairs-columns-batch3"),
+    # the ReLU applied inside the layer (activation='relu'): by columns, per chunk, and by lax
+    LayerCase("conv", lambda: bp.conv(4, (3, 3), padding="SAME", activation="relu", impl="columns"),
+              (5, 4, 3), batch=3, id="2d-relu-columns"),
+    LayerCase("conv", lambda: bp.conv(3, (3, 2), strides=2, activation="relu", use_bias=False, impl="lax"),
+              (6, 5, 2), batch=2, id="2d-relu-nobias-lax"),
+    LayerCase("conv", lambda: bp.conv(4, 3, strides=2, padding=1, activation="relu"), (9, 3),
+              id="1d-relu"),
     # conv_transpose (padding is that of the conv it transposes)
     LayerCase("conv_transpose", lambda: bp.conv_transpose(3, 3, strides=2), (5, 2), id="1d-same-stride2"),
     LayerCase("conv_transpose", lambda: bp.conv_transpose(4, 4, strides=3, padding=1, dilation=2, groups=2),
@@ -51,6 +58,8 @@ CONV_CASES = [
     LayerCase("conv_transpose", lambda: bp.conv_transpose(3, (3, 2), strides=(2, 3), padding=((4, 0), (1, 3)),
                                                           dilation=(2, 1), impl="columns"),
               (4, 3, 2), batch=2, id="2d-pairs-crop-columns"),              # P_lo = k' - 1 - lo < 0
+    LayerCase("conv_transpose", lambda: bp.conv_transpose(3, (2, 2), strides=2, activation="relu"),
+              (3, 4, 2), batch=2, id="2d-relu-stride2"),
     # max_pool: padded cells are -inf
     LayerCase("max_pool", lambda: bp.max_pool(2), (6, 4, 3), id="2d-2x2"),
     LayerCase("max_pool", lambda: bp.max_pool((3, 2), strides=(2, 1), padding="SAME"), (7, 5, 2),

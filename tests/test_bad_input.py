@@ -211,6 +211,8 @@ for _n in ("conv", "conv_transpose"):
          f"{_n}: expected impl to be one of ('auto', 'lax', 'columns'), got 'cudnn'")
     case(f"{_n}-impl-columns-groups", lambda f=_f: f(4, 3, groups=2, impl="columns"), ValueError,
          f"{_n}: expected groups=1 with impl='columns', got groups=2")
+    case(f"{_n}-activation", lambda f=_f: f(4, 3, activation="gelu"), ValueError,
+         f"{_n}: expected activation to be one of (None, 'relu'), got 'gelu'")
     case(f"{_n}-tuples", lambda f=_f: f(4, (3, 3), strides=(1, 1, 1)), ValueError,
          f"{_n}: expected one entry per spatial axis in every tuple, got kernel_size=(3, 3), strides=(1, 1, 1)")
     case(f"{_n}-4d", lambda f=_f: f(4, (1, 1, 1, 1)), ValueError,
