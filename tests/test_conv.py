@@ -246,7 +246,8 @@ def test_input_channels_not_divisible_by_groups():
     (lambda impl: bp.conv(5, (3, 3), strides=(2, 1), padding="SAME", impl=impl), (7, 6, 3)),
     (lambda impl: bp.conv_transpose(4, (2, 3), strides=2, padding=((1, 0), (2, 1)), impl=impl), (4, 5, 3)),
     (lambda impl: bp.conv(2, (2, 2, 2), dilation=(1, 2, 1), padding="VALID", impl=impl), (3, 5, 4, 3)),
-], ids=["2d-stride21", "transpose-2d-pairs", "3d-dilation"])
+    (lambda impl: bp.conv(5, (3, 3), activation="relu", impl=impl), (7, 6, 3)),  # y and dz per chunk
+], ids=["2d-stride21", "transpose-2d-pairs", "3d-dilation", "2d-relu"])
 def test_columns_over_several_chunks_equal_lax(monkeypatch, make, in_shape, chunk_examples):
     """The batch of 6 split into chunks of 1, 2 or 6 examples (the chunk budget set to that
     many examples' columns): forward, dW, db and dx by columns equal lax's, in float64."""
