@@ -44,7 +44,7 @@ import bpjax as bp
 import bpjax.models
 
 COLUMNS = ("model", "batch", "variant", "ms/step", "× jax.grad", "GFLOP/s", "of peak",
-           "compile s", "temp MiB")
+           "compile s", "temp MiB", "faults/step")
 LR = 1e-3
 
 
@@ -348,6 +348,7 @@ def measure(benches, *, use_torch, rounds, chunk_s, pause, warmup, peak_n=2048, 
             run(1)
         plan.append((b, variant, run, compile_s, temp, _chunk_steps(run, chunk_s)))
     samples = {i: [] for i in range(len(plan))}
+    faults = {i: [] for i in range(len(plan))}
     peaks = []
     for r in range(rounds):
         time.sleep(pause)
@@ -355,14 +356,25 @@ def measure(benches, *, use_torch, rounds, chunk_s, pause, warmup, peak_n=2048, 
         order = list(enumerate(plan))        # follows the same neighbour
         for i, (b, variant, run, *_, n) in (order if r % 2 == 0 else order[::-1]):
             time.sleep(pause)
-            t0 = time.perf_counter()
+            f0, t0 = _minor_faults(), time.perf_counter()
             run(n)
             samples[i].append((time.perf_counter() - t0) / n)
+            faults[i].append(None if f0 is None else (_minor_faults() - f0) / n)
         log(f"  round {r + 1}/{rounds} done")
     for i, (b, variant, run, compile_s, temp, n) in enumerate(plan):
+        f = None if None in faults[i] else statistics.median(faults[i])
         rows.append(dict(bench=b, variant=variant, ms=1e3 * statistics.median(samples[i]),
-                         compile_s=compile_s, temp=temp, steps=n, chunks=len(samples[i])))
+                         compile_s=compile_s, temp=temp, faults=f, steps=n, chunks=len(samples[i])))
     return rows, peaks
+
+
+def _minor_faults():
+    """The process's minor page faults so far (None where ``resource`` is missing: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def table(rows, peak):
@@ -376,7 +388,8 @@ def table(rows, peak):
         cells = [b.name, str(b.batch), r["variant"], f"{r['ms']:.2f}",
                  f"{r['ms'] / ref[(b.name, b.batch)]:.2f}", f"{gflops:.1f}", f"{gflops / peak:.2f}",
                  "—" if r["compile_s"] is None else f"{r['compile_s']:.2f}",
-                 "—" if r["temp"] is None else f"{r['temp'] / 2**20:.1f}"]
+                 "—" if r["temp"] is None else f"{r['temp'] / 2**20:.1f}",
+                 "—" if r.get("faults") is None else f"{r['faults']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -431,8 +444,11 @@ bpjax's hand-written backward (`bpjax.value_and_grad`), `jax.value_and_grad` of 
 over `jax.value_and_grad`'s; `of peak` is GFLOP/s over the float32 matmul peak measured in the
 same run (jitted `jnp.dot`, 2048 × 2048, once per round among the chunks, after the same pause):
 median **{peak:.1f} GFLOP/s** (rounds: {", ".join(f"{q:.1f}" for q in peaks)}). `temp MiB` is XLA's temporary
-memory (`compiled.memory_analysis().temp_size_in_bytes`). Medians over interleaved chunks of
-many steps, with a pause before each chunk.
+memory (`compiled.memory_analysis().temp_size_in_bytes`). `faults/step` is the process's
+minor page faults per step (`getrusage`): XLA's CPU runtime takes fresh pages for a step's
+temporaries at every execution, and each first touch of a 4 KiB page costs the kernel's
+fault handling and zeroing. Medians over interleaved chunks of many steps, with a pause
+before each chunk.
 
 Written by `scripts/bench.py` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}.
 
