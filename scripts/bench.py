@@ -131,13 +131,18 @@ def cnn1d(batch=100):
                  _train_flops(layer_flops), torch_model)
 
 
-def cnn2d(batch=128):
+def cnn2d(batch=128, relu_layers=False):
     """conv 3×3 32, ReLU, conv 3×3 64, ReLU ('SAME'), flatten, dense 10, on 28×28×1. Each ReLU
     is inside its conv layer (``activation='relu'``: applied per chunk of the columns forward,
     and dz = dy ⊙ [y > 0] formed inside the backward's loops); jax.grad differentiates the
-    same forward."""
-    model = bp.sequential(bp.conv(32, 3, padding="SAME", activation="relu"),
-                          bp.conv(64, 3, padding="SAME", activation="relu"), bp.flatten(), bp.dense(10))
+    same forward. ``relu_layers=True``: the same network with separate relu layers, to
+    compare (``--models cnn2d,cnn2d_relu_layers``)."""
+    if relu_layers:
+        model = bp.sequential(bp.conv(32, 3, padding="SAME"), bp.relu(), bp.conv(64, 3, padding="SAME"),
+                              bp.relu(), bp.flatten(), bp.dense(10))
+    else:
+        model = bp.sequential(bp.conv(32, 3, padding="SAME", activation="relu"),
+                              bp.conv(64, 3, padding="SAME", activation="relu"), bp.flatten(), bp.dense(10))
     gen = np.random.default_rng(2)
     hw = 28 * 28
     layer_flops = [2.0 * batch * hw * 9 * 1 * 32, 2.0 * batch * hw * 9 * 32 * 64,
@@ -159,7 +164,7 @@ def cnn2d(batch=128):
 
         return M()
 
-    return Bench("2-D CNN 3×3 32-64, 28×28", batch, model,
+    return Bench("2-D CNN 3×3 32-64, 28×28" + (", ReLU layers" if relu_layers else ""), batch, model,
                  gen.standard_normal((batch, 28, 28, 1), np.float32), _labels(gen, batch),
                  _train_flops(layer_flops), torch_model)
 
@@ -249,6 +254,7 @@ MODELS = {
 }
 DEFAULT = tuple(MODELS)
 MODELS["tiny"] = tiny
+MODELS["cnn2d_relu_layers"] = lambda: cnn2d(relu_layers=True)
 
 
 # ----------------------------------------------------------------------------- the variants
@@ -482,7 +488,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(DEFAULT),
-                   help=f"comma-separated subset of {','.join(MODELS)} (default: all but tiny)")
+                   help=f"comma-separated subset of {','.join(MODELS)} (default: {','.join(DEFAULT)})")
     p.add_argument("--quick", action="store_true", help="a smoke run: one short chunk, no pauses")
     p.add_argument("--no-torch", action="store_true", help="leave out the PyTorch column")
     p.add_argument("--rounds", type=int, default=5, help="chunks per variant (default 5)")
