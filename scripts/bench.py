@@ -260,10 +260,17 @@ MODELS["cnn2d_relu_layers"] = lambda: cnn2d(relu_layers=True)
 # ----------------------------------------------------------------------------- the variants
 
 
-def jax_step(b: Bench, grad_fn):
+def _cast(tree, dtype):
+    """Every floating leaf of ``tree`` as ``dtype`` (integer leaves, token ids, unchanged)."""
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def jax_step(b: Bench, grad_fn, dtype=jnp.float32):
     """A jitted training step ``(params, opt_state) -> (params, opt_state, loss)`` with the
     batch as constants of the closure (the inputs stay on device), and its compile time and
-    temporary memory."""
+    temporary memory. ``dtype`` is the compute dtype: params and Adam's state stay float32
+    (master weights); the forward and backward run on copies cast to ``dtype``, and the
+    gradients are cast back to float32 for the update (a no-op for float32)."""
     loss = bp.softmax_cross_entropy()
     vg = grad_fn(b.model, loss)
     opt = optax.adam(LR)
@@ -272,7 +279,8 @@ def jax_step(b: Bench, grad_fn):
     x, y = jnp.asarray(b.x), jnp.asarray(b.y)
 
     def step(params, opt_state, x, y):
-        (value, _), grads = vg(params, state, x, y)
+        (value, _), grads = vg(_cast(params, dtype), state, _cast(x, dtype), y)
+        grads = _cast(grads, jnp.float32)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value
 
@@ -289,6 +297,7 @@ def jax_step(b: Bench, grad_fn):
             carry[0], carry[1], value = compiled(carry[0], carry[1], x, y)
         jax.block_until_ready(value)
 
+    run.carry = carry                                 # [params, opt_state] as they stand
     return run, compile_s, temp
 
 
@@ -313,9 +322,9 @@ def torch_step(b: Bench):
     return run
 
 
-def matmul_peak(n=2048, reps=5):
-    """float32 GFLOP/s of a jitted ``jnp.dot`` of two n × n matrices: the best of ``reps``."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+def matmul_peak(n=2048, reps=5, dtype=jnp.float32):
+    """GFLOP/s of a jitted ``jnp.dot`` of two n × n matrices of ``dtype``: the best of ``reps``."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
     f = jax.jit(jnp.dot)
     f(a, a).block_until_ready()
     best = math.inf
@@ -336,14 +345,16 @@ def _chunk_steps(run, target_s):
     return max(1, int(target_s / max(time.perf_counter() - t0, 1e-6)))
 
 
-def measure(benches, *, use_torch, rounds, chunk_s, pause, warmup, peak_n=2048, log=print):
+def measure(benches, *, use_torch, rounds, chunk_s, pause, warmup, peak_n=2048, dtype=jnp.float32,
+            log=print):
     """Compile, warm up, then time all variants of all models interleaved, and the matmul peak
-    once per round among them (after the same pause); returns the rows and the peaks."""
+    (in the compute dtype) once per round among them (after the same pause); returns the rows
+    and the peaks."""
     rows, timers = [], []
     for b in benches:
         for variant, grad_fn in (("bpjax hand-written", bp.value_and_grad),
                                  ("jax.value_and_grad", bp.reference_value_and_grad)):
-            run, compile_s, temp = jax_step(b, grad_fn)
+            run, compile_s, temp = jax_step(b, grad_fn, dtype)
             timers.append((b, variant, run, compile_s, temp))
             log(f"  compiled {b.name} / {variant}: {compile_s:.2f} s")
         if use_torch and b.torch_model is not None:
@@ -358,7 +369,7 @@ def measure(benches, *, use_torch, rounds, chunk_s, pause, warmup, peak_n=2048, 
     peaks = []
     for r in range(rounds):
         time.sleep(pause)
-        peaks.append(matmul_peak(peak_n))                  # every other round in reverse: no variant always
+        peaks.append(matmul_peak(peak_n, dtype=dtype))                  # every other round in reverse: no variant always
         order = list(enumerate(plan))        # follows the same neighbour
         for i, (b, variant, run, *_, n) in (order if r % 2 == 0 else order[::-1]):
             time.sleep(pause)
@@ -438,16 +449,20 @@ def _versions(torch_version):
 
 
 def report(table_md, *, command, peak, peaks, torch_version, torch_note, load_before, load_after,
-           benches, notes=""):
+           benches, notes="", dtype="float32"):
     v = _versions(torch_version)
+    precision = ("float32 throughout" if dtype == "float32" else
+                 f"{dtype} compute with float32 master weights (params and Adam's state in float32, "
+                 f"cast to {dtype} for the forward and backward, gradients cast back)")
     flop_lines = "\n".join(f"- {b.name}, batch {b.batch}: {b.flops / 1e9:.3f} GFLOP per step"
                            + (f" ({b.note})" if b.note else "") for b in benches)
     return f"""# Benchmarks
 
 One jitted training step (forward, softmax cross-entropy, backward, Adam update) per variant:
 bpjax's hand-written backward (`bpjax.value_and_grad`), `jax.value_and_grad` of the same loss
-(`bpjax.reference_value_and_grad`), and PyTorch eager on CPU. `× jax.grad` is the step time
-over `jax.value_and_grad`'s; `of peak` is GFLOP/s over the float32 matmul peak measured in the
+(`bpjax.reference_value_and_grad`), and PyTorch eager on CPU. Precision: {precision}; JAX
+backend: {jax.default_backend()} ({jax.devices()[0].device_kind}). `× jax.grad` is the step time
+over `jax.value_and_grad`'s; `of peak` is GFLOP/s over the {dtype} matmul peak measured in the
 same run (jitted `jnp.dot`, 2048 × 2048, once per round among the chunks, after the same pause):
 median **{peak:.1f} GFLOP/s** (rounds: {", ".join(f"{q:.1f}" for q in peaks)}). `temp MiB` is XLA's temporary
 memory (`compiled.memory_analysis().temp_size_in_bytes`). `faults/step` is the process's
@@ -496,6 +511,9 @@ def main(argv=None):
     p.add_argument("--pause", type=float, default=0.5, help="seconds of pause before each chunk")
     p.add_argument("--out", default="BENCHMARKS.md", help="where to write the report")
     p.add_argument("--notes", default=None, help="a Markdown file appended to the report")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype; bfloat16 keeps float32 master weights (the PyTorch column "
+                        "is float32 only, so it is left out)")
     args = p.parse_args(argv)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in names if m not in MODELS]
@@ -505,7 +523,9 @@ def main(argv=None):
         args.rounds, args.chunk_seconds, args.pause = 1, 0.0, 0.0
 
     torch_version, torch_note = None, ""
-    if not args.no_torch:
+    if args.dtype != "float32":
+        torch_note = f"PyTorch column skipped: it runs in float32 only, this run computes in {args.dtype}."
+    elif not args.no_torch:
         try:
             import torch
             torch.set_num_threads(os.cpu_count() or 1)
@@ -521,9 +541,10 @@ def main(argv=None):
     load_before = _load()
     rows, peaks = measure(benches, use_torch=torch_version is not None, rounds=args.rounds,
                           chunk_s=args.chunk_seconds, pause=args.pause, warmup=1 if args.quick else 2,
-                          peak_n=512 if args.quick else 2048)
+                          peak_n=512 if args.quick else 2048, dtype=jnp.dtype(args.dtype))
     peak = statistics.median(peaks)                 # measured like the steps: median over rounds
-    print(f"matmul peak per round: {', '.join(f'{q:.1f}' for q in peaks)} GFLOP/s; median {peak:.1f}")
+    print(f"{args.dtype} matmul peak per round: {', '.join(f'{q:.1f}' for q in peaks)} GFLOP/s; "
+          f"median {peak:.1f}")
     md = table(rows, peak)
     print(md)
     command = "python " + " ".join(["scripts/bench.py", *(argv if argv is not None else sys.argv[1:])])
@@ -532,7 +553,8 @@ def main(argv=None):
         with open(args.notes) as f:
             notes = "\n" + f.read()
     text = report(md, command=command, peak=peak, peaks=peaks, torch_version=torch_version, torch_note=torch_note,
-                  load_before=load_before, load_after=_load(), benches=benches, notes=notes)
+                  load_before=load_before, load_after=_load(), benches=benches, notes=notes,
+                  dtype=args.dtype)
     with open(args.out, "w") as f:
         f.write(text)
     print(f"wrote {args.out}")

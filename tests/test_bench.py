@@ -8,6 +8,8 @@ import importlib.util
 import pathlib
 import sys
 
+import numpy as np
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -37,3 +39,48 @@ def test_bench_writes_a_table_with_the_expected_columns(tmp_path):
                    "PyTorch column skipped"):
         assert needed in text
 
+
+
+def test_bench_runs_in_bfloat16_with_float32_master_weights(tmp_path):
+    """--dtype bfloat16 (for the GPU run of issue 7): the table, a bfloat16 peak, and a report
+    that says which precision it measured and why the PyTorch column is absent."""
+    bench = _load_bench()
+    out = tmp_path / "BENCH.md"
+    rows, md = bench.main(["--quick", "--models", "tiny", "--dtype", "bfloat16", "--out", str(out)])
+    assert [r["variant"] for r in rows] == ["bpjax hand-written", "jax.value_and_grad"]
+    text = out.read_text()
+    assert "bfloat16 compute with float32 master weights" in text
+    assert "over the bfloat16 matmul peak" in text
+    assert "PyTorch column skipped: it runs in float32 only" in text
+
+
+def test_bfloat16_step_keeps_float32_master_weights_and_matches_autodiff():
+    """One bench step in bfloat16: params and Adam's state stay float32, and the hand-written
+    gradients of the 2-D CNN's layers (ReLU inside the convs, by columns) match jax.grad's
+    of the same bfloat16 forward within bfloat16's tolerance."""
+    import jax
+    import jax.numpy as jnp
+    import bpjax as bp
+
+    bench = _load_bench()
+    model = bp.sequential(bp.conv(4, 3, activation="relu"), bp.conv(6, 3, activation="relu"),
+                          bp.flatten(), bp.dense(5))
+    gen = np.random.default_rng(0)
+    b = bench.Bench("small 2-D CNN", 4, model, gen.standard_normal((4, 6, 6, 2), np.float32),
+                    gen.integers(0, 5, 4).astype(np.int32), 1.0)
+    run, _, _ = bench.jax_step(b, bp.value_and_grad, jnp.bfloat16)
+    run(2)                                                   # two updates
+    floats = [leaf.dtype for leaf in jax.tree.leaves(run.carry) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    assert floats and set(floats) == {jnp.dtype(jnp.float32)}             # params and Adam's moments
+    params, state, _ = model.init(jax.random.PRNGKey(0), (6, 6, 2))
+    cast = bench._cast(params, jnp.bfloat16)
+    x = jnp.asarray(b.x, jnp.bfloat16)
+    loss = bp.softmax_cross_entropy()
+    (v, _), g = jax.jit(bp.value_and_grad(model, loss))(cast, state, x, jnp.asarray(b.y))
+    (v_ref, _), g_ref = jax.jit(bp.reference_value_and_grad(model, loss))(cast, state, x, jnp.asarray(b.y))
+    assert v.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.float32(v), np.float32(v_ref), rtol=2e-2)
+    for got, want in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        assert got.dtype == want.dtype == jnp.bfloat16
+        scale = float(jnp.abs(want.astype(jnp.float32)).max())
+        np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=0.1, atol=0.05 * scale)
