@@ -342,17 +342,25 @@ def num_rows(shape: Sequence[int], trailing: int = 0) -> int:
     return math.prod(shape[: len(shape) - trailing])
 
 
+#: Multiply-adds M·P·Q from which ``matmul_tn`` computes a narrow aᵀb as (bᵀa)ᵀ.
+_TN_MIN_MACS = 2**19
+
+
 def matmul_tn(a: jax.Array, b: jax.Array) -> jax.Array:
     """aᵀ b for a (M, P) and b (M, Q), contracting the long axis M: the weight-gradient
     product xᵀ dy of a dense layer or of a convolution's columns.            (P, Q)
 
-    When Q < P it is computed as (bᵀ a)ᵀ, with an optimisation barrier that keeps XLA from
-    folding the transpose back into the product. XLA's CPU matrix product is slow when its
-    output is narrow: on the 2-core CPU of BENCHMARKS.md, xᵀ dy for x (128, 50176) and
-    dy (128, 10), the last dense layer of the 2-D CNN, took 31 ms as (P, Q) and 4 ms as
-    (Q, P) then transposed; for (1024, 1024) and (1024, 10), 7.1 and 0.5 ms. With Q ≥ P the
-    direct form was as fast or faster (1024 × 1024 × 1024: 35 against 38 ms).
+    When Q < P and the product is large (M·P·Q ≥ _TN_MIN_MACS), it is computed as (bᵀ a)ᵀ,
+    with an optimisation barrier that keeps XLA from folding the transpose back into the
+    product. XLA's CPU matrix product is slow when its output is narrow: on the 2-core CPU of
+    BENCHMARKS.md, xᵀ dy for x (128, 50176) and dy (128, 10), the last dense layer of the 2-D
+    CNN, took 31 ms as (P, Q) and 4 ms as (Q, P) then transposed; for (1024, 1024) and
+    (1024, 10), 7.1 and 0.5 ms. With Q ≥ P the direct form was as fast or faster
+    (1024 × 1024 × 1024: 35 against 38 ms). A small product is left direct: the MNIST-1D
+    CNN's last layer, (100, 125) and (100, 10), made the whole training step 1.698 ms
+    transposed against 1.620 direct (jax.grad's step: 1.599), the extra operation costing
+    more than the product.
     """
-    if b.shape[-1] < a.shape[-1]:
+    if b.shape[-1] < a.shape[-1] and a.size * b.shape[-1] >= _TN_MIN_MACS:
         return jax.lax.optimization_barrier(b.T @ a).T                          # (Q, P)ᵀ
     return a.T @ b                                                               # (P, Q)

@@ -38,8 +38,10 @@ def _binary(gen, shape, dtype):
 
 
 LAYER_CASES = [
-    # dW = xᵀ dy both ways (bpjax._core.matmul_tn): directly when D_out ≥ D_in, as (dyᵀ x)ᵀ below
+    # dW = xᵀ dy both ways (bpjax._core.matmul_tn): directly when D_out ≥ D_in or the product is
+    # small, as (dyᵀ x)ᵀ for a narrow output from N·D_in·D_out = 2¹⁹ multiply-adds (narrow-large)
     LayerCase("dense", lambda: bp.dense(7), (5,)),
+    LayerCase("dense", lambda: bp.dense(4), (1024,), batch=128, id="narrow-large"),
     LayerCase("dense", lambda: bp.dense(3, use_bias=False), (6, 5), id="nobias-3d"),
     LayerCase("dense", lambda: bp.dense(1, w_init="he_normal"), (4,), batch=1, id="batch1-width1"),
     LayerCase("identity", bp.identity, (3, 5)),
