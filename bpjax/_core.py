@@ -358,7 +358,7 @@ def matmul_tn(a: jax.Array, b: jax.Array) -> jax.Array:
     (1024, 10), 7.1 and 0.5 ms. With Q ≥ P the direct form was as fast or faster
     (1024 × 1024 × 1024: 35 against 38 ms). A small product is left direct: the MNIST-1D
     CNN's last layer, (100, 125) and (100, 10), made the whole training step 1.698 ms
-    transposed against 1.620 direct (jax.grad's step: 1.599), the extra operation costing
+    transposed against 1.620 direct (autodiff's step: 1.599), the extra operation costing
     more than the product.
     """
     if b.shape[-1] < a.shape[-1] and a.size * b.shape[-1] >= _TN_MIN_MACS:
