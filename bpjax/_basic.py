@@ -9,7 +9,7 @@ from jax import lax
 from jax.scipy.special import erf
 
 from . import initializers
-from ._core import Layer, check_positive_int, check_real, make_layer, matmul_tn
+from ._core import Layer, check_positive_int, check_real, make_layer, matmul, matmul_tn
 
 __all__ = [
     "dense", "identity", "relu", "leaky_relu", "elu", "sigmoid", "tanh", "softplus", "gelu",
@@ -51,7 +51,7 @@ def dense(out_dim: int, *, use_bias: bool = True, w_init="glorot_uniform", b_ini
         return params, (), (*in_shape[:-1], out_dim)
 
     def forward(params, state, x, *, key=None, train=True):
-        y = x @ params["w"]                                 # (..., D_out)
+        y = matmul(x, params["w"])                          # (..., D_out) = x W
         if use_bias:
             y = y + params["b"]
         return y, state, (x,)

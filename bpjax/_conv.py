@@ -155,6 +155,64 @@ def _place(v, kappa, dilation, strides, padded_spatial):
     return lax.pad(v, jnp.zeros((), v.dtype), cfg + [(0, 0, 0)])
 
 
+# ----------------------------------------------------------------------------- lax on CPU
+#
+# XLA's CPU backend (jaxlib 0.10) hands a 2-D convolution to YNNPACK, which ran the
+# convolutions of BENCHMARKS.md's 2-D CNN at about 30 GFLOP/s, unless the convolution is
+# outside what its YNNPACK support accepts; one such case is an output larger than the input.
+# Those go to Eigen's convolution, which ran at 50–62 GFLOP/s. ``_lax_conv`` therefore gives a
+# stride-1 2-D float32 convolution extra zero padding at the high end of its first spatial
+# axis, so that its output has one row more than its input, and drops the extra rows. Best of
+# 5, float32, jitted, 3×3 'SAME' (``python scripts/conv_formulations.py`` reproduces the
+# 2-D CNN's layer), YNNPACK / Eigen with the extra row / columns, in ms:
+#
+#     batch 128, 28×28, 32 → 32:   forward 60.2 / 32.5 / 75.0    dx 66.5 / 33.9 / 64.2
+#     batch 128, 14×14, 64 → 128:  forward 111.0 / 57.4 / 77.4   dx 109.9 / 59.9 / 71.2
+#     batch 32, 56×56, 64 → 64:    forward 220.7 / 114.8 / 232.5 dx 240.4 / 118.9 / 178.6
+#     batch 128, 28×28, 3 → 32:    forward 7.0 / 11.0 / 8.5      dx 13.5 / 23.2 / 8.2
+#
+# Eigen falls behind with few channels, so the extra row is added only when C_in and C_out
+# are both at least _EIGEN_MIN_CHANNELS. Eigen has no float64 convolution (XLA then emits a
+# plain loop), nor one for base (input) dilation, kernel dilation or a kernel larger than
+# the input, so those keep their usual path. Autodiff of such a forward cannot drop the extra
+# row: its kernel gradient becomes a convolution with a kernel taller than its input, which
+# neither library takes (seconds, not milliseconds, on the 2-D CNN).
+
+_EIGEN_MIN_CHANNELS = 16
+
+
+def _eigen_rows(lhs_shape, c_out, dtype, out, *, window_strides, lhs_dilation, rhs_dilation,
+                groups=1) -> int:
+    """How many extra output rows route a lax convolution of an (N, *spatial, C_in) input to
+    Eigen on CPU (0: leave it as it is)."""
+    spatial = lhs_shape[1:-1]
+    if (jax.default_backend() != "cpu" or len(spatial) != 2 or dtype != jnp.float32 or groups != 1
+            or min(lhs_shape[-1], c_out) < _EIGEN_MIN_CHANNELS or window_strides[0] != 1
+            or any(v != 1 for v in (*lhs_dilation, *rhs_dilation))
+            or any(o > n for o, n in zip(out, spatial))):      # an output larger already: Eigen
+        return 0
+    return spatial[0] + 1 - out[0]
+
+
+def _lax_conv(lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilation, groups, extra=None):
+    """``lax.conv_general_dilated`` in the channels-last layouts, with ``extra`` more rows of
+    zero padding at the high end of the first spatial axis (by default ``_eigen_rows``), whose
+    output rows are dropped: the same result, run by Eigen rather than YNNPACK on CPU (see
+    above).                                                                (N, *out, C_out)"""
+    r = lhs.ndim - 2
+    kernel = rhs.shape[:r]
+    out = tuple(_out_size(n, d * (k - 1) + 1, s, lo, hi, u) for n, k, d, s, u, (lo, hi)
+                in zip(lhs.shape[1:-1], kernel, rhs_dilation, window_strides, lhs_dilation, padding))
+    if extra is None:
+        extra = _eigen_rows(lhs.shape, rhs.shape[-1], lhs.dtype, out, window_strides=window_strides,
+                            lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, groups=groups)
+    padding = [(padding[0][0], padding[0][1] + extra), *padding[1:]]  # stride 1: a row out per row
+    y = lax.conv_general_dilated(lhs, rhs, window_strides=window_strides, padding=padding,
+                                 lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                                 dimension_numbers=_DIMENSION_NUMBERS[r], feature_group_count=groups)
+    return y[:, :out[0]] if extra else y
+
+
 # ----------------------------------------------------------------------------- the two gradients
 
 
@@ -183,10 +241,8 @@ def _conv_dx(dy, w, x_shape, *, strides, pads, in_dilation, dilation, groups):
         k_eff, n_dil, o_dil = d * (k - 1) + 1, u * (n - 1) + 1, s * (o - 1) + 1
         before = k_eff - 1 - lo                                               # < 0 crops
         dx_pads.append((before, n_dil + k_eff - 1 - o_dil - before))
-    return lax.conv_general_dilated(dy, wt, window_strides=in_dilation, padding=dx_pads,
-                                    lhs_dilation=strides, rhs_dilation=dilation,
-                                    dimension_numbers=_DIMENSION_NUMBERS[r],
-                                    feature_group_count=groups)               # (N, *spatial, C_in)
+    return _lax_conv(dy, wt, window_strides=in_dilation, padding=dx_pads, lhs_dilation=strides,
+                     rhs_dilation=dilation, groups=groups)                    # (N, *spatial, C_in)
 
 
 @functools.partial(jax.jit, static_argnames=("kernel", *_GEOMETRY))
@@ -382,14 +438,19 @@ def _conv_dw_columns(x, dy, y, kernel, *, activation, strides, pads, in_dilation
     return dw.reshape(*kernel, c_in, c_out), db
 
 
-def _by_columns(impl: str, rank: int, groups: int, in_dilation) -> bool:
-    """Whether a layer computes by columns: always for impl='columns', never for 'lax'; for
-    'auto', on CPU for a plain convolution (groups = 1, no input dilation) with 2 or 3
-    spatial axes, the cases measured faster than lax's convolutions there."""
+def _by_columns(impl: str, x_shape, c_out: int, dtype, g: dict, out, groups: int) -> tuple:
+    """(forward and dx by columns, dW by columns). 'columns': all three; 'lax': none; 'auto':
+    on CPU, for a plain convolution (groups = 1, no input dilation) with 2 or 3 spatial axes,
+    dW by columns, and the forward and dx too unless ``_lax_conv`` sends the forward to Eigen
+    (see its section): the formulations measured fastest there."""
     if impl != "auto":
-        return impl == "columns"
-    return (rank >= 2 and groups == 1 and all(u == 1 for u in in_dilation)
-            and jax.default_backend() == "cpu")
+        return (impl == "columns",) * 2
+    if not (len(x_shape) >= 4 and groups == 1 and all(u == 1 for u in g["in_dilation"])
+            and jax.default_backend() == "cpu"):
+        return False, False
+    eigen = _eigen_rows(x_shape, c_out, dtype, out, window_strides=g["strides"],
+                        lhs_dilation=g["in_dilation"], rhs_dilation=g["dilation"]) > 0
+    return not eigen, True
 
 
 # ----------------------------------------------------------------------------- the layers
@@ -461,31 +522,34 @@ def _conv_layer(name, out_channels, kernel_size, strides, padding, dilation, gro
         g, out = geometry(x.shape[1:])
         xc, w = _promote(x, params["w"])                                      # lax wants one dtype
         bias = params["b"] if use_bias else None
-        if _by_columns(impl, x.ndim - 2, groups, g["in_dilation"]):
+        if _by_columns(impl, x.shape, out_channels, xc.dtype, g, out, groups)[0]:
             y = _conv_columns(xc, w, bias, out=out, activation=activation, strides=g["strides"],
                               pads=g["pads"], in_dilation=g["in_dilation"], dilation=g["dilation"])
         else:
-            z = lax.conv_general_dilated(xc, w, window_strides=g["strides"], padding=g["pads"],
-                                         lhs_dilation=g["in_dilation"], rhs_dilation=g["dilation"],
-                                         dimension_numbers=_DIMENSION_NUMBERS[x.ndim - 2],
-                                         feature_group_count=groups)          # (N, *out, C_out)
+            z = _lax_conv(xc, w, window_strides=g["strides"], padding=g["pads"],
+                          lhs_dilation=g["in_dilation"], rhs_dilation=g["dilation"],
+                          groups=groups)                                      # (N, *out, C_out)
             y = f(z if bias is None else z + bias)
         return y, state, ((x, y) if df else (x,))
 
     def backward(params, res, dy):
         x, y = res if df else (res[0], None)          # (N, *spatial, C_in), y (N, *O, C_out)
-        g, _ = geometry(x.shape[1:])
+        g, out = geometry(x.shape[1:])
         xc, w, dy = _promote(x, params["w"], dy)
         opts = dict(strides=g["strides"], pads=g["pads"], in_dilation=g["in_dilation"],
                     dilation=g["dilation"])
-        if _by_columns(impl, x.ndim - 2, groups, g["in_dilation"]):        # dz chunk by chunk
+        fwd_dx_cols, dw_cols = _by_columns(impl, x.shape, out_channels, xc.dtype, g, out, groups)
+        if fwd_dx_cols:                                                       # dz chunk by chunk
             dw, db = _conv_dw_columns(xc, dy, y, g["kernel"], activation=activation, **opts)
             dx = _conv_dx_columns(dy, y, w, x.shape, activation=activation, **opts)
         else:
             dz = dy if df is None else dy * df(y)                             # dz = dy ⊙ f'(z)
-            dw = _conv_dw(xc, dz, g["kernel"], groups=groups, **opts)
+            if dw_cols:
+                dw, db = _conv_dw_columns(xc, dz, None, g["kernel"], activation=None, **opts)
+            else:
+                dw = _conv_dw(xc, dz, g["kernel"], groups=groups, **opts)
+                db = dz.sum(axis=tuple(range(dz.ndim - 1)))
             dx = _conv_dx(dz, w, x.shape, groups=groups, **opts)
-            db = dz.sum(axis=tuple(range(dz.ndim - 1)))
         dparams = {"w": dw}                                                   # (*K, C_in/G, C_out)
         if use_bias:
             dparams["b"] = db                                                 # (C_out,)
@@ -544,11 +608,15 @@ def conv(out_channels: int, kernel_size, *, strides=1, padding="SAME", dilation=
     convolutions; dW is one ``lax`` convolution for 1 spatial axis, and a matrix product per
     kernel offset, of the shifted view xp[:, o·s + κ·d, :] and dy, for 2 or 3 (XLA's
     kernel-gradient convolution is several times slower there on CPU, see ``_conv_dw``).
+    On CPU, a float32 2-D lax convolution at stride 1 with at least 16 channels in and out
+    gets one extra output row, dropped again, which makes XLA run it with Eigen rather than
+    YNNPACK, about twice as fast (see this module's "lax on CPU" section).
     ``'columns'`` (groups = 1 only): all three as matrix products over im2col columns
     (b·∏O, ∏K·C_in), a few examples at a time: y = cols·W, dW = Σ colsᵀ·dy, and dx the
-    columns dy·Wᵀ added back where they were read. ``'auto'`` (the default) is ``'columns'``
-    on CPU for 2 or 3 spatial axes with groups = 1 (faster there, see the columns section of
-    this module), ``'lax'`` otherwise.
+    columns dy·Wᵀ added back where they were read. ``'auto'`` (the default), on CPU for 2 or
+    3 spatial axes with groups = 1: dW by columns, and the forward and dx as lax's where
+    they go to Eigen as above, by columns otherwise (the fastest measured there); ``'lax'``
+    elsewhere.
 
     ``activation`` (None or ``'relu'``) applies f after the bias, y = f(z) with z the
     output above, the same function as a separate :func:`relu` layer. The layer then saves y,
@@ -558,8 +626,9 @@ def conv(out_channels: int, kernel_size, *, strides=1, padding="SAME", dilation=
 
     and computes db, dW and dx from dz in place of dy. By columns, f is applied to each chunk
     of z while it is in cache, and dz is formed chunk by chunk inside the dW and dx loops, so
-    neither z nor dz is ever held whole: the 2-D CNN step of BENCHMARKS.md needs 78 MiB of
-    temporaries with ``activation='relu'`` against 113 MiB with separate relu layers.
+    neither z nor dz is ever held whole (all by columns, the 2-D CNN step of BENCHMARKS.md
+    needed 78 MiB of temporaries with ``activation='relu'`` against 113 MiB with separate
+    relu layers).
 
     Raises ``ValueError`` for bad hyperparameters, for ``out_channels`` or the input channels
     not divisible by ``groups``, for a wrong rank or channel count, and (in ``init`` and

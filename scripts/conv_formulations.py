@@ -1,6 +1,9 @@
-"""The two formulations of ``bp.conv`` timed map by map: the forward, dx and dW of one 2-D
-convolution by ``lax`` (``impl="lax"``: lax's convolutions, the shifted-view dW) and by
-columns (``impl="columns"``: im2col matrix products, a few examples at a time).
+"""The formulations of ``bp.conv`` timed map by map: the forward, dx and dW of one 2-D
+convolution by ``lax`` (``impl="lax"``: lax's convolutions, the shifted-view dW), once as XLA
+hands them to YNNPACK and once with the extra output row that routes them to Eigen on CPU
+(float32, at least 16 channels in and out: see bpjax/_conv.py's "lax on CPU"), by columns
+(``impl="columns"``: im2col matrix products, a few examples at a time), and as ``impl="auto"``
+picks.
 
     python scripts/conv_formulations.py                          # 3×3, 32→64, 28×28, batch 128
     python scripts/conv_formulations.py --c-in 1 --c-out 32      # the 2-D CNN's first layer
@@ -17,6 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import bpjax as bp
+from bpjax import _conv
+
+
+EIGEN_MIN_CHANNELS = _conv._EIGEN_MIN_CHANNELS
 
 
 def best_ms(f, *args, reps=8):
@@ -43,15 +50,21 @@ def main(argv=None):
     in_shape = (args.size, args.size, args.c_in)
     x = jnp.asarray(gen.standard_normal((args.batch, *in_shape)), jnp.float32)
     rows = []
-    for impl in ("lax", "columns"):
-        layer = bp.conv(args.c_out, args.kernel, padding="SAME", impl=impl)
-        params, _, out_shape = layer.init(jax.random.PRNGKey(0), in_shape)
-        dy = jnp.asarray(gen.standard_normal((args.batch, *out_shape)), jnp.float32)
-        _, _, res = layer.forward(params, (), x)
-        fwd = best_ms(lambda p, x: layer.forward(p, (), x)[0], params, x, reps=args.reps)
-        dw = best_ms(lambda p, r, d: layer.backward(p, r, d)[0], params, res, dy, reps=args.reps)
-        dx = best_ms(lambda p, r, d: layer.backward(p, r, d)[1], params, res, dy, reps=args.reps)
-        rows.append((impl, fwd, dw, dx))
+    try:
+        for impl in ("lax (YNNPACK)", "lax", "columns", "auto"):
+            _conv._EIGEN_MIN_CHANNELS = 2**31 if impl == "lax (YNNPACK)" else EIGEN_MIN_CHANNELS
+            jax.clear_caches()                                       # read at trace time
+            layer = bp.conv(args.c_out, args.kernel, padding="SAME", impl=impl.split()[0])
+            params, _, out_shape = layer.init(jax.random.PRNGKey(0), in_shape)
+            dy = jnp.asarray(gen.standard_normal((args.batch, *out_shape)), jnp.float32)
+            _, _, res = layer.forward(params, (), x)
+            fwd = best_ms(lambda p, x: layer.forward(p, (), x)[0], params, x, reps=args.reps)
+            dw = best_ms(lambda p, r, d: layer.backward(p, r, d)[0], params, res, dy, reps=args.reps)
+            dx = best_ms(lambda p, r, d: layer.backward(p, r, d)[1], params, res, dy, reps=args.reps)
+            rows.append((impl, fwd, dw, dx))
+    finally:
+        _conv._EIGEN_MIN_CHANNELS = EIGEN_MIN_CHANNELS
+        jax.clear_caches()
     flop = 2.0 * args.batch * args.size ** 2 * args.kernel ** 2 * args.c_in * args.c_out / 1e9
     print(f"conv {args.kernel}×{args.kernel}, {args.c_in}→{args.c_out}, {args.size}×{args.size}, "
           f"batch {args.batch}: {flop:.2f} GFLOP per map")

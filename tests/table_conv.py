@@ -5,7 +5,9 @@ meets every formulation. conv has two (``impl``): lax's convolutions, with the k
 as a ``lax`` convolution for 1 spatial axis (the ``1d-*`` cases) and shifted views times dy for
 2 and 3 (``groups > 1`` and the ``*-lax`` cases); and columns (im2col), which 'auto' picks on
 CPU for 2 and 3 spatial axes with groups = 1 and no input dilation (the other ``2d-*`` and
-``3d`` conv cases, and the ``*-columns`` cases). Pooling inputs are continuous random draws, so no window
+``3d`` conv cases, and the ``*-columns`` cases), except that in float32 a stride-1 2-D conv with
+at least 16 channels in and out keeps lax's forward and dx, routed to Eigen (the ``*-eigen``
+cases). Pooling inputs are continuous random draws, so no window
 holds a tie (jax.grad may route ties differently; tests/test_conv.py checks the tie rule).
 """
 import bpjax as bp
@@ -46,6 +48,14 @@ CONV_CASES = [
               (6, 5, 2), batch=2, id="2d-relu-nobias-lax"),
     LayerCase("conv", lambda: bp.conv(4, 3, strides=2, padding=1, activation="relu"), (9, 3),
               id="1d-relu"),
+    # 'auto' on CPU in float32 for a stride-1 2-D conv with ≥ 16 channels in and out: the
+    # forward and dx as lax convolutions with an extra output row (routed to Eigen, see
+    # bpjax/_conv.py's "lax on CPU"), dW by columns from the whole dz; in float64, columns
+    LayerCase("conv", lambda: bp.conv(16, 3, activation="relu"), (5, 4, 16), batch=2, id="2d-relu-eigen"),
+    LayerCase("conv", lambda: bp.conv(17, (3, 2), padding="VALID", use_bias=False), (6, 5, 16), batch=2,
+              id="2d-valid-nobias-eigen"),                  # dx's output is larger already
+    LayerCase("conv", lambda: bp.conv(16, 3, padding=((2, 0), (1, 1)), impl="lax"), (4, 5, 16), batch=2,
+              id="2d-pairs-lax-eigen"),                     # lax: the same routing, dW by views
     # conv_transpose (padding is that of the conv it transposes)
     LayerCase("conv_transpose", lambda: bp.conv_transpose(3, 3, strides=2), (5, 2), id="1d-same-stride2"),
     LayerCase("conv_transpose", lambda: bp.conv_transpose(4, 4, strides=3, padding=1, dilation=2, groups=2),
@@ -60,6 +70,8 @@ CONV_CASES = [
               (4, 3, 2), batch=2, id="2d-pairs-crop-columns"),              # P_lo = k' - 1 - lo < 0
     LayerCase("conv_transpose", lambda: bp.conv_transpose(3, (2, 2), strides=2, activation="relu"),
               (3, 4, 2), batch=2, id="2d-relu-stride2"),
+    LayerCase("conv_transpose", lambda: bp.conv_transpose(16, 3, activation="relu"), (4, 4, 16), batch=2,
+              id="2d-relu-stride1-eigen"),
     # max_pool: padded cells are -inf
     LayerCase("max_pool", lambda: bp.max_pool(2), (6, 4, 3), id="2d-2x2"),
     LayerCase("max_pool", lambda: bp.max_pool((3, 2), strides=(2, 1), padding="SAME"), (7, 5, 2),

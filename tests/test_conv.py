@@ -269,12 +269,62 @@ def test_columns_over_several_chunks_equal_lax(monkeypatch, make, in_shape, chun
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_auto_picks_columns_on_cpu_for_plain_2d_and_3d_convs_only():
+def _plan(impl, in_shape, c_out, dtype=jnp.float32, strides=1, in_dilation=1, dilation=1, groups=1):
+    """_by_columns for a 'SAME' conv of one example's shape in_shape (pads as 3×3 'SAME')."""
     from bpjax._conv import _by_columns
-    on_cpu = jax.default_backend() == "cpu"
-    assert _by_columns("auto", 2, 1, (1, 1)) == on_cpu
-    assert _by_columns("auto", 3, 1, (1, 1, 1)) == on_cpu
-    assert not _by_columns("auto", 1, 1, (1,))                 # 1 spatial axis: lax
-    assert not _by_columns("auto", 2, 2, (1, 1))               # groups: lax
-    assert not _by_columns("auto", 2, 1, (2, 1))               # a strided conv_transpose: lax
-    assert _by_columns("columns", 1, 1, (2,)) and not _by_columns("lax", 2, 1, (1, 1))
+    r = len(in_shape) - 1
+    g = dict(strides=(strides,) * r, in_dilation=(in_dilation,) * r, dilation=(dilation,) * r,
+             pads=((1, 1),) * r)
+    out = tuple(-(-n // strides) for n in in_shape[:-1])
+    return _by_columns(impl, (8, *in_shape), c_out, jnp.dtype(dtype), g, out, groups)
+
+
+def test_auto_picks_columns_or_eigen_on_cpu_for_plain_2d_and_3d_convs_only():
+    """(forward and dx by columns, dW by columns) for each kind of layer."""
+    cpu = jax.default_backend() == "cpu"
+    assert _plan("auto", (6, 6, 3), 8) == (cpu, cpu)                  # few channels: all columns
+    assert _plan("auto", (6, 6, 16), 16) == (False, cpu)              # Eigen forward and dx on CPU
+    assert _plan("auto", (6, 6, 16), 16, jnp.float64) == (cpu, cpu)   # Eigen has no float64 conv
+    assert _plan("auto", (6, 6, 16), 16, strides=2) == (cpu, cpu)     # strided: columns
+    assert _plan("auto", (6, 6, 16), 16, dilation=2) == (cpu, cpu)
+    assert _plan("auto", (4, 6, 6, 16), 16) == (cpu, cpu)             # 3-D: columns
+    assert _plan("auto", (6, 16), 16) == (False, False)               # 1 spatial axis: lax
+    assert _plan("auto", (6, 6, 4), 4, groups=2) == (False, False)    # groups: lax
+    assert _plan("auto", (6, 6, 4), 4, in_dilation=2) == (False, False)  # strided conv_transpose
+    assert _plan("columns", (6, 4), 4) == (True, True) and _plan("lax", (6, 6, 4), 4) == (False, False)
+
+
+@pytest.mark.parametrize("extra", [1, 3])
+@pytest.mark.parametrize("strides, padding, lhs_dilation, rhs_dilation", [
+    ((1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1)),
+    ((1, 2), ((2, 0), (0, 1)), (1, 1), (1, 2)),
+    ((1, 1), ((1, 1), (1, 1)), (2, 1), (1, 1)),
+], ids=["same", "pairs-stride12-dilation12", "lhs-dilation"])
+def test_lax_conv_extra_rows_change_nothing(extra, strides, padding, lhs_dilation, rhs_dilation):
+    """_lax_conv with extra rows of padding at the high end (the Eigen routing), their output
+    rows dropped, equals lax's convolution (float64, to 1e-12)."""
+    from bpjax._conv import _DIMENSION_NUMBERS, _lax_conv
+    gen = rng(f"lax-conv-extra-{extra}-{strides}-{padding}")
+    x, w = normal(gen, (2, 5, 6, 3), jnp.float64), normal(gen, (3, 2, 3, 4), jnp.float64)
+    kw = dict(window_strides=strides, padding=padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation)
+    want = lax.conv_general_dilated(x, w, **kw, dimension_numbers=_DIMENSION_NUMBERS[2])
+    got = jax.jit(lambda x, w: _lax_conv(x, w, **kw, groups=1, extra=extra))(x, w)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_2d_conv_with_16_channels_gets_the_extra_row_on_cpu():
+    """The routing happens where it should: the lowered forward of a stride-1 'SAME' 3×3 conv,
+    16 → 16 channels, float32, pads its rows by (1, 2) on CPU; with 8 channels it is columns."""
+    def conv_pads(c, dtype):
+        layer = bp.conv(c, 3, activation="relu")
+        params, *_ = layer.init(jax.random.PRNGKey(0), (6, 6, c))
+        params = jax.tree.map(lambda a: a.astype(dtype), params)
+        text = jax.jit(lambda p, x: layer.forward(p, (), x)[0]).lower(params, jnp.ones((2, 6, 6, c), dtype)).as_text()
+        return [line for line in text.splitlines() if "convolution" in line]
+    routed = conv_pads(16, jnp.float32)
+    if jax.default_backend() == "cpu":
+        assert len(routed) == 1 and "[1, 2], [1, 1]" in routed[0], routed
+        assert conv_pads(8, jnp.float32) == [] and conv_pads(16, jnp.float64) == []   # by columns
+    else:
+        assert len(routed) == 1 and "[1, 1], [1, 1]" in routed[0], routed

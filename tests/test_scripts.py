@@ -51,10 +51,13 @@ def test_digits_cnn_script_runs(capsys):
     assert "seed 0: 1438 train / 359 test images, 1 epochs" in out and 0.0 <= accs[0] <= 1.0
 
 
-def test_conv_formulations_times_both_impls(capsys):
+def test_conv_formulations_times_every_impl(capsys):
+    from bpjax import _conv
     script = _load("conv_formulations")
-    rows = script.main(["--batch", "2", "--size", "5", "--c-in", "2", "--c-out", "3", "--reps", "1"])
-    assert [r[0] for r in rows] == ["lax", "columns"]
+    before = _conv._EIGEN_MIN_CHANNELS
+    rows = script.main(["--batch", "2", "--size", "5", "--c-in", "16", "--c-out", "16", "--reps", "1"])
+    assert _conv._EIGEN_MIN_CHANNELS == before                  # the YNNPACK row's setting undone
+    assert [r[0] for r in rows] == ["lax (YNNPACK)", "lax", "columns", "auto"]
     assert all(ms > 0 for row in rows for ms in row[1:])
     assert "| columns |" in capsys.readouterr().out
 
