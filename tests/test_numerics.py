@@ -162,3 +162,17 @@ def test_matmul_tn_equals_xT_dy_in_each_form(m, p, q):
     hlo = jax.jit(matmul_tn).lower(a, b).as_text()
     assert ("optimization_barrier" in hlo) == transposed
     np.testing.assert_allclose(jax.jit(matmul_tn)(a, b), np.asarray(a).T @ np.asarray(b), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [10, 15, 16, 20, 30])
+def test_matmul_equals_x_w_padded_or_not(n):
+    """bpjax._core.matmul, the dense forward, equals x w (float64, jitted), whether it pads w
+    to the next multiple of 16 columns (on CPU for n mod 16 in 9..15) or not."""
+    from bpjax._core import matmul
+    gen = np.random.default_rng(n)
+    x, w = (jnp.asarray(gen.standard_normal(s), jnp.float64) for s in ((3, 7, 33), (33, n)))
+    hlo = jax.jit(matmul).lower(x, w).as_text()
+    assert ("pad" in hlo) == (jax.default_backend() == "cpu" and n % 16 > 8)
+    got = jax.jit(matmul)(x, w)
+    assert got.shape == (3, 7, n)
+    np.testing.assert_allclose(got, np.asarray(x) @ np.asarray(w), rtol=1e-12, atol=1e-12)
