@@ -131,18 +131,20 @@ def cnn1d(batch=100):
                  _train_flops(layer_flops), torch_model)
 
 
-def cnn2d(batch=128, relu_layers=False):
+def cnn2d(batch=128, relu_layers=False, impl="auto"):
     """conv 3×3 32, ReLU, conv 3×3 64, ReLU ('SAME'), flatten, dense 10, on 28×28×1. Each ReLU
-    is inside its conv layer (``activation='relu'``: applied per chunk of the columns forward,
-    and dz = dy ⊙ [y > 0] formed inside the backward's loops); jax.grad differentiates the
-    same forward. ``relu_layers=True``: the same network with separate relu layers, to
-    compare (``--models cnn2d,cnn2d_relu_layers``)."""
+    is inside its conv layer (``activation='relu'``); jax.grad differentiates the same
+    forward. With ``impl='auto'`` on CPU the first conv is by columns and the second has its
+    forward and dx as lax convolutions routed to Eigen, dW by columns. ``relu_layers=True``:
+    the same network with separate relu layers (``--models cnn2d,cnn2d_relu_layers``);
+    ``impl='columns'``: both convs wholly by columns (``--models cnn2d,cnn2d_columns``)."""
     if relu_layers:
-        model = bp.sequential(bp.conv(32, 3, padding="SAME"), bp.relu(), bp.conv(64, 3, padding="SAME"),
-                              bp.relu(), bp.flatten(), bp.dense(10))
+        model = bp.sequential(bp.conv(32, 3, padding="SAME", impl=impl), bp.relu(),
+                              bp.conv(64, 3, padding="SAME", impl=impl), bp.relu(), bp.flatten(), bp.dense(10))
     else:
-        model = bp.sequential(bp.conv(32, 3, padding="SAME", activation="relu"),
-                              bp.conv(64, 3, padding="SAME", activation="relu"), bp.flatten(), bp.dense(10))
+        model = bp.sequential(bp.conv(32, 3, padding="SAME", activation="relu", impl=impl),
+                              bp.conv(64, 3, padding="SAME", activation="relu", impl=impl), bp.flatten(),
+                              bp.dense(10))
     gen = np.random.default_rng(2)
     hw = 28 * 28
     layer_flops = [2.0 * batch * hw * 9 * 1 * 32, 2.0 * batch * hw * 9 * 32 * 64,
@@ -164,7 +166,9 @@ def cnn2d(batch=128, relu_layers=False):
 
         return M()
 
-    return Bench("2-D CNN 3×3 32-64, 28×28" + (", ReLU layers" if relu_layers else ""), batch, model,
+    name = "2-D CNN 3×3 32-64, 28×28" + (", ReLU layers" if relu_layers else "") + (
+        f", impl={impl}" if impl != "auto" else "")
+    return Bench(name, batch, model,
                  gen.standard_normal((batch, 28, 28, 1), np.float32), _labels(gen, batch),
                  _train_flops(layer_flops), torch_model)
 
@@ -255,6 +259,7 @@ MODELS = {
 DEFAULT = tuple(MODELS)
 MODELS["tiny"] = tiny
 MODELS["cnn2d_relu_layers"] = lambda: cnn2d(relu_layers=True)
+MODELS["cnn2d_columns"] = lambda: cnn2d(impl="columns")
 
 
 # ----------------------------------------------------------------------------- the variants
