@@ -25,7 +25,7 @@ from ._combinators import *  # noqa: F401,F403
 from ._combinators import __all__ as _comb_all
 from ._core import Layer, Loss, make_layer, make_loss
 from ._finite import check_finite, debug_nans
-from ._grad import value_and_grad
+from ._grad import cast_floating, value_and_grad
 from ._gradcheck import (GradientReport, assert_gradients_close, check_layer, check_loss, check_model,
                          per_example_grads)
 from ._losses import *  # noqa: F401,F403
@@ -43,7 +43,7 @@ LOSSES = tuple(_loss_all)
 __all__ = [
     *LAYERS, *LOSSES,
     "Layer", "Loss", "make_layer", "make_loss",
-    "value_and_grad", "reference_value_and_grad", "as_jax_fn", "initializers",
+    "value_and_grad", "reference_value_and_grad", "as_jax_fn", "initializers", "cast_floating",
     "check_layer", "check_model", "check_loss", "assert_gradients_close", "GradientReport",
     "per_example_grads", "check_finite", "debug_nans",
 ]

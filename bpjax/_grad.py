@@ -1,28 +1,57 @@
 """The whole classic algorithm in one function: forward, loss, error at the output, backward."""
 from __future__ import annotations
 
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
 from ._core import Layer, Loss
 
-__all__ = ["value_and_grad", "forward_backward"]
+__all__ = ["value_and_grad", "forward_backward", "cast_floating"]
 
 
-def forward_backward(model: Layer, loss: Loss, *, train: bool = True):
+def cast_floating(tree: Any, dtype) -> Any:
+    """Every floating leaf of ``tree`` as ``dtype``; integer leaves (token ids, labels, counters)
+    unchanged. ``dtype=None`` returns ``tree`` as it is."""
+    if dtype is None:
+        return tree
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a, tree)
+
+
+def _like(tree: Any, like: Any) -> Any:
+    """``tree`` with each leaf cast to the dtype of the matching leaf of ``like``."""
+    return jax.tree_util.tree_map(lambda a, b: a.astype(jnp.result_type(b)), tree, like)
+
+
+def forward_backward(model: Layer, loss: Loss, *, train: bool = True, compute_dtype=None):
     """One pass of the algorithm that also returns the network's output (for metrics).
 
     Returns ``f(params, state, x, target, *, key=None) -> (value, new_state, y, grads)``.
+
+    ``compute_dtype`` (e.g. ``jnp.bfloat16``): mixed precision. The forward and backward run on
+    copies of the floating params, state and x cast to it; the loss value comes back as float32
+    (the losses compute it in float32), and ``grads`` and ``new_state`` come back in the dtypes of
+    ``params`` and ``state``, so float32 params stay the master weights an optimizer updates.
     """
 
     def f(params, state, x, target, *, key=None):
-        y, new_state, res = model.forward(params, state, x, key=key, train=train)  # 1–2. forward
+        p, s, xc = (cast_floating(params, compute_dtype), cast_floating(state, compute_dtype),
+                    cast_floating(x, compute_dtype))
+        y, new_state, res = model.forward(p, s, xc, key=key, train=train)          # 1–2. forward
         value, loss_res = loss.forward(y, target)                                  # 3. compare
         dy = loss.backward(loss_res)                                               #    error at output
-        grads, _ = model.backward(params, res, dy)                                 # 4. backward
+        grads, _ = model.backward(p, res, dy)                                      # 4. backward
+        if compute_dtype is not None:
+            value = value.astype(jnp.promote_types(value.dtype, jnp.float32))
+            grads, new_state = _like(grads, params), _like(new_state, state)
         return value, new_state, y, grads
 
     return f
 
 
-def value_and_grad(model: Layer, loss: Loss):
+def value_and_grad(model: Layer, loss: Loss, *, compute_dtype: Optional[Any] = None):
     """Loss and gradients of ``model`` under ``loss``, computed entirely by the hand-written passes.
 
     Returns ``f(params, state, x, target, *, key=None) -> ((value, new_state), grads)``; it
@@ -34,8 +63,11 @@ def value_and_grad(model: Layer, loss: Loss):
         value, loss_res = loss.forward(y, target)                                 # compare
         dy = loss.backward(loss_res)                                              # error at output
         grads, _ = model.backward(params, res, dy)                                # backward
+
+    ``compute_dtype=jnp.bfloat16`` runs the forward and backward in bfloat16 with ``params`` as
+    float32 master weights (see :func:`forward_backward`).
     """
-    step = forward_backward(model, loss)
+    step = forward_backward(model, loss, compute_dtype=compute_dtype)
 
     def f(params, state, x, target, *, key=None):
         value, new_state, _, grads = step(params, state, x, target, key=key)
