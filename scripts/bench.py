@@ -1,9 +1,11 @@
 """Benchmark one jitted training step: bpjax's hand-written backward against jax.value_and_grad
-of the same loss, and PyTorch eager on CPU for the same model (issue 7).
+of the same loss, and PyTorch eager for the same model (issue 7), on the CPU, or on the GPU
+when JAX runs on one and torch sees CUDA.
 
 Usage::
 
-    python scripts/bench.py                          # every model, writes BENCHMARKS.md
+    python scripts/bench.py                          # every model; prints the table, writes nothing
+    python scripts/bench.py --out BENCHMARKS.md      # ... and writes the full report there
     python scripts/bench.py --models mlp128,cnn2d    # a subset
     python scripts/bench.py --quick --out /tmp/b.md  # a smoke run: one short chunk per variant
 
@@ -17,8 +19,11 @@ FLOPs are counted by hand, per model, from the matrix products and convolutions 
 (K, N) matrix is 2·M·K·N; the forward's count F is summed layer by layer, and the backward
 costs 2·F (dW and dx of every product), less the dx of the first layer, which nobody needs
 (XLA drops it). A convolution counts every kernel tap at every output position, padded
-cells included (2·N·∏O·∏K·C_in·C_out), as lax and PyTorch compute it. The matmul peak is
-measured in the same run, with a jitted float32 ``jnp.dot`` of two 2048 × 2048 matrices.
+cells included (2·N·∏O·∏K·C_in·C_out), as lax and PyTorch compute it. Two matmul peaks are
+measured in the same run, once per round among the chunks: a jitted ``jnp.dot`` of two n × n
+float32 matrices and the same in bfloat16 (n = 2048 on CPU, 8192 on a GPU or TPU, ``--peak-n``
+overrides). ``of peak`` is against the peak of the compute dtype (``--dtype``); the other peak
+is stated under the table.
 
 torch is optional: without it the PyTorch column says why it is missing.
 """
@@ -306,13 +311,21 @@ def jax_step(b: Bench, grad_fn, dtype=jnp.float32):
     return run, compile_s, temp
 
 
+def torch_device():
+    """Where the PyTorch column runs: on the GPU when JAX runs on one and torch sees CUDA (JAX on a
+    GPU against PyTorch on the CPU would compare devices, not steps), else on the CPU."""
+    import torch
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
 def torch_step(b: Bench):
     import torch
     torch.manual_seed(0)
-    model = b.torch_model()
+    device = torch_device()
+    model = b.torch_model().to(device)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     x = torch.from_numpy(b.x).long() if b.x.dtype.kind == "i" else torch.from_numpy(b.x)
-    y = torch.from_numpy(b.y).long()
+    x, y = x.to(device), torch.from_numpy(b.y).long().to(device)
     lossf = torch.nn.CrossEntropyLoss()
 
     def run(n):
@@ -322,7 +335,7 @@ def torch_step(b: Bench):
             loss = lossf(out.reshape(-1, out.shape[-1]), y.reshape(-1))
             loss.backward()
             opt.step()
-        loss.item()
+        loss.item()                                   # waits for the device
 
     return run
 
@@ -350,11 +363,20 @@ def _chunk_steps(run, target_s):
     return max(1, int(target_s / max(time.perf_counter() - t0, 1e-6)))
 
 
+PEAK_DTYPES = ("float32", "bfloat16")
+
+
+def default_peak_n(backend=None):
+    """The side of the peak's square matrices: 2048 on CPU, 8192 on an accelerator (a 2048³
+    product is too short on a GPU to reach its peak)."""
+    return 2048 if (backend or jax.default_backend()) == "cpu" else 8192
+
+
 def measure(benches, *, use_torch, rounds, chunk_s, pause, warmup, peak_n=2048, dtype=jnp.float32,
             log=print):
-    """Compile, warm up, then time all variants of all models interleaved, and the matmul peak
-    (in the compute dtype) once per round among them (after the same pause); returns the rows
-    and the peaks."""
+    """Compile, warm up, then time all variants of all models interleaved, and the matmul peaks
+    (float32 and bfloat16) once per round among them (after the same pause); returns the rows
+    and the peaks, ``{dtype name: [GFLOP/s per round]}``."""
     rows, timers = [], []
     for b in benches:
         for variant, grad_fn in (("bpjax hand-written", bp.value_and_grad),
@@ -371,11 +393,13 @@ def measure(benches, *, use_torch, rounds, chunk_s, pause, warmup, peak_n=2048, 
         plan.append((b, variant, run, compile_s, temp, _chunk_steps(run, chunk_s)))
     samples = {i: [] for i in range(len(plan))}
     faults = {i: [] for i in range(len(plan))}
-    peaks = []
+    peaks = {name: [] for name in PEAK_DTYPES}
     for r in range(rounds):
-        time.sleep(pause)
-        peaks.append(matmul_peak(peak_n, dtype=dtype))                  # every other round in reverse: no variant always
-        order = list(enumerate(plan))        # follows the same neighbour
+        for name in PEAK_DTYPES:
+            time.sleep(pause)
+            peaks[name].append(matmul_peak(peak_n, dtype=jnp.dtype(name)))
+        order = list(enumerate(plan))        # every other round in reverse: no variant always
+                                             # follows the same neighbour
         for i, (b, variant, run, *_, n) in (order if r % 2 == 0 else order[::-1]):
             time.sleep(pause)
             f0, t0 = _minor_faults(), time.perf_counter()
@@ -453,9 +477,24 @@ def _versions(torch_version):
             "torch": torch_version or "not installed", "numpy": np.__version__}
 
 
+def peak_summary(peaks, dtype, peak_n):
+    """The lines that state both matmul peaks of the run: the compute dtype's, which ``of peak``
+    is against, and the other one, with the factor that converts ``of peak`` to it."""
+    med = {name: statistics.median(q) for name, q in peaks.items()}
+    other = next(name for name in peaks if name != dtype)
+    lines = [f"{name} matmul peak ({peak_n} × {peak_n} jnp.dot) per round: "
+             f"{', '.join(f'{q:.1f}' for q in peaks[name])} GFLOP/s; median {med[name]:.1f}"
+             for name in (dtype, other)]
+    lines.append(f"of peak: against the {dtype} peak ({med[dtype]:.1f} GFLOP/s); against the {other} "
+                 f"peak ({med[other]:.1f} GFLOP/s) multiply it by {med[dtype] / med[other]:.3g}")
+    return lines
+
+
 def report(table_md, *, command, peak, peaks, torch_version, torch_note, load_before, load_after,
-           benches, notes="", dtype="float32"):
+           benches, notes="", dtype="float32", peak_n=2048):
     v = _versions(torch_version)
+    other = next(name for name in peaks if name != dtype)
+    other_peak = statistics.median(peaks[other])
     precision = ("float32 throughout" if dtype == "float32" else
                  f"{dtype} compute with float32 master weights (params and Adam's state in float32, "
                  f"cast to {dtype} for the forward and backward, gradients cast back)")
@@ -465,11 +504,14 @@ def report(table_md, *, command, peak, peaks, torch_version, torch_note, load_be
 
 One jitted training step (forward, softmax cross-entropy, backward, Adam update) per variant:
 bpjax's hand-written backward (`bpjax.value_and_grad`), `jax.value_and_grad` of the same loss
-(`bpjax.reference_value_and_grad`), and PyTorch eager on CPU. Precision: {precision}; JAX
+(`bpjax.reference_value_and_grad`), and PyTorch eager. Precision: {precision}; JAX
 backend: {jax.default_backend()} ({jax.devices()[0].device_kind}). `× jax.grad` is the step time
 over `jax.value_and_grad`'s; `of peak` is GFLOP/s over the {dtype} matmul peak measured in the
-same run (jitted `jnp.dot`, 2048 × 2048, once per round among the chunks, after the same pause):
-median **{peak:.1f} GFLOP/s** (rounds: {", ".join(f"{q:.1f}" for q in peaks)}). `temp MiB` is XLA's temporary
+same run (jitted `jnp.dot`, {peak_n} × {peak_n}, once per round among the chunks, after the same pause):
+median **{peak:.1f} GFLOP/s** (rounds: {", ".join(f"{q:.1f}" for q in peaks[dtype])}). The {other} peak,
+measured the same way in the same rounds: median **{other_peak:.1f} GFLOP/s** (rounds:
+{", ".join(f"{q:.1f}" for q in peaks[other])}); a row's fraction of it is `of peak` × {peak / other_peak:.3g}.
+Both peaks use JAX's default matmul precision. `temp MiB` is XLA's temporary
 memory (`compiled.memory_analysis().temp_size_in_bytes`). `faults/step` is the process's
 minor page faults per step (`getrusage`): XLA's CPU runtime takes fresh pages for a step's
 temporaries at every execution, and each first touch of a 4 KiB page costs the kernel's
@@ -514,7 +556,12 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="chunks per variant (default 5)")
     p.add_argument("--chunk-seconds", type=float, default=0.6, help="length of one chunk")
     p.add_argument("--pause", type=float, default=0.5, help="seconds of pause before each chunk")
-    p.add_argument("--out", default="BENCHMARKS.md", help="where to write the report")
+    p.add_argument("--out", default=None,
+                   help="write the full report (table, peaks, machine, FLOPs) to this file, e.g. "
+                        "BENCHMARKS.md; by default nothing is written, the table is only printed")
+    p.add_argument("--peak-n", type=int, default=None,
+                   help="side of the peaks' square matrices (default: 2048 on CPU, 8192 on a GPU "
+                        "or TPU, 512 with --quick)")
     p.add_argument("--notes", default=None, help="a Markdown file appended to the report")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype; bfloat16 keeps float32 master weights (the PyTorch column "
@@ -535,6 +582,7 @@ def main(argv=None):
             import torch
             torch.set_num_threads(os.cpu_count() or 1)
             torch_version = torch.__version__
+            torch_note = f"PyTorch eager {torch_version} ran on the {torch_device()} (float32)."
         except ImportError:
             torch_note = ("PyTorch column skipped: torch is not installed "
                           "(`pip install torch==2.13.0` for a CPU build).")
@@ -544,14 +592,15 @@ def main(argv=None):
     print(f"models: {names}; load average {_load()}")
     benches = [MODELS[m]() for m in names]
     load_before = _load()
+    peak_n = args.peak_n or (512 if args.quick else default_peak_n())
     rows, peaks = measure(benches, use_torch=torch_version is not None, rounds=args.rounds,
                           chunk_s=args.chunk_seconds, pause=args.pause, warmup=1 if args.quick else 2,
-                          peak_n=512 if args.quick else 2048, dtype=jnp.dtype(args.dtype))
-    peak = statistics.median(peaks)                 # measured like the steps: median over rounds
-    print(f"{args.dtype} matmul peak per round: {', '.join(f'{q:.1f}' for q in peaks)} GFLOP/s; "
-          f"median {peak:.1f}")
+                          peak_n=peak_n, dtype=jnp.dtype(args.dtype))
+    peak = statistics.median(peaks[args.dtype])     # measured like the steps: median over rounds
     md = table(rows, peak)
+    print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}); compute dtype {args.dtype}")
     print(md)
+    print("\n".join(peak_summary(peaks, args.dtype, peak_n)))
     command = "python " + " ".join(["scripts/bench.py", *(argv if argv is not None else sys.argv[1:])])
     notes = ""
     if args.notes:
@@ -559,10 +608,13 @@ def main(argv=None):
             notes = "\n" + f.read()
     text = report(md, command=command, peak=peak, peaks=peaks, torch_version=torch_version, torch_note=torch_note,
                   load_before=load_before, load_after=_load(), benches=benches, notes=notes,
-                  dtype=args.dtype)
-    with open(args.out, "w") as f:
-        f.write(text)
-    print(f"wrote {args.out}")
+                  dtype=args.dtype, peak_n=peak_n)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(f"wrote {args.out}")
+    if torch_note:
+        print(torch_note)
     return rows, md
 
 

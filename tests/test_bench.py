@@ -1,4 +1,5 @@
-"""scripts/bench.py runs end to end on its tiniest settings and writes the table.
+"""scripts/bench.py runs end to end on its tiniest settings, prints the table and writes the
+report where --out says.
 
 Timings never decide a test: only the table's shape is checked.
 """
@@ -52,6 +53,33 @@ def test_bench_runs_in_bfloat16_with_float32_master_weights(tmp_path):
     assert "bfloat16 compute with float32 master weights" in text
     assert "over the bfloat16 matmul peak" in text
     assert "PyTorch column skipped: it runs in float32 only" in text
+    assert "The float32 peak,\nmeasured the same way in the same rounds" in text     # the other peak
+
+
+def test_bench_prints_both_peaks_writes_no_file_by_default_and_runs_without_torch(
+        tmp_path, monkeypatch, capsys):
+    """With no --out, bench.py prints the table and both matmul peaks (float32 and bfloat16, "of
+    peak" against the compute dtype's) and writes nothing, BENCHMARKS.md included; without torch
+    the PyTorch column is left out with a note, not an error."""
+    bench = _load_bench()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "torch", None)                  # `import torch` fails
+    rows, md = bench.main(["--quick", "--models", "tiny"])
+    out = capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []                            # nothing written
+    assert [r["variant"] for r in rows] == ["bpjax hand-written", "jax.value_and_grad"]
+    assert md in out
+    after = out.split(md, 1)[1]                                      # stated under the table
+    assert "float32 matmul peak (512 × 512 jnp.dot) per round:" in after
+    assert "bfloat16 matmul peak (512 × 512 jnp.dot) per round:" in after
+    assert "of peak: against the float32 peak (" in after and "against the bfloat16 peak (" in after
+    assert "PyTorch column skipped: torch is not installed" in after
+
+
+def test_peak_matrix_size_is_chosen_by_backend():
+    bench = _load_bench()
+    assert bench.default_peak_n("cpu") == 2048
+    assert bench.default_peak_n("gpu") == bench.default_peak_n("tpu") == 8192
 
 
 def test_bfloat16_step_keeps_float32_master_weights_and_matches_autodiff():
