@@ -17,6 +17,7 @@ resumed from a checkpoint reaches the same params as an uninterrupted one (bit f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -58,15 +59,16 @@ class FitResult:
 # ----------------------------------------------------------------------------- the step
 
 
-def make_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, *,
-                    classification: bool = True, donate: bool = True, shardings=None):
-    """A jitted step: the hand-written forward and backward, then an optax update.
+def _step_fn(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, *,
+             classification: bool = True, compute_dtype=None):
+    """The pure training step: the hand-written forward and backward, then an optax update.
 
     ``step(params, state, opt_state, x, y, key, step_num) -> (params, state, opt_state, loss,
-    correct)``; the layers' randomness (dropout) uses ``fold_in(key, step_num)``. ``params``,
-    ``state`` and ``opt_state`` are donated, so their buffers are reused.
+    correct)``; the layers' randomness (dropout) uses ``fold_in(key, step_num)``. With
+    ``compute_dtype`` the forward and backward run in it on cast copies and ``params`` stay the
+    (float32) master weights (:func:`bpjax._grad.forward_backward`).
     """
-    fb = forward_backward(model, loss)
+    fb = forward_backward(model, loss, compute_dtype=compute_dtype)
 
     def step(params, state, opt_state, x, y, key, step_num):
         value, state, out, grads = fb(params, state, x, y, key=jax.random.fold_in(key, step_num))
@@ -75,6 +77,18 @@ def make_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransform
         correct = _correct(out, y) if classification else jnp.zeros((), jnp.int32)
         return params, state, opt_state, value, correct
 
+    return step
+
+
+def make_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, *,
+                    classification: bool = True, donate: bool = True, shardings=None, compute_dtype=None):
+    """One jitted step, called once per batch (:func:`fit` runs many per call instead).
+
+    ``step(params, state, opt_state, x, y, key, step_num) -> (params, state, opt_state, loss,
+    correct)``, as :func:`_step_fn`. ``params``, ``state`` and ``opt_state`` are donated, so
+    their buffers are reused.
+    """
+    step = _step_fn(model, loss, optimizer, classification=classification, compute_dtype=compute_dtype)
     donate_argnums = (0, 1, 2) if donate else ()
     if shardings is None:
         return jax.jit(step, donate_argnums=donate_argnums)
@@ -83,6 +97,55 @@ def make_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransform
     return jax.jit(step, donate_argnums=donate_argnums,
                    in_shardings=(p_sh, s_sh, o_sh, batch_sh, batch_sh, rep, rep),
                    out_shardings=(p_sh, s_sh, o_sh, rep, rep))
+
+
+@functools.lru_cache(maxsize=16)
+def make_train_chunk(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, *,
+                     batch_size: int, max_steps: int, classification: bool = True, mesh=None,
+                     fsdp: bool = False, compute_dtype=None):
+    """Many training steps in one dispatch: the loop :func:`fit` runs, on the device.
+
+    ``chunk(carry, x_all, y_all, order, first, count, key, step0) -> (carry, losses, corrects)``
+    with ``carry = (params, state, opt_state)`` (donated). It runs steps ``first .. first+count-1``
+    of an epoch whose example order is ``order`` (n,): step i takes the examples
+    ``order[i·B : (i+1)·B]`` of the whole training split ``x_all``, ``y_all``, which stay on the
+    device, and runs :func:`_step_fn` with ``step_num = step0 + i - first``. ``count`` is a traced
+    number up to ``max_steps``, so one compile serves every chunk; ``losses`` and ``corrects``
+    are (max_steps,), their first ``count`` entries filled.
+
+    On a ``mesh`` each batch is split over ``"data"`` and params/opt_state stay replicated or
+    FSDP-sharded. The result is cached: ``fit`` calls with the same model, loss, optimizer and
+    configuration share one compiled loop.
+    """
+    step = _step_fn(model, loss, optimizer, classification=classification, compute_dtype=compute_dtype)
+    if mesh is None:
+        constrain = lambda tree, kind: tree                           # noqa: E731
+    else:
+        from . import distributed as dist
+
+        def constrain(tree, kind):
+            """Keep the placement fit gave: batches split over "data", params and optimizer state
+            replicated or FSDP-sharded, layer state replicated."""
+            if kind == "params" and fsdp:
+                return jax.lax.with_sharding_constraint(tree, dist.fsdp_sharding(mesh, tree))
+            sh = dist.batch_sharding(mesh) if kind == "batch" else dist.replicated(mesh)
+            return jax.lax.with_sharding_constraint(tree, jax.tree_util.tree_map(lambda _: sh, tree))
+
+    def chunk(carry, x_all, y_all, order, first, count, key, step0):
+        losses = jnp.zeros((max_steps,), jnp.result_type(float))
+        corrects = jnp.zeros((max_steps,), jnp.int32)
+
+        def body(i, c):
+            (params, state, opt_state), losses, corrects = c
+            idx = jax.lax.dynamic_slice_in_dim(order, (first + i) * batch_size, batch_size)
+            xb, yb = constrain(jnp.take(x_all, idx, axis=0), "batch"), constrain(jnp.take(y_all, idx, axis=0), "batch")
+            params, state, opt_state, value, correct = step(params, state, opt_state, xb, yb, key, step0 + i)
+            carry = (constrain(params, "params"), constrain(state, "state"), constrain(opt_state, "params"))
+            return carry, losses.at[i].set(value.astype(losses.dtype)), corrects.at[i].set(correct)
+
+        return jax.lax.fori_loop(0, count, body, (carry, losses, corrects))
+
+    return jax.jit(chunk, donate_argnums=(0,))
 
 
 def _correct(logits, labels):
@@ -267,8 +330,14 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
         restore_best: bool = True, checkpoint_dir=None, resume: bool = False,
         metrics_path=None, plot_path=None, progress: bool = True,
         log: Callable[[str], None] = print, stop_after_epoch: Optional[int] = None,
-        mesh=None, fsdp: bool = False) -> FitResult:
+        mesh=None, fsdp: bool = False, compute_dtype=None,
+        steps_per_dispatch: Optional[int] = None) -> FitResult:
     """Train ``model`` under ``loss`` on ``data`` with the hand-written backward.
+
+    The training split goes onto the device once; each epoch's order is drawn there, and many
+    steps run per dispatch (:func:`make_train_chunk`, a loop on the device), so the host only
+    wakes between chunks of steps to update the progress bar, look for a non-finite loss and
+    for SIGINT/SIGTERM.
 
     Args:
       optimizer: an optax transformation (default ``optax.adam(1e-3)``); learning-rate schedules
@@ -283,9 +352,11 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
       restore_best: return the params of the epoch with the lowest validation error.
       checkpoint_dir: save the whole run state (params, optimizer state, layer state, epoch,
         data-order key, early-stopping state) there after every epoch, with Orbax (named by the
-        global step). SIGINT and SIGTERM stop the run after the current step and save it first;
-        resuming then continues mid-epoch with the same data order (that epoch's ``train_loss``
-        row averages only the batches run after the resume).
+        global step). SIGINT and SIGTERM stop the run at the end of the current chunk of steps
+        and save it first; resuming then continues mid-epoch with the same data order (that
+        epoch's ``train_loss`` row averages only the batches run after the resume). Where in
+        the epoch an interrupt lands depends on the chunk size, not the result: a resumed run
+        reaches the same params bit for bit.
       resume: continue from the latest checkpoint in ``checkpoint_dir``.
       metrics_path: append one row per epoch (``.jsonl``, or ``.csv`` by suffix).
       plot_path: save a PNG of the loss and accuracy curves.
@@ -295,6 +366,11 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
         axis and XLA all-reduces the gradients; ``batch_size`` must divide evenly.
       fsdp: with a mesh, shard params and optimizer state over ``"data"`` instead of
         replicating them (FSDP-style memory savings).
+      compute_dtype: e.g. ``jnp.bfloat16``: the forward and backward run in it, while params,
+        optimizer state and the loss stay float32 (master weights).
+      steps_per_dispatch: steps per chunk. ``None`` (default) sizes chunks to about
+        ``DISPATCH_SECONDS`` each from the measured step time (one step per chunk until it is
+        known), within an epoch.
 
     Returns:
       A :class:`FitResult` with the final (or best) params and state, the history, the test
@@ -308,117 +384,58 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
     classification = data.num_classes is not None
     x_tr, y_tr, x_val, y_val = split_validation(data, val_fraction, seed)
     n = x_tr.shape[0]
-    if n < batch_size:
-        batch_size = n
+    batch_size = min(batch_size, n)
     steps_per_epoch = n // batch_size
 
-    k_init, data_key, k_dropout = jax.random.split(jax.random.PRNGKey(seed), 3)
-    params, state, _ = model.init(k_init, data.in_shape)
-    opt_state = optimizer.init(params)
-    run = {"params": params, "state": state, "opt_state": opt_state,
-           "epoch": np.int64(0),        # completed epochs
-           "batch": np.int64(0),        # completed batches of the epoch after them (an interrupt)
-           "data_key": data_key, "best_val": np.float64(np.inf), "since_best": np.int64(0),
-           "best_epoch": np.int64(0), "best_params": _copy(params), "best_state": _copy(state)}
-
-    metrics_path = pathlib.Path(metrics_path) if metrics_path else None
     ckpt = _Checkpointer(checkpoint_dir) if checkpoint_dir else None
-    history: List[Dict[str, float]] = []
-    if resume and ckpt and ckpt.latest() is not None:
-        run = ckpt.restore(ckpt.latest(), run)
-        history = _read_history(metrics_path, int(run["epoch"])) if metrics_path else []
-        log(f"resumed from {ckpt.directory / str(ckpt.latest())}: epoch {int(run['epoch'])} done"
-            + (f", {int(run['batch'])} batches of epoch {int(run['epoch']) + 1}" if int(run["batch"]) else ""))
-    elif metrics_path and metrics_path.exists():
-        metrics_path.unlink()
-    if metrics_path:
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        _rewrite_rows(metrics_path, history)
-
-    params, state, opt_state = run["params"], run["state"], run["opt_state"]
-    put = lambda a: a                                       # noqa: E731  (one device: as is)
-    shardings = None
+    metrics_path = pathlib.Path(metrics_path) if metrics_path else None
+    run, history, k_dropout = _start_or_resume(model, optimizer, data, seed, ckpt, resume, metrics_path, log)
     if mesh is not None:
         from . import distributed as dist
         dist.check_batch(mesh, batch_size)
-        params, p_sh = dist.place(mesh, params, fsdp=fsdp)
-        opt_state, o_sh = dist.place(mesh, opt_state, fsdp=fsdp)
-        state, s_sh = dist.place(mesh, state)
-        shardings = (p_sh, s_sh, o_sh, dist.batch_sharding(mesh), dist.replicated(mesh))
-        put = lambda a: jax.device_put(a, dist.batch_sharding(mesh))   # noqa: E731
-    step = make_train_step(model, loss, optimizer, classification=classification, shardings=shardings)
+    carry = _place_carry(run, mesh, fsdp)
+    x_dev, y_dev = _place_data(mesh, x_tr), _place_data(mesh, y_tr)
+    chunk = make_train_chunk(model, loss, optimizer, batch_size=batch_size,
+                             max_steps=min(steps_per_epoch, MAX_STEPS_PER_DISPATCH),
+                             classification=classification, mesh=mesh, fsdp=fsdp, compute_dtype=compute_dtype)
+    order_fn = _order_fn(n, mesh)
     eval_step = make_eval_step(model, loss, classification=classification)
+    pacer = _Pacer(steps_per_dispatch, min(steps_per_epoch, MAX_STEPS_PER_DISPATCH))
     start_epoch, t0, stopped_early, interrupted = int(run["epoch"]), time.perf_counter(), False, None
     bar_cls = _tqdm() if progress else None
 
     with _Signals() as signals:
         for epoch in range(start_epoch + 1, epochs + 1):
-            order = epoch_order(run["data_key"], epoch, n)
             first = int(run["batch"]) if epoch == start_epoch + 1 else 0   # mid-epoch resume
-            losses, corrects = [], []
             bar = bar_cls(total=steps_per_epoch, initial=first, desc=f"epoch {epoch}/{epochs}",
                           leave=False, file=sys.stderr) if bar_cls else None
-            for i in range(first, steps_per_epoch):
-                idx = order[i * batch_size:(i + 1) * batch_size]
-                global_step = (epoch - 1) * steps_per_epoch + i
-                params, state, opt_state, value, correct = step(
-                    params, state, opt_state, put(x_tr[idx]), put(y_tr[idx]), k_dropout, global_step)
-                losses.append(value)
-                corrects.append(correct)
-                if bar:
-                    bar.update(1)
-                    if i % 10 == 0 or i == steps_per_epoch - 1:
-                        post = {"loss": f"{float(value):.4f}"}
-                        if classification:
-                            post["acc"] = f"{float(correct) / batch_size:.3f}"
-                        bar.set_postfix(post)
-                if signals.caught and i + 1 < steps_per_epoch:
-                    interrupted = (epoch, i + 1)
-                    break
-            if bar:
-                bar.close()
-            batch_losses = np.asarray(jax.device_get(losses), np.float64)
-            if not np.all(np.isfinite(batch_losses)):
-                bad = int(np.argmax(~np.isfinite(batch_losses)))
-                raise TrainingError(
-                    f"fit: the loss became {batch_losses[bad]} at step {global_step - len(losses) + bad + 2} "
-                    f"(epoch {epoch}, batch {first + bad + 1}); the last good checkpoint "
-                    f"{'is kept in ' + str(ckpt.directory) if ckpt else 'was not written (no checkpoint_dir)'}")
-            if interrupted:
+            order = order_fn(run["data_key"], epoch)
+            carry, done, losses, corrects = _run_epoch(
+                chunk, carry, x_dev, y_dev, order, first, steps_per_epoch, epoch,
+                key_dropout=k_dropout, pacer=pacer, bar=bar, signals=signals,
+                batch_size=batch_size, classification=classification, ckpt=ckpt)
+            params, state, opt_state = carry
+            if done < steps_per_epoch:                                     # interrupted mid-epoch
+                interrupted = (epoch, done)
+                global_step = (epoch - 1) * steps_per_epoch + done
                 run.update(params=params, state=state, opt_state=opt_state,
-                           epoch=np.int64(epoch - 1), batch=np.int64(interrupted[1]))
+                           epoch=np.int64(epoch - 1), batch=np.int64(done))
                 where = "no checkpoint_dir, nothing saved"
                 if ckpt:
-                    ckpt.save(global_step + 1, run)
-                    where = f"saved {ckpt.directory / str(global_step + 1)}"
+                    ckpt.save(global_step, run)
+                    where = f"saved {ckpt.directory / str(global_step)}"
                 log(f"{signal.Signals(signals.caught).name} received at epoch {epoch}, batch "
-                    f"{interrupted[1]}: {where}; resume to continue")
+                    f"{done}: {where}; resume to continue")
                 break
 
-            val = evaluate(model, loss, params, state, x_val, y_val, classification=classification,
-                           eval_step=eval_step)
-            row = {"epoch": epoch, "step": epoch * steps_per_epoch,
-                   "train_loss": float(batch_losses.mean())}
-            if classification:
-                row["train_acc"] = float(np.sum(jax.device_get(corrects))) / (len(corrects) * batch_size)
-            row["val_loss"] = val["loss"]
-            if classification:
-                row["val_acc"] = val["acc"]
-            row["seconds"] = round(time.perf_counter() - t0, 3)
+            row = _epoch_row(model, loss, params, state, x_val, y_val, eval_step, classification,
+                             epoch, steps_per_epoch, batch_size, losses, corrects, t0)
             history.append(row)
             if metrics_path:
                 _write_row(metrics_path, row)
             log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-
-            error = 1.0 - val["acc"] if classification else val["loss"]
-            improved = error < float(run["best_val"]) - min_delta
-            run.update(params=params, state=state, opt_state=opt_state, epoch=np.int64(epoch),
-                       batch=np.int64(0))
-            if improved:
-                run.update(best_val=np.float64(error), since_best=np.int64(0),
-                           best_epoch=np.int64(epoch), best_params=_copy(params), best_state=_copy(state))
-            else:
-                run["since_best"] = np.int64(int(run["since_best"]) + 1)
+            error = 1.0 - row["val_acc"] if classification else row["val_loss"]
+            _update_best(run, error, min_delta, epoch, params, state, opt_state)
             if ckpt:
                 ckpt.save(epoch * steps_per_epoch, run)
             if signals.caught:
@@ -434,6 +451,7 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 break
 
+    params, state = carry[0], carry[1]
     if restore_best and int(run["best_epoch"]) > 0:
         params, state = run["best_params"], run["best_state"]
     test = evaluate(model, loss, params, state, data.x_test, data.y_test, classification=classification,
@@ -443,6 +461,161 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
         plot_history(history, plot_path, title=f"{data.name}")
     return FitResult(params, state, history, test, int(run["best_epoch"]), stopped_early, seconds,
                      signal.Signals(signals.caught).name if signals.caught else None)
+
+
+#: The chunk length ``fit`` aims at when it sizes chunks itself: long enough that the host's
+#: work between chunks is noise, short enough for a lively progress bar and a prompt stop.
+DISPATCH_SECONDS = 0.25
+#: The most steps in one chunk (the length of its per-step loss buffer).
+MAX_STEPS_PER_DISPATCH = 4096
+
+
+class _Pacer:
+    """How many steps the next chunk runs: ``fixed`` if given, else about ``DISPATCH_SECONDS``
+    worth at the step time measured on the last chunk (compiles make the first look slow, so it
+    starts with one step)."""
+
+    def __init__(self, fixed: Optional[int], most: int):
+        if fixed is not None and fixed < 1:
+            raise ValueError(f"fit: expected steps_per_dispatch >= 1 or None, got {fixed}")
+        self.fixed, self.most, self.per_step = fixed, most, None
+
+    def next(self, remaining: int) -> int:
+        if self.fixed is not None:
+            want = self.fixed
+        elif self.per_step is None:
+            want = 1
+        else:
+            want = int(DISPATCH_SECONDS / max(self.per_step, 1e-7))
+        return max(1, min(want, self.most, remaining))
+
+    def measured(self, count: int, seconds: float):
+        self.per_step = seconds / count
+
+
+def _run_epoch(chunk, carry, x_dev, y_dev, order, first, steps_per_epoch, epoch, *,
+               key_dropout, pacer, bar, signals, batch_size, classification, ckpt):
+    """Chunks of steps ``first ..`` of one epoch, until its end or a signal. Returns the carry,
+    the number of the epoch's steps done, and the per-step losses and correct counts (host)."""
+    losses, corrects, i = [], [], first
+    while i < steps_per_epoch:
+        count = pacer.next(steps_per_epoch - i)
+        t = time.perf_counter()
+        step0 = (epoch - 1) * steps_per_epoch + i
+        carry, chunk_losses, chunk_correct = chunk(carry, x_dev, y_dev, order, np.int32(i), np.int32(count),
+                                                   key_dropout, np.int32(step0))
+        chunk_losses = np.asarray(jax.device_get(chunk_losses)[:count], np.float64)   # waits for the chunk
+        pacer.measured(count, time.perf_counter() - t)
+        _check_finite(chunk_losses, step0, epoch, i, ckpt)
+        losses.append(chunk_losses)
+        corrects.append(np.asarray(jax.device_get(chunk_correct)[:count]))
+        i += count
+        if bar:
+            bar.update(count)
+            post = {"loss": f"{chunk_losses[-1]:.4f}"}
+            if classification:
+                post["acc"] = f"{float(corrects[-1][-1]) / batch_size:.3f}"
+            bar.set_postfix(post)
+        if signals.caught and i < steps_per_epoch:
+            break
+    if bar:
+        bar.close()
+    return carry, i, np.concatenate(losses) if losses else np.zeros(0), \
+        np.concatenate(corrects) if corrects else np.zeros(0, np.int64)
+
+
+def _check_finite(losses, step0, epoch, first, ckpt):
+    if np.all(np.isfinite(losses)):
+        return
+    bad = int(np.argmax(~np.isfinite(losses)))
+    raise TrainingError(
+        f"fit: the loss became {losses[bad]} at step {step0 + bad + 1} (epoch {epoch}, batch "
+        f"{first + bad + 1}); the last good checkpoint "
+        f"{'is kept in ' + str(ckpt.directory) if ckpt else 'was not written (no checkpoint_dir)'}")
+
+
+def _epoch_row(model, loss, params, state, x_val, y_val, eval_step, classification, epoch,
+               steps_per_epoch, batch_size, losses, corrects, t0) -> Dict[str, float]:
+    """The metrics row of a finished epoch: the training loss (and accuracy) averaged over the
+    epoch's batches, and the validation loss (and accuracy)."""
+    val = evaluate(model, loss, params, state, x_val, y_val, classification=classification,
+                   eval_step=eval_step)
+    row = {"epoch": epoch, "step": epoch * steps_per_epoch, "train_loss": float(losses.mean())}
+    if classification:
+        row["train_acc"] = float(np.sum(corrects)) / (len(corrects) * batch_size)
+    row["val_loss"] = val["loss"]
+    if classification:
+        row["val_acc"] = val["acc"]
+    row["seconds"] = round(time.perf_counter() - t0, 3)
+    return row
+
+
+def _update_best(run, error, min_delta, epoch, params, state, opt_state):
+    """Record the finished epoch in the run state, and it as the best when the error fell."""
+    run.update(params=params, state=state, opt_state=opt_state, epoch=np.int64(epoch), batch=np.int64(0))
+    if error < float(run["best_val"]) - min_delta:
+        run.update(best_val=np.float64(error), since_best=np.int64(0), best_epoch=np.int64(epoch),
+                   best_params=_copy(params), best_state=_copy(state))
+    else:
+        run["since_best"] = np.int64(int(run["since_best"]) + 1)
+
+
+def _start_or_resume(model, optimizer, data, seed, ckpt, resume, metrics_path, log):
+    """The run state (params, optimizer state, data-order key, early-stopping state) fresh from
+    ``seed``, or restored from the latest checkpoint; the history rows up to it; and the
+    dropout key (derived from ``seed`` alone)."""
+    k_init, data_key, k_dropout = jax.random.split(jax.random.PRNGKey(seed), 3)
+    params, state, _ = model.init(k_init, data.in_shape)
+    run = {"params": params, "state": state, "opt_state": optimizer.init(params),
+           "epoch": np.int64(0),        # completed epochs
+           "batch": np.int64(0),        # completed batches of the epoch after them (an interrupt)
+           "data_key": data_key, "best_val": np.float64(np.inf), "since_best": np.int64(0),
+           "best_epoch": np.int64(0), "best_params": _copy(params), "best_state": _copy(state)}
+    history: List[Dict[str, float]] = []
+    if resume and ckpt and ckpt.latest() is not None:
+        run = ckpt.restore(ckpt.latest(), run)
+        history = _read_history(metrics_path, int(run["epoch"])) if metrics_path else []
+        log(f"resumed from {ckpt.directory / str(ckpt.latest())}: epoch {int(run['epoch'])} done"
+            + (f", {int(run['batch'])} batches of epoch {int(run['epoch']) + 1}" if int(run["batch"]) else ""))
+    elif metrics_path and metrics_path.exists():
+        metrics_path.unlink()
+    if metrics_path:
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        _rewrite_rows(metrics_path, history)
+    return run, history, k_dropout
+
+
+def _place_carry(run, mesh, fsdp):
+    """``(params, state, opt_state)`` on the device(s): as they are on one device; on a mesh,
+    params and optimizer state replicated or FSDP-sharded, layer state replicated."""
+    if mesh is None:
+        return run["params"], run["state"], run["opt_state"]
+    from . import distributed as dist
+    params, _ = dist.place(mesh, run["params"], fsdp=fsdp)
+    opt_state, _ = dist.place(mesh, run["opt_state"], fsdp=fsdp)
+    state, _ = dist.place(mesh, run["state"])
+    return params, state, opt_state
+
+
+def _place_data(mesh, a: np.ndarray):
+    """A whole host array on the device once (on a mesh: a copy on every device, built from the
+    host array each process holds, so it also works across processes)."""
+    if mesh is None:
+        return jnp.asarray(a)
+    from . import distributed as dist
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, dist.replicated(mesh), lambda index: a[index])
+
+
+def _order_fn(n: int, mesh):
+    """``order(data_key, epoch)``: :func:`epoch_order` computed on the device (replicated on a mesh)."""
+    def order(data_key, epoch):
+        return jax.random.permutation(jax.random.fold_in(data_key, epoch), n)
+
+    if mesh is None:
+        return jax.jit(order)
+    from . import distributed as dist
+    return jax.jit(order, out_shardings=dist.replicated(mesh))
 
 
 def _copy(tree):
@@ -502,6 +675,9 @@ def add_arguments(p) -> None:
     p.add_argument("--devices", type=int, default=None,
                    help="data-parallel over this many devices (a mesh over a 'data' axis)")
     p.add_argument("--fsdp", action="store_true", help="with --devices: shard params and optimizer state")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype of the forward and backward; params, optimizer state and the "
+                        "loss stay float32 (master weights)")
     p.add_argument("--out", default=None, help="run directory (default: runs/MODEL-DATASET-sSEED)")
     p.add_argument("--metrics-format", choices=["jsonl", "csv"], default="jsonl", help="metrics file format")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -540,7 +716,7 @@ def command(args) -> int:
     optimizer = make_optimizer(args.optimizer, args.lr, args.schedule, args.weight_decay, total_steps)
     print(f"bpjax train: {args.model} on {args.dataset} ({data.x_train.shape[0]} train, "
           f"{data.x_test.shape[0]} test), {args.epochs} epochs of batch {args.batch_size}, "
-          f"{args.optimizer} lr {args.lr:g} ({args.schedule}), device {jax.devices()[0].platform}, "
+          f"{args.optimizer} lr {args.lr:g} ({args.schedule}), {args.dtype}, device {jax.devices()[0].platform}, "
           f"writing to {out}")
     metrics = out / f"metrics.{args.metrics_format}"
     try:
@@ -550,14 +726,15 @@ def command(args) -> int:
                      checkpoint_dir=out / "checkpoints", resume=args.resume, metrics_path=metrics,
                      plot_path=None if args.no_plot else out / "curves.png",
                      progress=not args.no_progress,
-                     mesh=make_mesh(args.devices) if args.devices else None, fsdp=args.fsdp)
+                     mesh=make_mesh(args.devices) if args.devices else None, fsdp=args.fsdp,
+                     compute_dtype=None if args.dtype == "float32" else jnp.dtype(args.dtype))
     except TrainingError as e:
         print(f"bpjax train: {e}", file=sys.stderr)
         return 1
     if result.interrupted_by:
         print(f"bpjax train: stopped by {result.interrupted_by}; run again with --resume to continue")
         return 128 + int(getattr(signal, result.interrupted_by))
-    summary = {"model": args.model, "dataset": args.dataset, "seed": args.seed,
+    summary = {"model": args.model, "dataset": args.dataset, "seed": args.seed, "dtype": args.dtype,
                "epochs_run": len(result.history), "best_epoch": result.best_epoch,
                "stopped_early": result.stopped_early, "seconds": round(result.seconds, 2),
                **{f"test_{k}": v for k, v in result.test.items()}}
