@@ -34,16 +34,41 @@ def profile(model: str, *, autodiff: bool = False, steps: int = 3, top: int = 25
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
             run(steps)
-        (path,) = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
-        with gzip.open(path) as f:
-            trace = json.load(f)
+        return op_table(d, steps=steps, top=top)
+
+
+def op_table(trace_dir: str, *, steps: int = 1, top: int = 25, xla_only: bool = False):
+    """The newest ``jax.profiler`` trace under ``trace_dir``, summed per operation:
+    ``[(ms per step, calls per step, operation name)]``, the most expensive first.
+
+    Every complete event counts, Python frames (``$...``) and the CPU executor's wait left out.
+    ``xla_only`` keeps only the events that name an XLA operation (``args["hlo_op"]``), those
+    on an accelerator (a ``/device:...`` process) if there are any, and groups by that name;
+    without such events it falls back to the accelerator's events, then to every event."""
+    paths = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    if not paths:
+        raise FileNotFoundError(f"op_table: no *.trace.json.gz under {trace_dir!r}")
+    with gzip.open(max(paths, key=os.path.getmtime)) as f:
+        trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    complete = [e for e in events if e.get("ph") == "X" and "dur" in e
+                and not e.get("name", "").startswith(("$", "ThunkExecutor"))]
+    name_of = lambda e: e.get("name", "")                          # noqa: E731
+    if xla_only:
+        device = {e.get("pid") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                  and str(e.get("args", {}).get("name", "")).startswith("/device:")}
+        on_device = [e for e in complete if e.get("pid") in device]
+        ops = lambda es: [e for e in es if (e.get("args") or {}).get("hlo_op")]   # noqa: E731
+        for chosen in (ops(on_device), ops(complete)):
+            if chosen:
+                complete, name_of = chosen, lambda e: e["args"]["hlo_op"]          # noqa: E731
+                break
+        else:
+            complete = on_device or complete
     total, calls = collections.Counter(), collections.Counter()
-    for e in events:
-        name = e.get("name", "")
-        if e.get("ph") == "X" and "dur" in e and not name.startswith(("$", "ThunkExecutor")):
-            total[name] += e["dur"]
-            calls[name] += 1
+    for e in complete:
+        total[name_of(e)] += e["dur"]
+        calls[name_of(e)] += 1
     return [(us / steps / 1e3, calls[name] / steps, name) for name, us in total.most_common(top)]
 
 
