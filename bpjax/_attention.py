@@ -6,6 +6,12 @@ Attention has two backward passes. The standard one saves the attention probabil
 (``lean=True``, the flash-attention idea) saves only the per-row log-sum-exp of the scores,
 (N, heads, T): its forward runs an online softmax over blocks of keys, and its backward
 recomputes P block by block, so no (T × T) array ever exists, only (T × block) ones.
+
+Mixed precision: for bfloat16 q, k, v the scores, the softmax (its max, sum and log-sum-exp),
+the softmax's backward and the lean passes' running sums (ℓ, the output accumulator, dQ) are
+float32 (``accumulation_dtype``), every product accumulates in float32
+(``preferred_element_type``), and what is stored or returned (P, O, dQ, dK, dV) is bfloat16.
+For float32 and float64 nothing changes.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from jax import lax
 
 from . import initializers
 from ._basic import dense, gelu
-from ._core import Layer, check_float_input, check_positive_int, make_layer
+from ._core import Layer, accumulation_dtype, check_float_input, check_positive_int, make_layer, sum_acc
 from ._norm import layer_norm
 from ._structure import embedding
 
@@ -38,6 +44,11 @@ def _masked(dtype):
     return jnp.finfo(dtype).min
 
 
+def _dot(spec, a, b, acc):
+    """einsum(spec, a, b) accumulated in, and returned as, ``acc`` (float32 for bfloat16)."""
+    return jnp.einsum(spec, a, b, preferred_element_type=acc)
+
+
 def _allowed(mask, causal, t_q, t_k):
     """Boolean (·, ·, T_q, T_k) of the (query, key) pairs that may attend, or None for all.
 
@@ -54,13 +65,14 @@ def _allowed(mask, causal, t_q, t_k):
 def _attention_forward(q, k, v, allowed, scale, *, user_mask):
     """The standard forward: o = softmax(q kᵀ·scale) v; returns o and P (N, h, T, T).
     ``user_mask``: rows may have no allowed key (causal masking alone always allows key 0)."""
-    s = jnp.einsum("nhqd,nhkd->nhqk", q, k) * scale                # (N, h, T, T)
+    acc = accumulation_dtype(q.dtype)
+    s = _dot("nhqd,nhkd->nhqk", q, k, acc) * scale                 # (N, h, T, T)
     if allowed is not None:
         s = jnp.where(allowed, s, _masked(s.dtype))
-    p = jax.nn.softmax(s, axis=-1)                                 # (N, h, T, T)
+    p = jax.nn.softmax(s, axis=-1).astype(q.dtype)                 # (N, h, T, T)
     if user_mask:                                                  # rows with no allowed key: 0
         p = jnp.where(jnp.any(allowed, axis=-1, keepdims=True), p, 0)
-    return jnp.einsum("nhqk,nhkd->nhqd", p, v), p                  # (N, h, T, d)
+    return _dot("nhqk,nhkd->nhqd", p, v, acc).astype(q.dtype), p   # (N, h, T, d)
 
 
 def _attention_backward(do, q, k, v, p, scale):
@@ -72,12 +84,14 @@ def _attention_backward(do, q, k, v, p, scale):
 
     A disallowed score is a constant, so its dS is 0 (P is 0 there already).
     """
-    dv = jnp.einsum("nhqk,nhqd->nhkd", p, do)                      # (N, h, T, d)
-    dp = jnp.einsum("nhqd,nhkd->nhqk", do, v)                      # (N, h, T, T)
-    ds = p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))        # (N, h, T, T)
-    dq = jnp.einsum("nhqk,nhkd->nhqd", ds, k) * scale              # (N, h, T, d)
-    dk = jnp.einsum("nhqk,nhqd->nhkd", ds, q) * scale              # (N, h, T, d)
-    return dq, dk, dv
+    acc, lo = accumulation_dtype(q.dtype), q.dtype
+    dv = _dot("nhqk,nhqd->nhkd", p, do, acc)                       # (N, h, T, d)
+    dp = _dot("nhqd,nhkd->nhqk", do, v, acc)                       # (N, h, T, T)
+    pf = p.astype(acc)
+    ds = (pf * (dp - jnp.sum(dp * pf, axis=-1, keepdims=True))).astype(lo)  # (N, h, T, T)
+    dq = _dot("nhqk,nhkd->nhqd", ds, k, acc) * scale               # (N, h, T, d)
+    dk = _dot("nhqk,nhqd->nhkd", ds, q, acc) * scale               # (N, h, T, d)
+    return dq.astype(lo), dk.astype(lo), dv.astype(lo)
 
 
 def _key_blocks(k, v, mask, block):
@@ -106,7 +120,7 @@ def _key_blocks(k, v, mask, block):
 
 def _block_scores(q, k_j, m_j, start, valid_j, causal, scale):
     """Scores of every query against one block of keys, masked: (N, h, T, b)."""
-    s = jnp.einsum("nhqd,nhkd->nhqk", q, k_j) * scale              # (N, h, T, b)
+    s = _dot("nhqd,nhkd->nhqk", q, k_j, accumulation_dtype(q.dtype)) * scale   # (N, h, T, b)
     allowed = m_j
     if causal:
         qi = lax.broadcasted_iota(jnp.int32, s.shape[-2:], 0)
@@ -123,8 +137,10 @@ def _lean_forward(q, k, v, mask, causal, scale, block):
     Carries, per query row, the running max m, the running sum ℓ = Σ e^{s − m} and the running
     unnormalised output acc = Σ e^{s − m} v; each block rescales them by e^{m_old − m_new}.
     Returns o (N, h, T, d) and L = m + log ℓ (N, h, T), the log-sum-exp the backward needs.
-    A row with no allowed key (m is the mask value) gets o = 0 and L = +∞, so P = e^{S−L} = 0."""
+    A row with no allowed key (m is the mask value) gets o = 0 and L = +∞, so P = e^{S−L} = 0.
+    m, ℓ, acc and L are float32 for bfloat16 q (o is returned in q's dtype)."""
     kb, vb, mb, starts, valid = _key_blocks(k, v, mask, block)
+    f = accumulation_dtype(q.dtype)
 
     def step(carry, blk):
         m, l, acc = carry
@@ -134,16 +150,15 @@ def _lean_forward(q, k, v, mask, causal, scale, block):
         a = jnp.exp(m - m_new)                                     # rescales the old sums
         p = jnp.exp(s - m_new[..., None])                          # (N, h, T, b)
         l = a * l + p.sum(axis=-1)
-        acc = a[..., None] * acc + jnp.einsum("nhqk,nhkd->nhqd", p, v_j)
+        acc = a[..., None] * acc + _dot("nhqk,nhkd->nhqd", p.astype(v_j.dtype), v_j, f)
         return (m_new, l, acc), None
 
     n, h, t, d = q.shape
-    init = (jnp.full((n, h, t), -jnp.inf, q.dtype), jnp.zeros((n, h, t), q.dtype),
-            jnp.zeros((n, h, t, d), q.dtype))
+    init = (jnp.full((n, h, t), -jnp.inf, f), jnp.zeros((n, h, t), f), jnp.zeros((n, h, t, d), f))
     (m, l, acc), _ = lax.scan(step, init, (kb, vb, mb, starts, valid))
     has_key = m > _masked(m.dtype)                                 # (N, h, T)
     o = jnp.where(has_key[..., None], acc / l[..., None], 0)       # (N, h, T, d)
-    return o, jnp.where(has_key, m + jnp.log(l), jnp.inf)
+    return o.astype(q.dtype), jnp.where(has_key, m + jnp.log(l), jnp.inf)
 
 
 def _lean_backward(do, q, k, v, o, lse, mask, causal, scale, block):
@@ -152,29 +167,34 @@ def _lean_backward(do, q, k, v, o, lse, mask, causal, scale, block):
         δ = rowsum(dO ⊙ O)  (= rowsum(dP ⊙ P), so the softmax JVP needs no full row of P)
         per block j:  dV_j = P_jᵀ dO      dP_j = dO V_jᵀ      dS_j = P_j ⊙ (dP_j − δ)
                       dQ += dS_j K_j · scale                  dK_j = dS_jᵀ Q · scale
+
+    δ, P_j, dS_j and the running dQ are float32 for bfloat16 (P_j and dS_j enter the products
+    in bfloat16); dQ, dK, dV are returned in q's dtype.
     """
     t = k.shape[2]
+    lo, f = q.dtype, accumulation_dtype(q.dtype)
     kb, vb, mb, starts, valid = _key_blocks(k, v, mask, block)
-    delta = jnp.sum(do * o, axis=-1, keepdims=True)                # (N, h, T, 1)
+    dof = do.astype(f)
+    delta = jnp.sum(dof * o.astype(f), axis=-1, keepdims=True)     # (N, h, T, 1)
 
     def step(dq, blk):
         k_j, v_j, m_j, start, valid_j = blk
         s = _block_scores(q, k_j, m_j, start, valid_j, causal, scale)      # (N, h, T, b)
         p = jnp.exp(s - lse[..., None])                            # (N, h, T, b)
-        dv_j = jnp.einsum("nhqk,nhqd->nhkd", p, do)                # (N, h, b, d)
-        dp = jnp.einsum("nhqd,nhkd->nhqk", do, v_j)                # (N, h, T, b)
-        ds = p * (dp - delta)                                      # (N, h, T, b)
-        dq = dq + jnp.einsum("nhqk,nhkd->nhqd", ds, k_j) * scale   # (N, h, T, d)
-        dk_j = jnp.einsum("nhqk,nhqd->nhkd", ds, q) * scale        # (N, h, b, d)
-        return dq, (dk_j, dv_j)
+        dv_j = _dot("nhqk,nhqd->nhkd", p.astype(lo), do, f)        # (N, h, b, d)
+        dp = _dot("nhqd,nhkd->nhqk", do, v_j, f)                   # (N, h, T, b)
+        ds = (p * (dp - delta)).astype(lo)                         # (N, h, T, b)
+        dq = dq + _dot("nhqk,nhkd->nhqd", ds, k_j, f) * scale      # (N, h, T, d)
+        dk_j = _dot("nhqk,nhqd->nhkd", ds, q, f) * scale           # (N, h, b, d)
+        return dq, (dk_j.astype(lo), dv_j.astype(lo))
 
-    dq, (dkb, dvb) = lax.scan(step, jnp.zeros_like(q), (kb, vb, mb, starts, valid))
+    dq, (dkb, dvb) = lax.scan(step, jnp.zeros_like(q, dtype=f), (kb, vb, mb, starts, valid))
 
     def uncut(a):                                                  # (B, N, h, b, d) -> (N, h, T, d)
         a = jnp.moveaxis(a, 0, 2)
         return a.reshape(*a.shape[:2], -1, a.shape[-1])[:, :, :t]
 
-    return dq, uncut(dkb), uncut(dvb)
+    return dq.astype(lo), uncut(dkb), uncut(dvb)
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -266,8 +286,9 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, masked: bool =
     def backward(params, res, dy):
         x, q, k, v, om = res["x"], res["q"], res["k"], res["v"], res["om"]
         scale = 1.0 / math.sqrt(q.shape[-1])
-        dparams = {"w_o": jnp.einsum("ntd,nte->de", om, dy),       # (D, D)
-                   "b_o": dy.sum(axis=(0, 1))}                     # (D,)
+        acc = accumulation_dtype(dy.dtype)                         # float32 sums for bfloat16
+        dparams = {"w_o": _dot("ntd,nte->de", om, dy, acc),        # (D, D)
+                   "b_o": sum_acc(dy, axis=(0, 1))}                # (D,)
         do = split_heads(dy @ params["w_o"].T)                     # (N, h, T, d)
         if lean:
             dq, dk, dv = _lean_backward(do, q, k, v, res["o"], res["lse"], res.get("mask"), causal,
@@ -275,8 +296,8 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, masked: bool =
         else:
             dq, dk, dv = _attention_backward(do, q, k, v, res["p"], scale)
         dqkv = jnp.concatenate([merge_heads(a) for a in (dq, dk, dv)], axis=-1)   # (N, T, 3D)
-        dparams["w_qkv"] = jnp.einsum("ntd,nte->de", x, dqkv)      # (D, 3D)
-        dparams["b_qkv"] = dqkv.sum(axis=(0, 1))                   # (3D,)
+        dparams["w_qkv"] = _dot("ntd,nte->de", x, dqkv, acc)       # (D, 3D)
+        dparams["b_qkv"] = sum_acc(dqkv, axis=(0, 1))              # (3D,)
         dx = dqkv @ params["w_qkv"].T                              # (N, T, D)
         return dparams, ((dx, None) if masked else dx)
 
@@ -460,7 +481,8 @@ def gpt(vocab_size: int, *, dim: int, num_heads: int, num_layers: int, max_len: 
     def backward(params, res, dz):
         table = params["tok"]["table"]                                     # (V, D)
         hf = res["hf"]
-        d_table_out = jnp.einsum("ntv,ntd->vd", dz, hf)                    # (V, D) the unembedding's
+        acc = accumulation_dtype(dz.dtype)                                 # float32 sums for bfloat16
+        d_table_out = jnp.einsum("ntv,ntd->vd", dz, hf, preferred_element_type=acc)  # (V, D) unembedding's
         dh = dz @ table                                                    # (N, T, D)
         d_ln_f, dh = ln_f.backward(params["ln_f"], res["ln_f"], dh)        # (N, T, D)
 
@@ -471,7 +493,7 @@ def gpt(vocab_size: int, *, dim: int, num_heads: int, num_layers: int, max_len: 
 
         dh, d_blocks = lax.scan(back_block, dh, (params["blocks"], res["blocks"]), reverse=True)
         t = dh.shape[1]
-        d_pos = jnp.zeros_like(params["pos"], dtype=dh.dtype).at[:t].set(dh.sum(axis=0))  # (max_len, D)
+        d_pos = jnp.zeros_like(params["pos"], dtype=acc).at[:t].set(sum_acc(dh, axis=0))  # (max_len, D)
         d_tok, _ = tok.backward(params["tok"], res["tok"], dh)             # scatter-add, (V, D)
         d_tok = {"table": d_tok["table"] + d_table_out}                    # tied: both uses add
         return {"tok": d_tok, "pos": d_pos, "blocks": d_blocks, "ln_f": d_ln_f}, None

@@ -9,7 +9,8 @@ from jax import lax
 from jax.scipy.special import erf
 
 from . import initializers
-from ._core import Layer, check_positive_int, check_real, make_layer, matmul, matmul_tn
+from ._core import (Layer, accumulation_dtype, check_positive_int, check_real, make_layer, matmul,
+                    matmul_tn, sum_acc)
 
 __all__ = [
     "dense", "identity", "relu", "leaky_relu", "elu", "sigmoid", "tanh", "softplus", "gelu",
@@ -33,6 +34,8 @@ def dense(out_dim: int, *, use_bias: bool = True, w_init="glorot_uniform", b_ini
         dW = xᵀ dy             (D_in, D_out)   x, dy flattened to (M, D_in), (M, D_out)
         db = Σ_rows dy         (D_out,)
         dx = dy Wᵀ             (..., D_in)
+
+    dW and db are summed over the M rows in float32 for bfloat16 inputs (``accumulation_dtype``).
 
     Params: ``{"w": (D_in, D_out), "b": (D_out,)}`` (no ``"b"`` when ``use_bias=False``).
     ``w_init`` defaults to Glorot-uniform, ``b_init`` to zeros; see :mod:`bpjax.initializers`.
@@ -60,9 +63,9 @@ def dense(out_dim: int, *, use_bias: bool = True, w_init="glorot_uniform", b_ini
         (x,) = res
         x2 = x.reshape(-1, x.shape[-1])                     # (M, D_in)
         dy2 = dy.reshape(-1, dy.shape[-1])                  # (M, D_out)
-        dparams = {"w": matmul_tn(x2, dy2)}                 # (D_in, D_out) = x2ᵀ dy2
+        dparams = {"w": matmul_tn(x2, dy2)}                 # (D_in, D_out) = x2ᵀ dy2, float32 sum
         if use_bias:
-            dparams["b"] = dy2.sum(axis=0)                  # (D_out,)
+            dparams["b"] = sum_acc(dy2, axis=0)             # (D_out,)
         dx = dy @ params["w"].T                             # (..., D_in)
         return dparams, dx
 
@@ -202,18 +205,22 @@ def softmax() -> Layer:
 
     Forward::  y_i = e^{x_i} / Σ_j e^{x_j}          x, y (N, ..., K)
     Backward:: dx = y ⊙ (dy − Σ_j dy_j y_j)          (N, ..., K)  (the Jacobian-vector product)
+
+    Both computed in float32 for bfloat16 x (``accumulation_dtype``), returned in x's dtype.
     """
 
     def init(key, in_shape):
         return (), (), in_shape
 
     def forward(params, state, x, *, key=None, train=True):
-        y = jax.nn.softmax(x, axis=-1)
+        y = jax.nn.softmax(x.astype(accumulation_dtype(x.dtype)), axis=-1).astype(x.dtype)
         return y, state, (y,)
 
     def backward(params, res, dy):
         (y,) = res
-        return (), y * (dy - jnp.sum(dy * y, axis=-1, keepdims=True))
+        acc = accumulation_dtype(y.dtype, dy.dtype)
+        yf, dyf = y.astype(acc), dy.astype(acc)
+        return (), (yf * (dyf - jnp.sum(dyf * yf, axis=-1, keepdims=True))).astype(y.dtype)
 
     return make_layer("softmax", init, forward, backward, check=_check_classes("softmax"), min_ndim=2,
                       meaning="(batch, ..., classes)")
@@ -224,19 +231,24 @@ def log_softmax() -> Layer:
 
     Forward::  y = x − max x − log Σ_j e^{x_j − max x}     x, y (N, ..., K)
     Backward:: dx = dy − softmax(x) Σ_j dy_j = dy − eʸ Σ_j dy_j     (N, ..., K)
+
+    Both computed in float32 for bfloat16 x (``accumulation_dtype``), returned in x's dtype.
     """
 
     def init(key, in_shape):
         return (), (), in_shape
 
     def forward(params, state, x, *, key=None, train=True):
-        shifted = x - lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+        xf = x.astype(accumulation_dtype(x.dtype))
+        shifted = xf - lax.stop_gradient(jnp.max(xf, axis=-1, keepdims=True))
         y = shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
-        return y, state, (y,)
+        return y.astype(x.dtype), state, (y.astype(x.dtype),)
 
     def backward(params, res, dy):
         (y,) = res
-        return (), dy - jnp.exp(y) * jnp.sum(dy, axis=-1, keepdims=True)
+        acc = accumulation_dtype(y.dtype, dy.dtype)
+        dyf = dy.astype(acc)
+        return (), (dyf - jnp.exp(y.astype(acc)) * jnp.sum(dyf, axis=-1, keepdims=True)).astype(y.dtype)
 
     return make_layer("log_softmax", init, forward, backward, check=_check_classes("log_softmax"),
                       min_ndim=2, meaning="(batch, ..., classes)")

@@ -26,7 +26,7 @@ import numpy as np
 from jax import lax
 
 from . import initializers
-from ._core import Layer, check_positive_int, make_layer, matmul_tn
+from ._core import Layer, accumulation_dtype, check_positive_int, make_layer, matmul_tn, sum_acc
 
 __all__ = ["conv", "conv_transpose"]
 
@@ -266,6 +266,9 @@ def _conv_dw(x, dy, kernel, *, strides, pads, in_dilation, dilation, groups):
     forward 1.9 ms, autodiff (vjp) dW 2.8 ms, the lax dW 3.8 ms, the views 4.9 ms. The lax dW falls
     behind in 2-D once N·∏O·C_out grows (14×14×32 channels, batch 128, and up); in 1-D it kept
     up at every size tried (up to length 2000).
+
+    Either way the sums over n and o are accumulated, and dW returned, in ``accumulation_dtype``
+    (float32 for bfloat16 x and dy).
     """
     r = x.ndim - 2
     out = dy.shape[1:-1]
@@ -281,7 +284,8 @@ def _conv_dw(x, dy, kernel, *, strides, pads, in_dilation, dilation, groups):
                                       out_spec=(r, r + 1, *range(r)))      # dW: (*K, C_in/G, C_out)
         return lax.conv_general_dilated(x, dy, window_strides=dilation, padding=pads,
                                         lhs_dilation=in_dilation, rhs_dilation=strides,
-                                        dimension_numbers=dn, batch_group_count=groups)
+                                        dimension_numbers=dn, batch_group_count=groups,
+                                        preferred_element_type=accumulation_dtype(x.dtype, dy.dtype))
     c_in, c_out = x.shape[-1], dy.shape[-1]
     m = math.prod(dy.shape[:-1])
     cfg = [(0, 0, 0), *((lo, hi, u - 1) for (lo, hi), u in zip(pads, in_dilation)), (0, 0, 0)]
@@ -302,7 +306,8 @@ def _conv_dw(x, dy, kernel, *, strides, pads, in_dilation, dilation, groups):
         if groups == 1:
             return None, matmul_tn(v.reshape(m, c_in), dy.reshape(m, c_out))  # (C_in, C_out)
         v = v.reshape(m, groups, c_in // groups)                              # (M, G, C_in/G)
-        return None, jnp.einsum("mgi,mgo->igo", v, dy2).reshape(c_in // groups, c_out)  # (C_in/G, C_out)
+        dw_k = jnp.einsum("mgi,mgo->igo", v, dy2, preferred_element_type=accumulation_dtype(v.dtype, dy2.dtype))
+        return None, dw_k.reshape(c_in // groups, c_out)                     # (C_in/G, C_out)
 
     _, dw = lax.scan(one_offset, None, kappas)                                # (∏K, C_in/G, C_out)
     return dw.reshape(*kernel, c_in // groups, c_out)                         # (*K, C_in/G, C_out)
@@ -419,8 +424,8 @@ def _conv_dx_columns(dy, y, w, x_shape, *, activation, strides, pads, in_dilatio
 
 @functools.partial(jax.jit, static_argnames=("kernel", "activation", *_COLUMN_GEOMETRY))
 def _conv_dw_columns(x, dy, y, kernel, *, activation, strides, pads, in_dilation, dilation):
-    """dW and db by columns: Σ over chunks of colsᵀ · dz and of dz, in a lax.scan.
-                                                               ((*K, C_in, C_out), (C_out,))"""
+    """dW and db by columns: Σ over chunks of colsᵀ · dz and of dz, in a lax.scan whose running
+    sums are float32 for bfloat16 (``accumulation_dtype``).   ((*K, C_in, C_out), (C_out,))"""
     out, c_in, c_out = dy.shape[1:-1], x.shape[-1], dy.shape[-1]
     rows = math.prod(kernel) * c_in
     b = _chunk(x.shape[0], math.prod(out) * rows * x.dtype.itemsize)
@@ -431,10 +436,10 @@ def _conv_dw_columns(x, dy, y, kernel, *, activation, strides, pads, in_dilation
         dz = _error(dyb, yb, activation).reshape(-1, c_out)                  # (b·∏O, C_out)
         cols = _columns(xb, kernel, out, strides=strides, pads=pads, in_dilation=in_dilation,
                         dilation=dilation)                                     # (b·∏O, ∏K·C_in)
-        return (acc[0] + matmul_tn(cols, dz), acc[1] + dz.sum(axis=0)), None
+        return (acc[0] + matmul_tn(cols, dz), acc[1] + sum_acc(dz, axis=0)), None
 
     chunks = [a.reshape(n // b, b, *a.shape[1:]) for a in (x, dy, *([] if y is None else [y]))]
-    dtype = jnp.result_type(x, dy)
+    dtype = accumulation_dtype(x.dtype, dy.dtype)
     (dw, db), _ = lax.scan(one, (jnp.zeros((rows, c_out), dtype), jnp.zeros((c_out,), dtype)), chunks)
     return dw.reshape(*kernel, c_in, c_out), db
 
@@ -549,7 +554,7 @@ def _conv_layer(name, out_channels, kernel_size, strides, padding, dilation, gro
                 dw, db = _conv_dw_columns(xc, dz, None, g["kernel"], activation=None, **opts)
             else:
                 dw = _conv_dw(xc, dz, g["kernel"], groups=groups, **opts)
-                db = dz.sum(axis=tuple(range(dz.ndim - 1)))
+                db = sum_acc(dz, axis=tuple(range(dz.ndim - 1)))
             dx = _conv_dx(dz, w, x.shape, groups=groups, **opts)
         dparams = {"w": dw}                                                   # (*K, C_in/G, C_out)
         if use_bias:
@@ -604,6 +609,7 @@ def conv(out_channels: int, kernel_size, *, strides=1, padding="SAME", dilation=
     dx is the transposed convolution of dy: dy with s − 1 zeros between neighbours and
     k' − 1 − lo zeros before, correlated with W flipped along its spatial axes and with its
     channel axes swapped (per group).
+    db and dW are summed in float32 for bfloat16 (``accumulation_dtype``).
 
     ``impl`` picks how the three are computed. ``'lax'``: the forward and dx are ``lax``
     convolutions; dW is one ``lax`` convolution for 1 spatial axis, and a matrix product per

@@ -1,11 +1,17 @@
-"""Losses, each with its hand-written derivative: the error at the output of the network."""
+"""Losses, each with its hand-written derivative: the error at the output of the network.
+
+Mixed precision: every loss computes its value in ``accumulation_dtype`` (float32 for bfloat16
+predictions, the dtype itself for float32 and float64), so the mean over the batch and the
+log-sum-exp keep float32's precision, and returns the error at the output in the predictions'
+dtype, so the backward of the network runs in that dtype.
+"""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._core import Loss, check_real, concrete, make_loss, num_rows
+from ._core import Loss, accumulation_dtype, check_real, concrete, make_loss, num_rows
 
 __all__ = ["squared_error", "mean_squared_error", "softmax_cross_entropy",
            "sigmoid_binary_cross_entropy", "huber"]
@@ -31,6 +37,12 @@ def _same_shape(name):
     return check
 
 
+def _residual(pred, target):
+    """r = y − y' in the accumulation dtype of both (float32 for bfloat16 predictions)."""
+    acc = accumulation_dtype(pred.dtype, target.dtype)
+    return pred.astype(acc) - target.astype(acc)
+
+
 def squared_error() -> Loss:
     """The textbook loss: half the squared Euclidean distance, averaged over the n examples.
 
@@ -39,12 +51,12 @@ def squared_error() -> Loss:
     """
 
     def forward(pred, target):
-        r = pred - target                                   # (n, ...)
-        return 0.5 * jnp.sum(r * r) / pred.shape[0], (r,)
+        r = _residual(pred, target)                         # (n, ...) in float32 for bfloat16
+        return 0.5 * jnp.sum(r * r) / pred.shape[0], (r.astype(pred.dtype),)
 
     def backward(res, dvalue):
         (r,) = res
-        return r * (dvalue / r.shape[0])
+        return (r * (dvalue / r.shape[0])).astype(r.dtype)
 
     return make_loss("squared_error", forward, backward, check=_same_shape("squared_error"))
 
@@ -57,12 +69,12 @@ def mean_squared_error() -> Loss:
     """
 
     def forward(pred, target):
-        r = pred - target
-        return jnp.mean(r * r), (r,)
+        r = _residual(pred, target)
+        return jnp.mean(r * r), (r.astype(pred.dtype),)
 
     def backward(res, dvalue):
         (r,) = res
-        return r * (2 * dvalue / r.size)
+        return (r * (2 * dvalue / r.size)).astype(r.dtype)
 
     return make_loss("mean_squared_error", forward, backward, check=_same_shape("mean_squared_error"))
 
@@ -78,14 +90,14 @@ def huber(delta: float = 1.0) -> Loss:
         raise ValueError(f"huber: expected delta > 0, got {delta!r}")
 
     def forward(pred, target):
-        r = pred - target
+        r = _residual(pred, target)
         a = jnp.abs(r)
         quad = jnp.minimum(a, delta)
-        return jnp.mean(0.5 * quad * quad + delta * (a - quad)), (r,)
+        return jnp.mean(0.5 * quad * quad + delta * (a - quad)), (r.astype(pred.dtype),)
 
     def backward(res, dvalue):
         (r,) = res
-        return jnp.clip(r, -delta, delta) * (dvalue / r.size)
+        return (jnp.clip(r, -delta, delta) * (dvalue / r.size)).astype(r.dtype)
 
     return make_loss("huber", forward, backward, check=_same_shape("huber"))
 
@@ -99,6 +111,9 @@ def softmax_cross_entropy(label_smoothing: float = 0.0) -> Loss:
     Forward::   log p = z − logsumexp(z)   (stable for large logits)
                 L = −(1/n) Σ_rows Σ_k t_k log p_k          z (..., K), n = rows
     Backward::  dL/dz = dL · (p Σ_k t_k − t) / n             (..., K)   (= p − t for rows summing to 1)
+
+    log p, L and dL/dz are computed in float32 for bfloat16 logits; log p is saved, and dL/dz
+    returned, in the logits' dtype.
     """
     eps = check_real("softmax_cross_entropy", "label_smoothing", label_smoothing)
     if not 0.0 <= eps < 1.0:
@@ -106,25 +121,28 @@ def softmax_cross_entropy(label_smoothing: float = 0.0) -> Loss:
 
     def forward(logits, target):
         k = logits.shape[-1]
-        logp = jax.nn.log_softmax(logits, axis=-1)                          # (..., K)
+        acc = accumulation_dtype(logits.dtype)
+        logp = jax.nn.log_softmax(logits.astype(acc), axis=-1)            # (..., K)
         if jnp.issubdtype(target.dtype, jnp.integer):
             picked = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
             per_row = -(1 - eps) * picked - (eps / k) * jnp.sum(logp, axis=-1)
         else:
-            t = (1 - eps) * target + eps / k
+            t = (1 - eps) * target.astype(accumulation_dtype(acc, target.dtype)) + eps / k
             per_row = -jnp.sum(t * logp, axis=-1)
-        return jnp.mean(per_row), (logp, target)
+        return jnp.mean(per_row), (logp.astype(logits.dtype), target)
 
     def backward(res, dvalue):
         logp, target = res
         k = logp.shape[-1]
+        acc = accumulation_dtype(logp.dtype)
+        p = jnp.exp(logp.astype(acc))                                   # (..., K)
         if jnp.issubdtype(target.dtype, jnp.integer):
-            t = (1 - eps) * (target[..., None] == jnp.arange(k)).astype(logp.dtype) + eps / k
-            dz = jnp.exp(logp) - t                                      # Σ_k t_k = 1
+            t = (1 - eps) * (target[..., None] == jnp.arange(k)).astype(acc) + eps / k
+            dz = p - t                                                  # Σ_k t_k = 1
         else:
-            t = (1 - eps) * target + eps / k
-            dz = jnp.exp(logp) * jnp.sum(t, axis=-1, keepdims=True) - t  # exact for any row sum
-        return dz * (dvalue / num_rows(logp.shape, trailing=1))
+            t = (1 - eps) * target.astype(accumulation_dtype(acc, target.dtype)) + eps / k
+            dz = p * jnp.sum(t, axis=-1, keepdims=True) - t             # exact for any row sum
+        return (dz * (dvalue / num_rows(logp.shape, trailing=1))).astype(logp.dtype)
 
     def check(pred, target):
         name = "softmax_cross_entropy"
@@ -158,22 +176,32 @@ def softmax_cross_entropy(label_smoothing: float = 0.0) -> Loss:
     return make_loss("softmax_cross_entropy", forward, backward, check=check)
 
 
+def _widened(pred, target):
+    """pred and target in their accumulation dtype (float32 for bfloat16)."""
+    acc = accumulation_dtype(pred.dtype, target.dtype)
+    return pred.astype(acc), target.astype(acc)
+
+
 def sigmoid_binary_cross_entropy() -> Loss:
     """Binary cross-entropy on logits, mean over every element (each is one binary example).
 
     Forward::   ℓ = max(z, 0) − z t + log(1 + e^{−|z|})     (= −t log σ(z) − (1−t) log(1−σ(z)))
                 L = (1/S) Σ ℓ                               z, t (N, ...), t ∈ [0, 1]
     Backward::  dL/dz = dL · (σ(z) − t) / S
+
+    Both computed in float32 for bfloat16 logits; dL/dz returned in the logits' dtype.
     """
     name = "sigmoid_binary_cross_entropy"
 
     def forward(logits, target):
-        loss = jnp.maximum(logits, 0) - logits * target + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+        z, t = _widened(logits, target)
+        loss = jnp.maximum(z, 0) - z * t + jnp.log1p(jnp.exp(-jnp.abs(z)))
         return jnp.mean(loss), (logits, target)
 
     def backward(res, dvalue):
         logits, target = res
-        return (jax.nn.sigmoid(logits) - target) * (dvalue / logits.size)
+        z, t = _widened(logits, target)
+        return ((jax.nn.sigmoid(z) - t) * (dvalue / logits.size)).astype(logits.dtype)
 
     def check(pred, target):
         if not jnp.issubdtype(target.dtype, jnp.floating):

@@ -8,13 +8,17 @@ one derivation: with ``x̂ = (x − μ)·rstd``, ``rstd = 1/√(σ² + ε)`` and
 
 that is ``(1/M)·rstd·(M·dx̂ − Σ dx̂ − x̂·Σ(dx̂·x̂))``. ``_standardize`` and
 ``_standardize_backward`` below are that pair; each layer says over which axes.
+
+Mixed precision: for bfloat16 x the statistics (μ, σ², rstd), the backward's two means and the
+parameter gradients Σ_rows are computed in float32 (``accumulation_dtype``); x̂, y and dx are
+stored and returned in x's dtype. For float32 and float64 nothing changes.
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 from jax import lax
 
-from ._core import Layer, check_positive_int, check_real, make_layer
+from ._core import Layer, accumulation_dtype, check_positive_int, check_real, make_layer
 
 __all__ = ["batch_norm", "layer_norm", "rms_norm", "group_norm"]
 
@@ -28,18 +32,38 @@ def _mean(a, axes, axis_name=None):
     return m if axis_name is None else lax.pmean(m, axis_name)
 
 
+def _wide(*arrays):
+    """The arrays in their accumulation dtype (float32 for bfloat16; unchanged otherwise)."""
+    acc = accumulation_dtype(*(a.dtype for a in arrays))
+    return tuple(a.astype(acc) for a in arrays)
+
+
+def _sum_rows(dy, xhat=None):
+    """dβ = Σ_rows dy, or dγ = Σ_rows dy ⊙ x̂ (over every axis but the last), summed in float32
+    for bfloat16."""
+    if xhat is None:
+        (d,) = _wide(dy)
+        return jnp.sum(d, axis=_rows(dy))
+    d, xh = _wide(dy, xhat)
+    return jnp.sum(d * xh, axis=_rows(dy))
+
+
 def _standardize(x, axes, eps, axis_name=None):
-    """x̂ = (x − μ)·rstd with μ, σ² (biased) over ``axes``; returns x̂, μ, σ², rstd."""
-    mu = _mean(x, axes, axis_name)
-    xc = x - mu
+    """x̂ = (x − μ)·rstd with μ, σ² (biased) over ``axes``; returns x̂ (x's dtype) and μ, σ², rstd
+    (float32 for bfloat16 x)."""
+    (xf,) = _wide(x)
+    mu = _mean(xf, axes, axis_name)
+    xc = xf - mu
     var = _mean(xc * xc, axes, axis_name)          # two passes: no cancellation in E[x²] − μ²
     rstd = lax.rsqrt(var + eps)
-    return xc * rstd, mu, var, rstd
+    return (xc * rstd).astype(x.dtype), mu, var, rstd
 
 
 def _standardize_backward(dxhat, xhat, rstd, axes, axis_name=None):
-    """dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)), means over ``axes`` (and devices)."""
-    return rstd * (dxhat - _mean(dxhat, axes, axis_name) - xhat * _mean(dxhat * xhat, axes, axis_name))
+    """dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)), means over ``axes`` (and devices); computed
+    in float32 for bfloat16, returned in dx̂'s dtype."""
+    d, xh = _wide(dxhat, xhat)
+    return (rstd * (d - _mean(d, axes, axis_name) - xh * _mean(d * xh, axes, axis_name))).astype(dxhat.dtype)
 
 
 def _check_eps(name, eps):
@@ -124,8 +148,9 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, *, axis_name=None,
                          for k, s in (("mean", mu), ("var", var))}
             res = {"xhat": xhat, "batch_rstd": rstd}
         else:
-            rstd = lax.rsqrt(state["var"] + eps)                           # (C,)
-            xhat = (x - state["mean"]) * rstd                              # (N, ..., C)
+            xf, mean, var = _wide(x, state["mean"], state["var"])
+            rstd = lax.rsqrt(var + eps)                                    # (C,)
+            xhat = ((xf - mean) * rstd).astype(x.dtype)                    # (N, ..., C)
             new_state = state
             res = {"xhat": xhat, "running_rstd": rstd}
         y = params["scale"] * xhat + params["bias"]                        # (N, ..., C)
@@ -134,11 +159,11 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, *, axis_name=None,
     def backward(params, res, dy):
         xhat = res["xhat"]
         rows = _rows(dy)
-        dparams = {"scale": jnp.sum(dy * xhat, axis=rows),                 # (C,)
-                   "bias": jnp.sum(dy, axis=rows)}                         # (C,)
+        dparams = {"scale": _sum_rows(dy, xhat),                           # (C,)
+                   "bias": _sum_rows(dy)}                                  # (C,)
         dxhat = dy * params["scale"]                                       # (N, ..., C)
         if "running_rstd" in res:                                          # evaluation: affine
-            dx = dxhat * res["running_rstd"]                               # (N, ..., C)
+            dx = (dxhat * res["running_rstd"]).astype(dy.dtype)            # (N, ..., C)
         else:
             dx = _standardize_backward(dxhat, xhat, res["batch_rstd"], rows, axis_name)  # (N, ..., C)
         return dparams, dx
@@ -188,9 +213,8 @@ def layer_norm(eps: float = 1e-5, *, param_dtype=jnp.float32) -> Layer:
 
     def backward(params, res, dy):
         xhat, rstd = res
-        rows = _rows(dy)
-        dparams = {"scale": jnp.sum(dy * xhat, axis=rows),                 # (D,)
-                   "bias": jnp.sum(dy, axis=rows)}                         # (D,)
+        dparams = {"scale": _sum_rows(dy, xhat),                           # (D,)
+                   "bias": _sum_rows(dy)}                                  # (D,)
         dxhat = dy * params["scale"]                                       # (N, ..., D)
         return dparams, _standardize_backward(dxhat, xhat, rstd, (-1,))    # (N, ..., D)
 
@@ -229,16 +253,17 @@ def rms_norm(eps: float = 1e-6, *, param_dtype=jnp.float32) -> Layer:
         return {"scale": jnp.ones((in_shape[-1],), param_dtype)}, (), in_shape
 
     def forward(params, state, x, *, key=None, train=True):
-        rstd = lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)   # (N, ..., 1)
-        xhat = x * rstd                                                    # (N, ..., D)
+        (xf,) = _wide(x)                                                   # float32 for bfloat16
+        rstd = lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps) # (N, ..., 1)
+        xhat = (xf * rstd).astype(x.dtype)                                 # (N, ..., D)
         return params["scale"] * xhat, state, (xhat, rstd)
 
     def backward(params, res, dy):
         xhat, rstd = res
-        dparams = {"scale": jnp.sum(dy * xhat, axis=_rows(dy))}            # (D,)
-        dxhat = dy * params["scale"]                                       # (N, ..., D)
-        dx = rstd * (dxhat - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))  # (N, ..., D)
-        return dparams, dx
+        dparams = {"scale": _sum_rows(dy, xhat)}                           # (D,)
+        d, xh = _wide(dy * params["scale"], xhat)                          # dx̂ (N, ..., D)
+        dx = rstd * (d - xh * jnp.mean(d * xh, axis=-1, keepdims=True))    # (N, ..., D)
+        return dparams, dx.astype(dy.dtype)
 
     def check(params, state, x):
         _check_channels(name, "features", params["scale"].shape[0], x)
@@ -297,9 +322,8 @@ def group_norm(num_groups: int, eps: float = 1e-5, *, param_dtype=jnp.float32) -
 
     def backward(params, res, dy):
         xhat, rstd = res
-        rows = _rows(dy)
-        dparams = {"scale": jnp.sum(dy * xhat, axis=rows),                 # (C,)
-                   "bias": jnp.sum(dy, axis=rows)}                         # (C,)
+        dparams = {"scale": _sum_rows(dy, xhat),                           # (C,)
+                   "bias": _sum_rows(dy)}                                  # (C,)
         dxhat = grouped(dy * params["scale"])                              # (N, S, G, C/G)
         dx = _standardize_backward(dxhat, grouped(xhat), rstd, axes)       # (N, S, G, C/G)
         return dparams, dx.reshape(dy.shape)                               # (N, ..., C)

@@ -20,6 +20,9 @@ forward and the matching step of the backward; the driver does the rest, the sam
   ``(1 − m_t) ⊙ dh_t`` straight through to ``h_{t−1}``.
 * **Initial state**: zeros, or given per example as part of the input (``initial_state=True``);
   its gradient is then returned with ``dx``.
+* **Mixed precision**: for bfloat16 inputs the weight gradients, the running ``dW_h`` of the
+  reverse scan included, are summed in float32 (``accumulation_dtype``), each step's
+  ``h_{t−1}ᵀ dgh`` a float32 product; the states and their gradients stay bfloat16.
 
 Inputs are ``x`` (N, T, D), or a tuple when the layer is built with ``masked=True`` and/or
 ``initial_state=True``: ``(x, mask)``, ``(x, h0)`` (``(x, h0, c0)`` for the LSTM) or
@@ -35,7 +38,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import initializers
-from ._core import Layer, check_float_input, check_positive_int, make_layer, shape_record
+from ._core import (Layer, accumulation_dtype, check_float_input, check_positive_int, make_layer,
+                    shape_record, sum_acc)
 
 __all__ = ["rnn", "gru", "lstm", "bidirectional"]
 
@@ -205,6 +209,7 @@ def _recurrent(name, cell: _Cell, hidden_size, *, return_sequences, masked, init
         else:
             dys, dlast = None, dy                                  # only the last state is output
         w_h = params["w_h"]
+        acc = accumulation_dtype(dlast.dtype)                      # float32 for bfloat16
 
         def back_step(carry, inputs):
             dstate, dw_h = carry                                   # gradient of h_t (c_t), running dW_h
@@ -213,22 +218,22 @@ def _recurrent(name, cell: _Cell, hidden_size, *, return_sequences, masked, init
                 dstate = (dstate[0] + (dy_t if m_t is None else m_t * dy_t), *dstate[1:])
             through = dstate if m_t is None else tuple(m_t * d for d in dstate)
             dgx, dgh, dprev = cell.step_back(through, saved_t, prev, new)
-            dw_h = dw_h + prev[0].T @ dgh                          # (H, G·H)  accumulated
+            dw_h = dw_h + jnp.matmul(prev[0].T, dgh, preferred_element_type=acc)  # (H, G·H) accumulated
             dprev = (dprev[0] + dgh @ w_h.T, *dprev[1:])           # (N, H)
             if m_t is not None:                                    # padding: straight through
                 dprev = tuple(dp + (1 - m_t) * d for dp, d in zip(dprev, dstate))
             return (dprev, dw_h), (dgx, dgh) if cell.hidden_bias else dgx
 
         dstate_T = (dlast, *(jnp.zeros_like(s) for s in h0[1:]))
-        (dh0, dw_h), out = lax.scan(back_step, (dstate_T, jnp.zeros_like(w_h, dtype=dlast.dtype)),
+        (dh0, dw_h), out = lax.scan(back_step, (dstate_T, jnp.zeros_like(w_h, dtype=acc)),
                                     (dys, m, states, prevs, saved), reverse=True)
         dgx = out[0] if cell.hidden_bias else out                  # (T, N, G·H)
         xt = _time_major(x)                                        # (T, N, D)
-        dparams = {"w_x": jnp.einsum("tnd,tng->dg", xt, dgx),      # (D, G·H)
+        dparams = {"w_x": jnp.einsum("tnd,tng->dg", xt, dgx, preferred_element_type=acc),  # (D, G·H)
                    "w_h": dw_h,                                    # (H, G·H)
-                   "b": dgx.sum(axis=(0, 1))}                      # (G·H,)
+                   "b": sum_acc(dgx, axis=(0, 1))}                 # (G·H,)
         if cell.hidden_bias:
-            dparams["b_h"] = out[1].sum(axis=(0, 1))               # (G·H,)
+            dparams["b_h"] = sum_acc(out[1], axis=(0, 1))          # (G·H,)
         dx = _time_major(dgx @ params["w_x"].T)                    # (N, T, D)
         if not tuple_input:
             return dparams, dx

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from . import initializers
-from ._core import Layer, check_positive_int, check_real, concrete, make_layer, shape_record
+from ._core import (Layer, accumulation_dtype, check_positive_int, check_real, concrete, make_layer,
+                    shape_record)
 
 __all__ = ["dropout", "embedding", "flatten", "reshape"]
 
@@ -88,6 +89,7 @@ def embedding(vocab_size: int, dim: int, *, table_init=jax.nn.initializers.norma
         dT = zeros(V, D).at[ids].add(dy)          dT[v] = Σ_{positions with ids = v} dy   (V, D)
         dx = None
 
+    The scatter-add sums in float32 for bfloat16 (``accumulation_dtype``).
     Params ``{"table": (V, D)}``, initialised N(0, 1) (``table_init``). Float or bool ids raise
     ``TypeError``; ids outside [0, V) raise ``ValueError`` when their values are known (outside
     ``jit``). Under ``jit`` such ids give a zero row and no gradient.
@@ -106,7 +108,8 @@ def embedding(vocab_size: int, dim: int, *, table_init=jax.nn.initializers.norma
 
     def backward(params, res, dy):
         (ids,) = res
-        dtable = jnp.zeros_like(params["table"]).at[ids].add(dy, mode="drop")   # (V, D)
+        acc = accumulation_dtype(params["table"].dtype, dy.dtype)   # float32 sums for bfloat16
+        dtable = jnp.zeros_like(params["table"], dtype=acc).at[ids].add(dy.astype(acc), mode="drop")  # (V, D)
         return {"table": dtable}, None
 
     def check(params, state, x):
