@@ -267,6 +267,7 @@ def train(*, steps=600, batch=32, context=64, dim=64, heads=4, layers=2, lr=3e-3
           f"position table); peak {peak / 1e12:.4g} TFLOP/s ({dtype} {peak_n}² matmul, "
           f"{jax.devices()[0].device_kind})", flush=True)
 
+    warmup = min(warmup, steps // 10)                              # a short run warms up less
     schedule = (optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=lr / 10)
                 if warmup else optax.cosine_decay_schedule(lr, steps, alpha=0.1))   # to lr/10
     opt = optax.adam(schedule)
@@ -380,7 +381,7 @@ def options(argv=None) -> dict:
     p.add_argument("--heads", type=int)
     p.add_argument("--layers", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate, cosine-decayed to lr/10")
-    p.add_argument("--warmup", type=int, help="steps of linear learning-rate warm-up")
+    p.add_argument("--warmup", type=int, help="steps of linear learning-rate warm-up (at most a tenth of the steps)")
     p.add_argument("--corpus-chars", type=int, help="corpus size, in characters or bytes")
     p.add_argument("--vocab", choices=("chars", "bytes"))
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",

@@ -66,9 +66,10 @@ def test_windows_drawn_on_the_device_are_slices_of_the_corpus_with_labels_shifte
     assert len(starts) > 30                                       # random offsets, not one
 
 
-@pytest.mark.parametrize("dtype,vocab", [("float32", "chars"), ("bfloat16", "bytes")])
-def test_a_tiny_run_reports_tokens_per_second_and_mfu(dtype, vocab, capsys, tmp_path):
-    profile = str(tmp_path / "trace") if dtype == "float32" else None
+def test_a_tiny_run_reports_tokens_per_second_mfu_and_a_profile(capsys, tmp_path):
+    """float32 over characters, with validation, a sample and a profiled step (bfloat16 over
+    bytes: the next test)."""
+    dtype, vocab, profile = "float32", "chars", str(tmp_path / "trace")
     out = script.train(steps=5, dim=16, layers=1, heads=2, context=16, batch=4, dtype=dtype,
                        vocab=vocab, corpus_chars=20_000, print_every=2, eval_every=4,
                        eval_batches=1, sample_chars=5, peak_n=128, profile=profile, profile_steps=1)
@@ -82,14 +83,19 @@ def test_a_tiny_run_reports_tokens_per_second_and_mfu(dtype, vocab, capsys, tmp_
     assert out["tokens_per_s"] > 0 and 0 < out["mfu"] < 1
     assert 1e6 < out["peak_flops"] < 1e16                         # FLOP/s, not GFLOP/s
     assert len(out["sample"]) >= len("def ")
-    if profile:
-        assert "XLA operations" in text and "ms/step" in text
+    assert "XLA operations" in text and "ms/step" in text
 
 
-def test_command_line_runs_without_validation_or_sample(capsys):
-    out = script.main(["--steps", "3", "--dim", "16", "--layers", "1", "--heads", "2",
-                       "--context", "16", "--batch", "4", "--print-every", "1", "--eval-every", "0",
-                       "--sample-chars", "0", "--corpus-chars", "20000", "--peak-n", "128"])
+def test_the_gpu_check_command_at_tiny_sizes(capsys):
+    """The GPU check's command line, made small by explicit flags: 30 steps, three timed windows,
+    no validation and no sample; gpt2-small's learning-rate warm-up is cut to the short run."""
+    gpu_check = ["--preset", "gpt2-small", "--dtype", "bfloat16", "--steps", "30", "--batch", "8",
+                 "--print-every", "10", "--eval-every", "0", "--sample-chars", "0"]
+    out = script.main(gpu_check + ["--layers", "1", "--dim", "16", "--heads", "2", "--context", "16",
+                                   "--corpus-chars", "20000", "--peak-n", "128"])
     text = capsys.readouterr().out
-    assert "validation loss nan" in text and "sample" not in text
-    assert math.isfinite(out["tokens_per_s"]) and out["sample"] == ""
+    assert "vocabulary 256 (bytes of UTF-8)" in text and "compute bfloat16" in text
+    assert text.count("tokens/s  MFU") == 3 and "medians over 3 windows" in text
+    assert "validation loss nan" in text and "sample (" not in text
+    assert math.isfinite(out["train_loss"]) and out["sample"] == ""
+    assert out["tokens_per_s"] > 0 and 0 < out["mfu"] < 1 and 1e6 < out["peak_flops"] < 1e16
