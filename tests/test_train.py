@@ -132,3 +132,66 @@ def test_missing_optional_package_names_the_install_command(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake)
     with pytest.raises(ImportError, match="pip install mnist1d"):
         datasets.mnist1d(cache=False)
+
+
+@pytest.mark.parametrize("per_dispatch", [1, 3])
+def test_the_chunk_size_does_not_change_the_result(xor, per_dispatch):
+    kw = dict(epochs=3, batch_size=32, patience=None)
+    auto = _fit(xor, **kw)                                  # chunks sized from the step time
+    fixed = _fit(xor, **kw, steps_per_dispatch=per_dispatch)
+    for a, b in zip(jax.tree_util.tree_leaves(auto.params), jax.tree_util.tree_leaves(fixed.params)):
+        np.testing.assert_array_equal(a, b)
+    assert [r["train_loss"] for r in auto.history] == [r["train_loss"] for r in fixed.history]
+
+
+def test_a_mid_epoch_interrupt_resumes_exactly(xor, tmp_path, monkeypatch):
+    """SIGINT lands between chunks: with 2 steps a chunk, after step 2 of epoch 2; the resumed
+    run reaches the uninterrupted run's params bit for bit."""
+    kw = dict(epochs=3, batch_size=32, patience=None, steps_per_dispatch=2)
+    full = _fit(xor, **kw)
+    real_run_epoch, calls = train._run_epoch, []
+
+    def interrupting(*a, signals, **k):
+        calls.append(1)
+        if len(calls) == 2:                                 # epoch 2: a signal before its first chunk
+            signals.caught = int(train.signal.SIGINT)
+        return real_run_epoch(*a, signals=signals, **k)
+
+    monkeypatch.setattr(train, "_run_epoch", interrupting)
+    stopped = _fit(xor, **kw, checkpoint_dir=tmp_path / "ck")
+    assert stopped.interrupted_by == "SIGINT" and len(stopped.history) == 1
+    monkeypatch.setattr(train, "_run_epoch", real_run_epoch)
+    logs = []
+    resumed = _fit(xor, **kw, checkpoint_dir=tmp_path / "ck", resume=True, log=logs.append)
+    assert any("epoch 1 done, 2 batches of epoch 2" in line for line in logs), logs
+    for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(resumed.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fit_reuses_the_compiled_loop(xor):
+    """Two fits of one model, loss and optimizer share one compiled chunk of steps."""
+    model, loss, opt = models.textbook_mlp(2), bp.softmax_cross_entropy(), optax.adam(1e-2)
+    kw = dict(optimizer=opt, epochs=1, batch_size=32, progress=False, log=lambda s: None)
+    train.fit(model, loss, xor, **kw)
+    before = train.make_train_chunk.cache_info()
+    train.fit(model, loss, xor, **kw, seed=1)
+    after = train.make_train_chunk.cache_info()
+    assert after.hits == before.hits + 1 and after.misses == before.misses
+    n_train = xor.x_train.shape[0] - int(round(0.1 * xor.x_train.shape[0]))
+    chunk = train.make_train_chunk(model, loss, opt, batch_size=32, max_steps=n_train // 32,
+                                   classification=True, mesh=None, fsdp=False, compute_dtype=None)
+    assert train.make_train_chunk.cache_info().hits == after.hits + 1    # the one fit used
+    assert chunk._cache_size() == 1                         # one compile served both runs
+
+
+def test_steps_per_dispatch_must_be_positive(xor):
+    with pytest.raises(ValueError, match="expected steps_per_dispatch >= 1 or None, got 0"):
+        _fit(xor, epochs=1, batch_size=32, steps_per_dispatch=0)
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(xor):
+    import jax.numpy as jnp
+    result = _fit(xor, epochs=30, batch_size=32, patience=None, optimizer=optax.adam(5e-2),
+                  compute_dtype=jnp.bfloat16)
+    assert {a.dtype for a in jax.tree_util.tree_leaves(result.params)} == {np.dtype("float32")}
+    assert result.test["acc"] > 0.9 and np.isfinite(result.history[-1]["train_loss"])
