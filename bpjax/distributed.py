@@ -9,18 +9,23 @@ batch, so XLA inserts the all-reduces, and ``batch_norm``'s statistics (and its 
 reductions) are computed over the global batch too — one device seeing the whole batch gives
 the same numbers.
 
-Across hosts, call :func:`jax.distributed.initialize` in every process first (see the README);
-``make_mesh`` then spans every device of every process.
+Across processes (hosts, or several processes on one machine), call :func:`initialize` in every
+process first, before anything touches a device; ``make_mesh`` then spans every device of every
+process, and :func:`is_main_process` tells the one process that should print and write files.
 """
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from typing import Any, Optional
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = ["make_mesh", "batch_sharding", "replicated", "fsdp_sharding", "shard_batch", "place"]
+__all__ = ["make_mesh", "batch_sharding", "replicated", "fsdp_sharding", "shard_batch", "place", "initialize",
+           "is_main_process"]
 
 AXIS = "data"
 
@@ -81,3 +86,97 @@ def place(mesh: Mesh, tree: Any, *, fsdp: bool = False):
     """Put params or optimizer state on the mesh: replicated, or FSDP-sharded."""
     shardings = fsdp_sharding(mesh, tree) if fsdp else jax.tree_util.tree_map(lambda _: replicated(mesh), tree)
     return jax.device_put(tree, shardings), shardings
+
+
+# ----------------------------------------------------------------------------- several processes
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _names(cli: bool):
+    """How the messages name the arguments: as ``bpjax train`` options, or as Python arguments."""
+    if cli:
+        return dict(who="bpjax train", coordinator="--coordinator", num_processes="--num-processes",
+                    process_id="--process-id", timeout_s="--init-timeout")
+    return dict(who="distributed.initialize", coordinator="coordinator", num_processes="num_processes",
+                process_id="process_id", timeout_s="timeout_s")
+
+
+def initialize(coordinator: str, num_processes: int, process_id: int, *, timeout_s: float = 60.0,
+               cli: bool = False) -> None:
+    """Join a run of ``num_processes`` processes: :func:`jax.distributed.initialize`, bounded.
+
+    Call it in every process before anything else touches a device. Process 0 serves the
+    coordinator on ``coordinator`` (``HOST:PORT``: process 0's address and a free port); every
+    process connects to it. Afterwards ``jax.devices()`` lists the devices of every process
+    (``jax.local_devices()`` this one's) and a mesh over them trains as one: on CPU, the
+    cross-process collectives are JAX's gloo (``jax_cpu_collectives_implementation``, JAX's
+    default; set here when unset). A loopback ``HOST`` (``127.0.0.1``, ``localhost``) also makes
+    the coordinator listen on loopback only; any other listens on every interface, as JAX does.
+
+    If the processes have not all connected, and exchanged their device lists, within
+    ``timeout_s`` seconds, this prints one line to stderr and exits the process with status 2:
+    JAX itself would abort the process with a C++ stack trace (or wait for minutes).
+
+    Args:
+      coordinator: ``"HOST:PORT"`` of process 0.
+      num_processes: how many processes take part (>= 1).
+      process_id: this process's index, in ``[0, num_processes)``; 0 is the coordinator.
+      timeout_s: the most seconds to wait for every process.
+      cli: name the arguments in messages as the ``bpjax train`` options (``--coordinator`` ...).
+
+    Raises:
+      ValueError: a malformed argument, or a coordinator that cannot listen on its port.
+      RuntimeError: (JAX's) called after something touched a device, or called twice.
+    """
+    n = _names(cli)
+    host, _, port = str(coordinator).rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{n['who']}: expected {n['coordinator']} as HOST:PORT (e.g. 127.0.0.1:1234), "
+                         f"got {coordinator!r}")
+    if not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(f"{n['who']}: expected {n['num_processes']} >= 1, got {num_processes!r}")
+    if not isinstance(process_id, int) or not 0 <= process_id < num_processes:
+        raise ValueError(f"{n['who']}: expected 0 <= {n['process_id']} < {num_processes} "
+                         f"({n['num_processes']}), got {process_id!r}")
+    if not timeout_s > 0:
+        raise ValueError(f"{n['who']}: expected {n['timeout_s']} > 0 seconds, got {timeout_s!r}")
+    if not jax.config.jax_cpu_collectives_implementation:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+    if process_id == 0:
+        late = (f"expected all {num_processes} processes to connect to this coordinator on {coordinator} "
+                f"within {timeout_s:g} s ({n['timeout_s']}), got no answer from the others (start every "
+                f"process with the same {n['coordinator']} and {n['num_processes']} {num_processes})")
+    else:
+        late = (f"expected to reach the coordinator (process 0) at {coordinator} and all {num_processes} "
+                f"processes within {timeout_s:g} s ({n['timeout_s']}), got no complete answer (is process 0 "
+                f"running there, are all {num_processes} processes started, is the port open?)")
+    joined = threading.Event()
+
+    def watchdog():
+        if not joined.wait(timeout_s):
+            print(f"{n['who']}: {late}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(2)            # the main thread is blocked inside JAX's C++ client: exit from here
+
+    threading.Thread(target=watchdog, name="bpjax-initialize-watchdog", daemon=True).start()
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+            initialization_timeout=int(timeout_s) + 30,           # JAX's own deadline comes after ours
+            coordinator_bind_address=coordinator if host in _LOOPBACK else None)
+        jax.devices()                                             # the exchange of device lists
+    except Exception as e:
+        if process_id == 0 and "RPC server" in str(e):
+            raise ValueError(f"{n['who']}: expected a free port for the coordinator ({n['coordinator']}), "
+                             f"got {coordinator} in use or not bindable (JAX said: {str(e).strip()})") from None
+        raise
+    finally:
+        joined.set()
+
+
+def is_main_process() -> bool:
+    """Whether this is process 0, the one that prints, writes metrics, plots and summaries
+    (``True`` in a single-process run)."""
+    return jax.process_index() == 0

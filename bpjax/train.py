@@ -223,7 +223,7 @@ class _Checkpointer:
 
     def save(self, epoch: int, run_state: Dict[str, Any]):
         leaves = jax.tree_util.tree_leaves(run_state)
-        self.manager.save(epoch, args=self.ocp.args.StandardSave({f"{i:05d}": np.asarray(a)
+        self.manager.save(epoch, args=self.ocp.args.StandardSave({f"{i:05d}": _to_save(a)
                                                                  for i, a in enumerate(leaves)}))
         self.manager.wait_until_finished()
 
@@ -241,11 +241,21 @@ class _Checkpointer:
                 f"  orbax said: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
         got = [restored[k] for k in sorted(restored)]
         bad = [k for k, a, b in zip(sorted(target), got, target.values())
-               if tuple(np.shape(a)) != b.shape or np.asarray(a).dtype != b.dtype]
+               if tuple(np.shape(a)) != b.shape or np.dtype(a.dtype) != b.dtype]
         if len(got) != len(leaves) or bad:
             raise TrainingError(f"fit: the checkpoint at {where} was written for another model: "
                                 f"leaves {bad[:5]} differ from {describe(like['params'])}")
-        return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(a) for a in got])
+        # host scalars (epoch, best_val, ...) stay numpy, in their dtypes (jnp would make int64 int32)
+        return jax.tree_util.tree_unflatten(treedef, [np.asarray(a) if isinstance(b, (np.ndarray, np.generic))
+                                                      else jnp.asarray(a) for a, b in zip(got, leaves)])
+
+
+def _to_save(a):
+    """A leaf as orbax saves it: on the host, unless it is sharded over several processes (FSDP
+    across processes), which orbax saves as each process's shards, coordinating the processes."""
+    if isinstance(a, jax.Array) and not a.is_fully_addressable and not a.is_fully_replicated:
+        return a
+    return np.asarray(a)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -438,7 +448,7 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
             _update_best(run, error, min_delta, epoch, params, state, opt_state)
             if ckpt:
                 ckpt.save(epoch * steps_per_epoch, run)
-            if signals.caught:
+            if _stop_requested(signals):
                 interrupted = (epoch, steps_per_epoch)
                 log(f"{signal.Signals(signals.caught).name} received: stopping after epoch {epoch} "
                     f"(checkpoint saved); resume to continue")
@@ -499,7 +509,7 @@ def _run_epoch(chunk, carry, x_dev, y_dev, order, first, steps_per_epoch, epoch,
     the number of the epoch's steps done, and the per-step losses and correct counts (host)."""
     losses, corrects, i = [], [], first
     while i < steps_per_epoch:
-        count = pacer.next(steps_per_epoch - i)
+        count = _same_count_everywhere(pacer.next(steps_per_epoch - i))
         t = time.perf_counter()
         step0 = (epoch - 1) * steps_per_epoch + i
         carry, chunk_losses, chunk_correct = chunk(carry, x_dev, y_dev, order, np.int32(i), np.int32(count),
@@ -516,12 +526,32 @@ def _run_epoch(chunk, carry, x_dev, y_dev, order, first, steps_per_epoch, epoch,
             if classification:
                 post["acc"] = f"{float(corrects[-1][-1]) / batch_size:.3f}"
             bar.set_postfix(post)
-        if signals.caught and i < steps_per_epoch:
+        if _stop_requested(signals) and i < steps_per_epoch:
             break
     if bar:
         bar.close()
     return carry, i, np.concatenate(losses) if losses else np.zeros(0), \
         np.concatenate(corrects) if corrects else np.zeros(0, np.int64)
+
+
+def _same_count_everywhere(count: int) -> int:
+    """Process 0's chunk length, on every process: they must all run the same steps, and each
+    pacer measures its own process's time (as it is, in a single process)."""
+    if jax.process_count() == 1:
+        return count
+    from jax.experimental import multihost_utils
+    return int(multihost_utils.broadcast_one_to_all(np.int32(count)))
+
+
+def _stop_requested(signals) -> Optional[int]:
+    """The signal that stops the run, or ``None``; across processes, one caught by any of them,
+    so that they all stop at the same step."""
+    if jax.process_count() == 1:
+        return signals.caught
+    from jax.experimental import multihost_utils
+    agreed = int(np.max(multihost_utils.process_allgather(np.int32(signals.caught or 0)))) or None
+    signals.caught = signals.caught or agreed
+    return agreed
 
 
 def _check_finite(losses, step0, epoch, first, ckpt):
@@ -673,7 +703,8 @@ def add_arguments(p) -> None:
                    help="held-out part of the training set that early stopping watches")
     p.add_argument("--seed", type=int, default=0, help="seed of init, data order, split and dropout")
     p.add_argument("--devices", type=int, default=None,
-                   help="data-parallel over this many devices (a mesh over a 'data' axis)")
+                   help="data-parallel over this many devices (a mesh over a 'data' axis); with "
+                        "--coordinator: the devices of every process together (default: all of them)")
     p.add_argument("--fsdp", action="store_true", help="with --devices: shard params and optimizer state")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype of the forward and backward; params, optimizer state and the "
@@ -683,6 +714,14 @@ def add_arguments(p) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="no PNG of the curves")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="train over several processes: process 0's address and a free port (every process "
+                        "gets the same); then only process 0 prints and writes metrics, plot and summary")
+    p.add_argument("--num-processes", type=int, default=1, help="with --coordinator: how many processes")
+    p.add_argument("--process-id", type=int, default=0,
+                   help="with --coordinator: this process's index, 0 .. --num-processes - 1 (0 coordinates)")
+    p.add_argument("--init-timeout", type=float, default=60.0,
+                   help="with --coordinator: seconds to wait for every process before exiting with an error")
 
 
 def make_optimizer(name: str, lr: float, schedule: str, weight_decay: float, total_steps: int):
@@ -699,9 +738,15 @@ def command(args) -> int:
     """Run ``bpjax train`` with parsed ``args``; returns the exit code."""
     from . import _losses
     from .datasets import load
-    from .distributed import make_mesh
     from .models import MODELS
 
+    try:
+        main = _join_processes(args)            # before anything touches a device
+        mesh = _mesh_from_args(args)
+    except ValueError as e:
+        print(e if str(e).startswith("bpjax train:") else f"bpjax train: {e}", file=sys.stderr)
+        return 2
+    say = print if main else (lambda *a, **k: None)                            # noqa: E731
     data = load(args.dataset)
     if data.num_classes is None:
         model = MODELS[args.model](1)
@@ -714,26 +759,29 @@ def command(args) -> int:
     n_train = int(round(data.x_train.shape[0] * (1 - args.val_fraction)))
     total_steps = args.epochs * max(n_train // args.batch_size, 1)
     optimizer = make_optimizer(args.optimizer, args.lr, args.schedule, args.weight_decay, total_steps)
-    print(f"bpjax train: {args.model} on {args.dataset} ({data.x_train.shape[0]} train, "
-          f"{data.x_test.shape[0]} test), {args.epochs} epochs of batch {args.batch_size}, "
-          f"{args.optimizer} lr {args.lr:g} ({args.schedule}), {args.dtype}, device {jax.devices()[0].platform}, "
-          f"writing to {out}")
+    processes = f" x{jax.device_count()} ({jax.process_count()} processes)" if jax.process_count() > 1 else ""
+    say(f"bpjax train: {args.model} on {args.dataset} ({data.x_train.shape[0]} train, "
+        f"{data.x_test.shape[0]} test), {args.epochs} epochs of batch {args.batch_size}, "
+        f"{args.optimizer} lr {args.lr:g} ({args.schedule}), {args.dtype}, device {jax.devices()[0].platform}"
+        f"{processes}, writing to {out}")
     metrics = out / f"metrics.{args.metrics_format}"
     try:
         result = fit(model, loss, data, optimizer=optimizer, epochs=args.epochs,
                      batch_size=args.batch_size, seed=args.seed, val_fraction=args.val_fraction,
                      patience=args.patience or None, min_delta=args.min_delta,
-                     checkpoint_dir=out / "checkpoints", resume=args.resume, metrics_path=metrics,
-                     plot_path=None if args.no_plot else out / "curves.png",
-                     progress=not args.no_progress,
-                     mesh=make_mesh(args.devices) if args.devices else None, fsdp=args.fsdp,
+                     checkpoint_dir=out / "checkpoints", resume=args.resume,
+                     metrics_path=metrics if main else None,
+                     plot_path=None if args.no_plot or not main else out / "curves.png",
+                     progress=main and not args.no_progress, log=say, mesh=mesh, fsdp=args.fsdp,
                      compute_dtype=None if args.dtype == "float32" else jnp.dtype(args.dtype))
     except TrainingError as e:
         print(f"bpjax train: {e}", file=sys.stderr)
         return 1
     if result.interrupted_by:
-        print(f"bpjax train: stopped by {result.interrupted_by}; run again with --resume to continue")
+        say(f"bpjax train: stopped by {result.interrupted_by}; run again with --resume to continue")
         return 128 + int(getattr(signal, result.interrupted_by))
+    if not main:
+        return 0
     summary = {"model": args.model, "dataset": args.dataset, "seed": args.seed, "dtype": args.dtype,
                "epochs_run": len(result.history), "best_epoch": result.best_epoch,
                "stopped_early": result.stopped_early, "seconds": round(result.seconds, 2),
@@ -743,3 +791,31 @@ def command(args) -> int:
     print(f"done in {result.seconds:.1f} s: {test} (best epoch {result.best_epoch}); "
           f"metrics {metrics}" + ("" if args.no_plot else f", plot {out / 'curves.png'}"))
     return 0
+
+
+def _join_processes(args) -> bool:
+    """With ``--coordinator``: join the other processes (:func:`bpjax.distributed.initialize`,
+    which exits with one line after ``--init-timeout`` seconds). Returns whether this process
+    prints and writes files (process 0, or the only process)."""
+    from . import distributed as dist
+
+    if args.coordinator is None:
+        if args.num_processes != 1 or args.process_id != 0:
+            raise ValueError(f"expected --coordinator HOST:PORT with --num-processes and --process-id, got "
+                             f"--num-processes {args.num_processes} --process-id {args.process_id} without it")
+        return True
+    dist.initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.init_timeout, cli=True)
+    return dist.is_main_process()
+
+
+def _mesh_from_args(args):
+    """The mesh of ``--devices`` (``None``: one device). Across processes it is always one over
+    every device of every process (each process must hold a part), which ``--devices`` may name."""
+    from . import distributed as dist
+
+    if jax.process_count() > 1:
+        if args.devices not in (None, jax.device_count()):
+            raise ValueError(f"expected --devices {jax.device_count()} (every device of the "
+                             f"{jax.process_count()} processes) or no --devices, got --devices {args.devices}")
+        return dist.make_mesh(jax.device_count())
+    return dist.make_mesh(args.devices) if args.devices else None
