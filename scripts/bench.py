@@ -511,7 +511,8 @@ same run (jitted `jnp.dot`, {peak_n} × {peak_n}, once per round among the chunk
 median **{peak:.1f} GFLOP/s** (rounds: {", ".join(f"{q:.1f}" for q in peaks[dtype])}). The {other} peak,
 measured the same way in the same rounds: median **{other_peak:.1f} GFLOP/s** (rounds:
 {", ".join(f"{q:.1f}" for q in peaks[other])}); a row's fraction of it is `of peak` × {peak / other_peak:.3g}.
-Both peaks use JAX's default matmul precision. `temp MiB` is XLA's temporary
+Both peaks, like the steps, use JAX's default matmul precision (on a recent NVIDIA GPU, TF32
+for float32). `temp MiB` is XLA's temporary
 memory (`compiled.memory_analysis().temp_size_in_bytes`). `faults/step` is the process's
 minor page faults per step (`getrusage`): XLA's CPU runtime takes fresh pages for a step's
 temporaries at every execution, and each first touch of a 4 KiB page costs the kernel's
