@@ -45,3 +45,41 @@ def test_gpu_check_runs_every_stage_in_tiny_mode(tmp_path):
     log = (out / "gpu_check.log").read_text()
     assert "tiny mode runs a subset" in log and "=== bench_bfloat16 (limit" in log
     assert "The bfloat16 peak," in (out / "bench_float32.md").read_text()        # both peaks
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                    reason="needs bash and coreutils' timeout")
+def test_gpu_check_full_mode_commands_and_a_failed_stage_does_not_stop_the_others(tmp_path):
+    """The GPU branch, wired on the CPU: a stand-in python reports backend=gpu and echoes the
+    stages' commands instead of running them, and fails the bfloat16 bench; the stages after
+    it still run, the summary says FAILED for that one only, and the exit status is 1."""
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = "-" ] && [ $# -eq 1 ]; then "{sys.executable}" - | sed 's/^backend=cpu/backend=gpu/'; exit ${{PIPESTATUS[0]}}; fi
+case "$*" in
+    *bench.py*bfloat16*) echo "bench broke"; exit 3 ;;
+    *scripts/*.py* | *pytest*) echo "RAN: $*"; exit 0 ;;
+esac
+exec "{sys.executable}" "$@"
+""")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "BPJAX_GPU_CHECK_TINY"}
+    env.update(PYTHON=str(fake), BPJAX_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out)], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-6000:] + proc.stderr[-2000:]
+    summary = (out / "summary.md").read_text()
+    assert "mode: full (JAX's backend is gpu)" in summary
+    assert re.search(r"^\| bench_bfloat16 \| FAILED \(exit 3\) \| \d+ \| bench broke \|", summary, re.M)
+    for stage in ("tests", "bench_float32", "gpt"):
+        assert re.search(rf"^\| {stage} \| ok \|", summary, re.M), (stage, summary)
+    log = (out / "gpu_check.log").read_text()
+    for command in ("JAX_DEFAULT_MATMUL_PRECISION=highest",
+                    "tests/test_crosscheck.py tests/test_networks.py",
+                    "scripts/bench.py --rounds 3 --chunk-seconds 0.25 --pause 0.05 --dtype float32 --out",
+                    "--preset gpt2-small --dtype bfloat16 --steps 30 --batch 8 --print-every 10 "
+                    "--eval-every 0 --sample-chars 0"):
+        assert "RAN: " in log and command in log, command
+    if (ROOT / "scripts" / "fit_speed.py").exists():
+        assert re.search(r"RAN: scripts/fit_speed\.py --out \S+/fit_speed\.json --batch-sizes 32,1024", log)
