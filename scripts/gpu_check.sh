@@ -16,7 +16,7 @@
 #
 # On a GPU (or TPU) it runs the full sizes, sized to end within 8 minutes on one H100: every
 # stage has its own time limit and all of them share a budget (BPJAX_GPU_CHECK_BUDGET seconds,
-# default 450), so a stage that would start too late is skipped, and said so. The float32 bench
+# default 460), so a stage that would start too late is skipped, and said so. The float32 bench
 # includes the PyTorch column when torch is importable (on the GPU if torch sees CUDA); should
 # that run fail with torch in its output, it is rerun once with --no-torch. Where JAX's backend is the CPU,
 # or with BPJAX_GPU_CHECK_TINY=1, it runs tiny sizes instead and a small subset of the tests
@@ -48,7 +48,7 @@ trap 'rm -rf "$WORK"' EXIT
 : >"$LOG"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-BUDGET=${BPJAX_GPU_CHECK_BUDGET:-450}
+BUDGET=${BPJAX_GPU_CHECK_BUDGET:-460}
 START=$(date +%s)
 ROWS=()          # "stage|status|seconds|key line"
 FAILED=0
@@ -208,7 +208,7 @@ if [ "$MODE" = full ]; then
     # default. float64 cases are float64 either way.
     say ""
     say "tests: float32 cases with JAX_DEFAULT_MATMUL_PRECISION=highest (not TF32)"
-    run_stage tests 150 "passed|failed|error" env XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    run_stage tests 110 "passed|failed|error" env XLA_PYTHON_CLIENT_PREALLOCATE=false \
         JAX_DEFAULT_MATMUL_PRECISION=highest "${PYTEST[@]}" --durations=8
 else
     say ""
@@ -221,7 +221,7 @@ if [ "$MODE" = full ]; then
 else
     BENCH=(--quick --models tiny)
 fi
-run_stage bench_float32 110 "matmul peak|of peak:" \
+run_stage bench_float32 100 "matmul peak|of peak:" \
     "$PY" scripts/bench.py "${BENCH[@]}" --dtype float32 --out "$OUT_DIR/bench_float32.md"
 # torch is optional (the PyTorch column; on the GPU when torch sees CUDA): should the float32 run
 # fail in torch, run it once more without the column
@@ -229,7 +229,7 @@ if [[ ${ROWS[-1]} == bench_float32\|FAILED* ]] && grep -qi torch "$WORK/stage.ou
     run_stage bench_float32_no_torch 90 "matmul peak|of peak:" \
         "$PY" scripts/bench.py "${BENCH[@]}" --dtype float32 --no-torch --out "$OUT_DIR/bench_float32.md"
 fi
-run_stage bench_bfloat16 90 "matmul peak|of peak:" \
+run_stage bench_bfloat16 75 "matmul peak|of peak:" \
     "$PY" scripts/bench.py "${BENCH[@]}" --dtype bfloat16 --out "$OUT_DIR/bench_bfloat16.md"
 
 if [ -f scripts/fit_speed.py ]; then
@@ -240,7 +240,7 @@ if [ -f scripts/fit_speed.py ]; then
     else
         FIT+=(--tiny --synthetic --batch-sizes 32)      # tiny: no time spent generating MNIST-1D
     fi
-    run_stage fit_speed 80 "^\| *[0-9]+ \|" "$PY" scripts/fit_speed.py "${FIT[@]}"
+    run_stage fit_speed 75 "^\| *[0-9]+ \|" "$PY" scripts/fit_speed.py "${FIT[@]}"
     # the key line from the JSON: steps/s of fit against the bare loop and the host-fed one
     FIT_LINE=$("$PY" - "$OUT_DIR/fit_speed.json" 2>/dev/null <<'PYEOF'
 import json, sys
@@ -268,7 +268,7 @@ if grep -q -- '"--preset"' scripts/train_gpt.py; then
         GPT=(--preset tiny --steps 3 --dim 16 --heads 2 --layers 1 --context 16 --batch 4
              --corpus-chars 20000 --print-every 1 --eval-every 0 --sample-chars 0 --peak-n 256)
     fi
-    run_stage gpt 150 "tokens/s" "$PY" scripts/train_gpt.py "${GPT[@]}"
+    run_stage gpt 100 "tokens/s" "$PY" scripts/train_gpt.py "${GPT[@]}"
 else
     say ""
     say "=== gpt: skipped, scripts/train_gpt.py has no --preset yet"
