@@ -152,8 +152,10 @@ def _correct(logits, labels):
     return jnp.sum(jnp.argmax(logits, axis=-1) == labels)
 
 
+@functools.lru_cache(maxsize=16)
 def make_eval_step(model: Layer, loss: Loss, *, classification: bool = True):
-    """A jitted ``(params, state, x, y) -> (summed loss, correct)`` in evaluation mode."""
+    """A jitted ``(params, state, x, y) -> (summed loss, correct)`` in evaluation mode (cached:
+    one per model, loss and kind of task)."""
 
     def batch(params, state, xb, yb):
         out, _, _ = model.forward(params, state, xb, train=False)
@@ -637,6 +639,7 @@ def _place_data(mesh, a: np.ndarray):
     return jax.make_array_from_callback(a.shape, dist.replicated(mesh), lambda index: a[index])
 
 
+@functools.lru_cache(maxsize=16)
 def _order_fn(n: int, mesh):
     """``order(data_key, epoch)``: :func:`epoch_order` computed on the device (replicated on a mesh)."""
     def order(data_key, epoch):

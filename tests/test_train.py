@@ -174,7 +174,14 @@ def test_fit_reuses_the_compiled_loop(xor):
     kw = dict(optimizer=opt, epochs=1, batch_size=32, progress=False, log=lambda s: None)
     train.fit(model, loss, xor, **kw)
     before = train.make_train_chunk.cache_info()
-    train.fit(model, loss, xor, **kw, seed=1)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None)
+    try:
+        train.fit(model, loss, xor, **kw, seed=1)
+    finally:
+        jax.monitoring.clear_event_listeners()
+    assert compiles == []                                   # nothing at all compiled again
     after = train.make_train_chunk.cache_info()
     assert after.hits == before.hits + 1 and after.misses == before.misses
     n_train = xor.x_train.shape[0] - int(round(0.1 * xor.x_train.shape[0]))
