@@ -68,3 +68,11 @@ def test_profile_step_lists_the_step_s_operations():
     assert 0 < len(rows) <= 5
     assert all(ms >= 0 and n > 0 and name for ms, n, name in rows)
     assert rows == sorted(rows, key=lambda r: -r[0])
+
+
+def test_dtype_accuracy_compares_float32_and_bfloat16_runs(capsys):
+    rows = _load("dtype_accuracy").main(["--model", "textbook_mlp", "--dataset", "xor", "--seeds", "0",
+                                         "--epochs", "2"])
+    out = capsys.readouterr().out
+    assert len(rows) == 1 and 0 <= rows[0]["float32"] <= 1 and 0 <= rows[0]["bfloat16"] <= 1
+    assert "| seed | float32 test acc | bfloat16 test acc |" in out and "mean ± std" in out
