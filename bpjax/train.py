@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
-import os
 import pathlib
 import signal
 import sys
@@ -413,7 +411,7 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
     order_fn = _order_fn(n, mesh)
     eval_step = make_eval_step(model, loss, classification=classification)
     pacer = _Pacer(steps_per_dispatch, min(steps_per_epoch, MAX_STEPS_PER_DISPATCH))
-    start_epoch, t0, stopped_early, interrupted = int(run["epoch"]), time.perf_counter(), False, None
+    start_epoch, t0, stopped_early = int(run["epoch"]), time.perf_counter(), False
     bar_cls = _tqdm() if progress else None
 
     with _Signals() as signals:
@@ -428,16 +426,7 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
                 batch_size=batch_size, classification=classification, ckpt=ckpt)
             params, state, opt_state = carry
             if done < steps_per_epoch:                                     # interrupted mid-epoch
-                interrupted = (epoch, done)
-                global_step = (epoch - 1) * steps_per_epoch + done
-                run.update(params=params, state=state, opt_state=opt_state,
-                           epoch=np.int64(epoch - 1), batch=np.int64(done))
-                where = "no checkpoint_dir, nothing saved"
-                if ckpt:
-                    ckpt.save(global_step, run)
-                    where = f"saved {ckpt.directory / str(global_step)}"
-                log(f"{signal.Signals(signals.caught).name} received at epoch {epoch}, batch "
-                    f"{done}: {where}; resume to continue")
+                _save_mid_epoch(run, carry, epoch, done, steps_per_epoch, ckpt, signals, log)
                 break
 
             row = _epoch_row(model, loss, params, state, x_val, y_val, eval_step, classification,
@@ -451,7 +440,6 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
             if ckpt:
                 ckpt.save(epoch * steps_per_epoch, run)
             if _stop_requested(signals):
-                interrupted = (epoch, steps_per_epoch)
                 log(f"{signal.Signals(signals.caught).name} received: stopping after epoch {epoch} "
                     f"(checkpoint saved); resume to continue")
                 break
@@ -554,6 +542,19 @@ def _stop_requested(signals) -> Optional[int]:
     agreed = int(np.max(multihost_utils.process_allgather(np.int32(signals.caught or 0)))) or None
     signals.caught = signals.caught or agreed
     return agreed
+
+
+def _save_mid_epoch(run, carry, epoch, done, steps_per_epoch, ckpt, signals, log):
+    """A signal stopped the run after ``done`` steps of ``epoch``: record where, and save."""
+    params, state, opt_state = carry
+    global_step = (epoch - 1) * steps_per_epoch + done
+    run.update(params=params, state=state, opt_state=opt_state, epoch=np.int64(epoch - 1), batch=np.int64(done))
+    where = "no checkpoint_dir, nothing saved"
+    if ckpt:
+        ckpt.save(global_step, run)
+        where = f"saved {ckpt.directory / str(global_step)}"
+    log(f"{signal.Signals(signals.caught).name} received at epoch {epoch}, batch {done}: {where}; "
+        f"resume to continue")
 
 
 def _check_finite(losses, step0, epoch, first, ckpt):
