@@ -6,7 +6,7 @@ every machine, no download. The last 10% is held out for validation. Gradients c
 ``bp.value_and_grad``: the forward keeps each layer's residuals, the loss gives the error at the
 output, and the backward walks the layers in reverse. optax's Adam takes the steps.
 
-    python scripts/train_gpt.py                        # --preset tiny: about two minutes on 2 CPU cores
+    python scripts/train_gpt.py                        # --preset tiny: about half a minute on 2 CPU cores
     python scripts/train_gpt.py --preset gpt2-small --dtype bfloat16     # GPT-2 small, on a GPU
     python scripts/train_gpt.py --preset gpt2-small --dtype bfloat16 --steps 30 --batch 8 \\
         --print-every 10 --eval-every 0 --sample-chars 0                 # a throughput check
