@@ -71,6 +71,41 @@ class _Repr:
         return self.text
 
 
+def _got(obj) -> str:
+    """What ``obj`` is, for a message: ``function relu``, ``int``."""
+    fn = getattr(obj, "__name__", None)
+    return f"{type(obj).__name__} {fn}" if callable(obj) and fn else type(obj).__name__
+
+
+def check_is_layer(name: str, arg: str, obj) -> None:
+    """Raise ``TypeError`` unless ``obj`` is a :class:`Layer`; an uncalled factory is named."""
+    if isinstance(obj, Layer):
+        return
+    fn = getattr(obj, "__name__", None)
+    hint = (f" (did you forget to call the factory, e.g. {fn}() rather than {fn}?)"
+            if callable(obj) and fn and not isinstance(obj, Loss) else "")
+    raise TypeError(f"{name}: expected {arg} to be a bpjax.Layer, got {_got(obj)}{hint}")
+
+
+def check_is_loss(name: str, arg: str, obj) -> None:
+    """Raise ``TypeError`` unless ``obj`` is a :class:`Loss`; an uncalled factory is named
+    (``bp.softmax_cross_entropy`` rather than ``bp.softmax_cross_entropy()``)."""
+    if isinstance(obj, Loss):
+        return
+    fn = getattr(obj, "__name__", None)
+    hint = (f" (did you forget to call the factory, e.g. {fn}() rather than {fn}?)"
+            if callable(obj) and fn and not isinstance(obj, Layer) else "")
+    raise TypeError(f"{name}: expected {arg} to be a bpjax.Loss, got {_got(obj)}{hint}")
+
+
+def check_model_and_loss(name: str, model, loss) -> None:
+    """The checks of a (model, loss) pair that ``value_and_grad``, the gradient checks and
+    ``fit`` share: ``TypeError`` naming ``name`` unless ``model`` is a :class:`Layer` and
+    ``loss`` a :class:`Loss`, with the hint for a factory that was not called."""
+    check_is_layer(name, "model", model)
+    check_is_loss(name, "loss", loss)
+
+
 def check_positive_int(name: str, arg: str, value) -> int:
     """Raise unless ``value`` is an integer > 0; returns it as ``int``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
@@ -194,6 +229,94 @@ def _abstract_init(init: Callable, in_shape: Shape):
     return jax.eval_shape(lambda k: init(k, in_shape)[:2], key)
 
 
+def _shapes(tree) -> list:
+    return [tuple(getattr(a, "shape", ())) for a in jax.tree_util.tree_leaves(tree)]
+
+
+def _initialised_for(init: Callable, x_shape: Shape, params: PyTree) -> Optional[tuple]:
+    """The input shapes (one example's) for which ``init`` gives params of exactly the shapes of
+    ``params``, when ``x_shape`` does not: the sign that x, not the params, is wrong. Returns
+    ``(smallest, largest)`` (equal unless a stride's floor lets several sizes fit), or ``None``
+    when no such shape is found (the params are wrong: another width, another model).
+
+    The search runs only on this error path, at trace time, on shapes only. Each round takes the
+    first parameter size that differs, finds the input axes it depends on (one axis alone, or a
+    group of axes of equal size in x, e.g. an image's height and width, moved together) and
+    bisects that axis's size for the one that gives the parameter's size (sizes grow with the
+    input's); the shape found must then give every parameter's shape.
+    """
+    want = _shapes(params)
+    if any(not hasattr(a, "shape") for a in jax.tree_util.tree_leaves(params)):
+        return None
+
+    def shapes_for(shape):
+        try:
+            return _shapes(_abstract_init(init, tuple(shape))[0])
+        except Exception:               # too small for the layers (a convolution without padding)
+            return None
+
+    def first_diff(got):
+        for i, (g, w) in enumerate(zip(got, want)):
+            if len(g) != len(w):
+                return None
+            for d, (a, b) in enumerate(zip(g, w)):
+                if a != b:
+                    return i, d
+        return None
+
+    rank = len(x_shape)
+    groups = [(a,) for a in range(rank)]
+    groups += [tuple(a for a in range(rank) if x_shape[a] == x_shape[b])
+               for b in range(rank)]
+    groups = sorted(dict.fromkeys(groups), key=len)
+    shape, upper = list(x_shape), list(x_shape)
+    for _ in range(rank + 1):
+        got = shapes_for(shape)
+        if got is None or len(got) != len(want):
+            return None
+        where = first_diff(got)
+        if where is None:
+            if tuple(shape) == tuple(x_shape):
+                return None
+            if upper != shape and shapes_for(upper) == want:
+                return tuple(shape), tuple(upper)
+            return tuple(shape), tuple(shape)
+        i, d = where
+        for g in groups:
+            def size(v, g=g):
+                trial = list(shape)
+                for a in g:
+                    trial[a] = v
+                out = shapes_for(trial)
+                return None if out is None or len(out) != len(want) or len(out[i]) != len(want[i]) else out[i][d]
+            lo, hi = 1, 1 << 16
+            v = shape[g[0]]
+            if size(2 * v + 1) == got[i][d] and size(max(1, v // 2)) == got[i][d]:
+                continue                # this parameter does not depend on these axes
+            while lo < hi:              # the smallest v whose size reaches the parameter's
+                mid = (lo + hi) // 2
+                m = size(mid)
+                if m is None or m < want[i][d]:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            if size(lo) == want[i][d]:
+                top, hi = lo, 1 << 16   # the largest v with that size (a stride's floor allows several)
+                while top < hi:
+                    mid = (top + hi + 1) // 2
+                    m = size(mid)
+                    if m is not None and m <= want[i][d]:
+                        top = mid
+                    else:
+                        hi = mid - 1
+                for a in g:
+                    shape[a], upper[a] = lo, top
+                break
+        else:
+            return None
+    return None
+
+
 def check_tree(name: str, what: str, expected: PyTree, got: PyTree, *, shapes: bool) -> None:
     """Raise ``TypeError`` if the structures differ, ``ValueError`` if (with ``shapes``) a leaf's shape does."""
     exp_def = jax.tree_util.tree_structure(expected)
@@ -285,7 +408,16 @@ def make_layer(
         check_tree(name, "state", exp_state, state, shapes=False)
         if check is not None:
             check(params, state, x)
-        check_tree(name, "params", exp_params, params, shapes=True)
+        try:
+            check_tree(name, "params", exp_params, params, shapes=True)
+        except ValueError:
+            fit = None if isinstance(x, tuple) else _initialised_for(init, in_shape, params)
+            if fit is None:
+                raise                   # the params are wrong, not x
+            lo, hi = fit
+            want = (f"== {lo} (the input shape its params were initialised for)" if lo == hi else
+                    f"between {lo} and {hi} (the input shapes its params fit)")
+            raise ValueError(f"{name}: expected x.shape[1:] {want}, got x.shape={tuple(x.shape)}") from None
         check_tree(name, "state", exp_state, state, shapes=True)
         if _HOOKS:
             return _HOOKS[-1].layer_forward(name, token, forward, params, state, x, key=key, train=train)

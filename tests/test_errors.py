@@ -154,3 +154,42 @@ def test_binary_cross_entropy_integer_targets():
 def test_bad_loss_hyperparameters(make, msg):
     with pytest.raises(ValueError, match=re.escape(msg)):
         make()
+
+
+# ----------------------------------------------------------------------------- issue 16 §4
+
+
+def test_sequential_wrong_input_width_names_x_and_both_shapes():
+    net = bp.sequential(bp.dense(16), bp.relu(), bp.dense(3))
+    params, state, _ = init_params(net, (4,), rng("x-width"), jnp.float32)
+    msg = ("sequential: expected x.shape[1:] == (4,) (the input shape its params were initialised for), "
+           "got x.shape=(2, 5)")
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        net.forward(params, state, jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        jax.jit(bp.value_and_grad(net, bp.squared_error()))(params, state, jnp.ones((2, 5)), jnp.ones((2, 3)))
+
+
+def test_cnn_wrong_image_shape_names_x_not_the_last_dense_layer():
+    net = bp.sequential(bp.conv(4, 3), bp.relu(), bp.flatten(), bp.dense(3))
+    params, state, _ = init_params(net, (8, 8, 1), rng("x-image"), jnp.float32)
+    with pytest.raises(ValueError, match=re.escape(
+            "sequential: expected x.shape[1:] == (8, 8, 1) (the input shape its params were initialised for), "
+            "got x.shape=(2, 10, 10, 3)")):
+        net.forward(params, state, jnp.ones((2, 10, 10, 3)))
+
+
+def test_strided_network_names_the_range_of_input_shapes_it_fits():
+    net = bp.sequential(bp.conv(4, 3, strides=2), bp.flatten(), bp.dense(3))
+    params, state, _ = init_params(net, (9, 2), rng("x-range"), jnp.float32)
+    with pytest.raises(ValueError, match=re.escape(
+            "sequential: expected x.shape[1:] between (9, 2) and (10, 2) (the input shapes its params fit), "
+            "got x.shape=(2, 12, 2)")):
+        net.forward(params, state, jnp.ones((2, 12, 2)))
+
+
+def test_sequential_wrong_params_still_names_the_params():
+    net = bp.sequential(bp.dense(16), bp.relu(), bp.dense(3))
+    params, state, _ = init_params(bp.sequential(bp.dense(8), bp.relu(), bp.dense(3)), (4,), rng("p"), jnp.float32)
+    with pytest.raises(ValueError, match=re.escape("sequential: expected params[0]['b'].shape == (16,), got (8,)")):
+        net.forward(params, state, jnp.ones((2, 4)))
