@@ -31,6 +31,7 @@ from ._gradcheck import (GradientReport, assert_gradients_close, check_layer, ch
 from ._losses import *  # noqa: F401,F403
 from ._losses import __all__ as _loss_all
 from ._reference import reference_value_and_grad
+from .runs import load_run  # a trained model from a `bpjax train` run folder (not in __all__: a utility of training)
 
 __version__ = "0.1.0"
 

@@ -715,7 +715,11 @@ def add_arguments(p) -> None:
                         "loss stay float32 (master weights)")
     p.add_argument("--out", default=None, help="run directory (default: runs/MODEL-DATASET-sSEED)")
     p.add_argument("--metrics-format", choices=["jsonl", "csv"], default="jsonl", help="metrics file format")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint; refused unless the arguments "
+                        "that define the run (in its run.json) are the same")
+    p.add_argument("--overwrite", action="store_true",
+                   help="remove the run in --out (what bpjax train wrote there) and start a new one")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="no PNG of the curves")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
@@ -740,7 +744,7 @@ def make_optimizer(name: str, lr: float, schedule: str, weight_decay: float, tot
 
 def command(args) -> int:
     """Run ``bpjax train`` with parsed ``args``; returns the exit code."""
-    from . import _losses
+    from . import _losses, runs
     from .datasets import load
     from .models import MODELS
 
@@ -751,15 +755,23 @@ def command(args) -> int:
         print(e if str(e).startswith("bpjax train:") else f"bpjax train: {e}", file=sys.stderr)
         return 2
     say = print if main else (lambda *a, **k: None)                            # noqa: E731
+    out = pathlib.Path(args.out or f"runs/{args.model}-{args.dataset}-s{args.seed}")
+    problem = _prepare_run_dir(out, args) if main else None
+    if _agree_to_stop(problem is not None):                 # every process stops, or none
+        if problem:
+            print(problem, file=sys.stderr)
+        return 2
     data = load(args.dataset)
     if data.num_classes is None:
-        model = MODELS[args.model](1)
+        model_args = {"num_classes": 1}
         loss = _losses.squared_error()
     else:
-        model = MODELS[args.model](data.num_classes)
+        model_args = {"num_classes": data.num_classes}
         loss = _losses.softmax_cross_entropy()
-    out = pathlib.Path(args.out or f"runs/{args.model}-{args.dataset}-s{args.seed}")
-    out.mkdir(parents=True, exist_ok=True)
+    model = MODELS[args.model](**model_args)
+    if main:
+        runs.write_info(out, {**run_arguments(args), "model_args": model_args, "in_shape": list(data.in_shape),
+                              "x_dtype": str(data.x_train.dtype), "loss": loss_name(data)})
     n_train = int(round(data.x_train.shape[0] * (1 - args.val_fraction)))
     total_steps = args.epochs * max(n_train // args.batch_size, 1)
     optimizer = make_optimizer(args.optimizer, args.lr, args.schedule, args.weight_decay, total_steps)
@@ -784,6 +796,7 @@ def command(args) -> int:
     if result.interrupted_by:
         say(f"bpjax train: stopped by {result.interrupted_by}; run again with --resume to continue")
         return 128 + int(getattr(signal, result.interrupted_by))
+    runs.save_model(out, result.params, result.state, to_save=_to_save)      # every process: orbax coordinates
     if not main:
         return 0
     summary = {"model": args.model, "dataset": args.dataset, "seed": args.seed, "dtype": args.dtype,
@@ -793,8 +806,93 @@ def command(args) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     test = " ".join(f"test {k} {v:.4f}" for k, v in result.test.items())
     print(f"done in {result.seconds:.1f} s: {test} (best epoch {result.best_epoch}); "
-          f"metrics {metrics}" + ("" if args.no_plot else f", plot {out / 'curves.png'}"))
+          f"metrics {metrics}" + ("" if args.no_plot else f", plot {out / 'curves.png'}")
+          + f"; model {out / runs.MODEL_DIR} (bpjax evaluate {out}; bpjax predict {out} X.npy --out Y.npy)")
     return 0
+
+
+#: The options whose values define a run, by their key in run.json: ``--resume`` continues a run
+#: only with the same values. ``--epochs`` joins them when the schedule depends on it (cosine);
+#: with a constant schedule a run may be resumed with more epochs. What only says how to run it
+#: (``--devices``, ``--fsdp``, ``--patience``, ``--min-delta``, progress, plot) may change.
+DEFINING = {"model": "--model", "dataset": "--dataset", "seed": "--seed", "dtype": "--dtype",
+            "batch_size": "--batch-size", "optimizer": "--optimizer", "lr": "--lr", "schedule": "--schedule",
+            "weight_decay": "--weight-decay", "val_fraction": "--val-fraction", "epochs": "--epochs",
+            "metrics_format": "--metrics-format", "bpjax_version": "the bpjax version"}
+
+
+def run_arguments(args) -> Dict[str, Any]:
+    """The arguments that define the run of ``bpjax train`` ``args`` (keys of :data:`DEFINING`)."""
+    from . import __version__
+
+    defining = {k: getattr(args, k) for k in DEFINING if k not in ("epochs", "bpjax_version")}
+    if args.schedule == "cosine":                    # the learning rate decays to 0 over --epochs
+        defining["epochs"] = args.epochs
+    defining["bpjax_version"] = __version__
+    return defining
+
+
+def loss_name(data: Dataset) -> str:
+    """The loss ``bpjax train`` trains ``data`` with: cross-entropy for classification."""
+    return "squared_error" if data.num_classes is None else "softmax_cross_entropy"
+
+
+def _prepare_run_dir(out: pathlib.Path, args) -> Optional[str]:
+    """Make ``out`` ready for the run of ``args``, or say in one line why not: a folder holding a
+    run is only continued with ``--resume`` (and the same defining arguments) or cleared with
+    ``--overwrite``; two runs never mix in one folder."""
+    from . import runs
+
+    if args.resume and args.overwrite:
+        return "bpjax train: expected --resume or --overwrite, got both"
+    if out.exists() and not out.is_dir():
+        return f"bpjax train: expected --out to be a folder, got {out}, which is a file"
+    if args.overwrite:
+        try:
+            runs.remove_run(out)
+        except runs.RunError as e:
+            return f"bpjax train: {e}"
+    elif runs.holds_run(out) and not args.resume:
+        return (f"bpjax train: {out} already holds a run; pass --resume to continue it or --overwrite to "
+                f"replace it (or choose another --out)")
+    elif args.resume and runs.holds_run(out):
+        try:
+            stored = runs.read_info(out, who="bpjax train --resume")
+        except runs.RunError as e:
+            return (f"{e}; pass --overwrite to start a new run there" if (out / runs.RUN_FILE).exists() else
+                    f"bpjax train: --resume expected {out / runs.RUN_FILE} describing the run to continue, got "
+                    f"none (a run of an older bpjax); pass --overwrite to start a new run there")
+        differ = _differences(run_arguments(args), stored)
+        if differ:
+            return (f"bpjax train: --resume expected the arguments of the run in {out}, got "
+                    + "; ".join(differ) + "; pass the run's values, or --overwrite to start a new run")
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def _differences(now: Dict[str, Any], stored: Dict[str, Any]) -> List[str]:
+    """``"--lr 0.05 (the run has 0.01)"`` for each defining argument that differs."""
+    out = []
+    for key, option in DEFINING.items():
+        if key not in now and key not in stored:
+            continue
+        if key == "epochs" and (key not in now or key not in stored):
+            continue                      # the schedules differ, which is named
+        mine, theirs = now.get(key), stored.get(key)
+        if mine != theirs:
+            if key == "bpjax_version":
+                out.append(f"bpjax {mine} (the run was written by bpjax {theirs})")
+            else:
+                out.append(f"{option} {mine} (the run has {theirs})")
+    return out
+
+
+def _agree_to_stop(stop: bool) -> bool:
+    """Process 0's verdict on every process (one process: ``stop`` itself)."""
+    if jax.process_count() == 1:
+        return stop
+    from jax.experimental import multihost_utils
+    return bool(int(multihost_utils.broadcast_one_to_all(np.int32(stop))))
 
 
 def _join_processes(args) -> bool:
