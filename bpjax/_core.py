@@ -9,6 +9,7 @@ what it got.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -77,25 +78,36 @@ def _got(obj) -> str:
     return f"{type(obj).__name__} {fn}" if callable(obj) and fn else type(obj).__name__
 
 
-def check_is_layer(name: str, arg: str, obj) -> None:
+def _uncalled_hint(obj) -> str:
+    """`` (did you forget to call the factory, e.g. dense(...) rather than dense?)`` for a function."""
+    fn = getattr(obj, "__name__", None)
+    if not callable(obj) or not fn or isinstance(obj, (Layer, Loss)):
+        return ""
+    try:
+        needs = any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                    for p in inspect.signature(obj).parameters.values())
+    except (TypeError, ValueError):
+        needs = False
+    return f" (did you forget to call the factory, e.g. {fn}({'...' if needs else ''}) rather than {fn}?)"
+
+
+def check_is_layer(name: str, arg: Optional[str], obj) -> None:
     """Raise ``TypeError`` unless ``obj`` is a :class:`Layer`; an uncalled factory is named."""
     if isinstance(obj, Layer):
         return
-    fn = getattr(obj, "__name__", None)
-    hint = (f" (did you forget to call the factory, e.g. {fn}() rather than {fn}?)"
-            if callable(obj) and fn and not isinstance(obj, Loss) else "")
-    raise TypeError(f"{name}: expected {arg} to be a bpjax.Layer, got {_got(obj)}{hint}")
+    hint = _uncalled_hint(obj)
+    what = f"{arg} to be a bpjax.Layer" if arg else "a bpjax.Layer"
+    raise TypeError(f"{name}: expected {what}, got {_got(obj)}{hint}")
 
 
-def check_is_loss(name: str, arg: str, obj) -> None:
+def check_is_loss(name: str, arg: Optional[str], obj) -> None:
     """Raise ``TypeError`` unless ``obj`` is a :class:`Loss`; an uncalled factory is named
     (``bp.softmax_cross_entropy`` rather than ``bp.softmax_cross_entropy()``)."""
     if isinstance(obj, Loss):
         return
-    fn = getattr(obj, "__name__", None)
-    hint = (f" (did you forget to call the factory, e.g. {fn}() rather than {fn}?)"
-            if callable(obj) and fn and not isinstance(obj, Layer) else "")
-    raise TypeError(f"{name}: expected {arg} to be a bpjax.Loss, got {_got(obj)}{hint}")
+    hint = _uncalled_hint(obj)
+    what = f"{arg} to be a bpjax.Loss" if arg else "a bpjax.Loss"
+    raise TypeError(f"{name}: expected {what}, got {_got(obj)}{hint}")
 
 
 def check_model_and_loss(name: str, model, loss) -> None:

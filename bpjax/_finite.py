@@ -160,4 +160,5 @@ def debug_nans(model: Layer, loss: Loss, *, jit: bool = True) -> Callable:
     ``f(params, state, x, target, *, key=None) -> ((value, new_state), grads)``, which raises
     ``FloatingPointError`` naming the first layer whose forward or backward made a NaN or Inf."""
     from ._grad import value_and_grad
+    _core.check_model_and_loss("debug_nans", model, loss)
     return check_finite(value_and_grad(model, loss), jit=jit)

@@ -6,7 +6,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from ._core import Layer, Loss
+from ._core import Layer, Loss, check_model_and_loss
 
 __all__ = ["value_and_grad", "forward_backward", "cast_floating"]
 
@@ -35,6 +35,7 @@ def forward_backward(model: Layer, loss: Loss, *, train: bool = True, compute_dt
     (the losses compute it in float32), and ``grads`` and ``new_state`` come back in the dtypes of
     ``params`` and ``state``, so float32 params stay the master weights an optimizer updates.
     """
+    check_model_and_loss("forward_backward", model, loss)
 
     def f(params, state, x, target, *, key=None):
         p, s, xc = (cast_floating(params, compute_dtype), cast_floating(state, compute_dtype),
@@ -67,6 +68,7 @@ def value_and_grad(model: Layer, loss: Loss, *, compute_dtype: Optional[Any] = N
     ``compute_dtype=jnp.bfloat16`` runs the forward and backward in bfloat16 with ``params`` as
     float32 master weights (see :func:`forward_backward`).
     """
+    check_model_and_loss("value_and_grad", model, loss)
     step = forward_backward(model, loss, compute_dtype=compute_dtype)
 
     def f(params, state, x, target, *, key=None):

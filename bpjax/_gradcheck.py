@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._core import Layer, Loss, describe
+from ._core import Layer, Loss, check_is_layer, check_is_loss, check_model_and_loss, describe
 from ._grad import value_and_grad
 
 __all__ = ["Comparison", "GradientReport", "check_layer", "check_model", "check_loss",
@@ -647,9 +647,7 @@ def check_layer(layer: Layer, in_shape=None, *, batch: int = 3, dtype=None, para
         A :class:`GradientReport`; print it for the table, test ``.ok``.
     """
     name = "check_layer"
-    if not isinstance(layer, Layer):
-        raise TypeError(f"{name}: expected a bpjax.Layer, got {type(layer).__name__}"
-                        " (did you forget to call the factory, e.g. relu() rather than relu?)")
+    check_is_layer(name, None, layer)
     dtype = jnp.dtype(dtype or _default_dtype())
     gen = np.random.default_rng(seed + 7919)
     shapes = _example_shapes(name, in_shape, x)
@@ -707,9 +705,7 @@ def check_model(model: Layer, loss: Loss, params, state, x, target, *, key=None,
         A :class:`GradientReport`.
     """
     name = "check_model"
-    if not isinstance(model, Layer) or not isinstance(loss, Loss):
-        raise TypeError(f"{name}: expected a bpjax.Layer and a bpjax.Loss, got "
-                        f"{type(model).__name__} and {type(loss).__name__}")
+    check_model_and_loss(name, model, loss)
     x = jax.tree_util.tree_map(jnp.asarray, x)
     target = jnp.asarray(target)
     dtype = _lowest_float([params, x])
@@ -751,8 +747,7 @@ def check_loss(loss: Loss, pred, target, *, seed: int = 0, methods: Sequence[str
         A :class:`GradientReport` with one gradient, ``dpred``.
     """
     name = "check_loss"
-    if not isinstance(loss, Loss):
-        raise TypeError(f"{name}: expected a bpjax.Loss, got {type(loss).__name__}")
+    check_is_loss(name, None, loss)
     pred, target = jnp.asarray(pred), jnp.asarray(target)
 
     def fn(trees, aux):
@@ -808,6 +803,7 @@ def per_example_grads(model: Layer, loss: Loss):
         that normalise over the batch see a batch of one). With ``key``, example n gets
         ``jax.random.split(key, N)[n]``. Jittable.
     """
+    check_model_and_loss("per_example_grads", model, loss)
     vg = value_and_grad(model, loss)
 
     def one(params, state, x1, t1, k):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import jax
 
-from ._core import Layer, Loss
+from ._core import Layer, Loss, check_model_and_loss
 
 __all__ = ["reference_value_and_grad"]
 
@@ -14,6 +14,7 @@ def reference_value_and_grad(model: Layer, loss: Loss):
     Returns ``f(params, state, x, target, *, key=None) -> ((value, new_state), grads)``. Only the
     forward passes of ``model`` and ``loss`` are used; this is what every check compares against.
     """
+    check_model_and_loss("reference_value_and_grad", model, loss)
 
     def objective(params, state, x, target, key):
         y, new_state, _ = model.forward(params, state, x, key=key, train=True)

@@ -193,3 +193,42 @@ def test_sequential_wrong_params_still_names_the_params():
     params, state, _ = init_params(bp.sequential(bp.dense(8), bp.relu(), bp.dense(3)), (4,), rng("p"), jnp.float32)
     with pytest.raises(ValueError, match=re.escape("sequential: expected params[0]['b'].shape == (16,), got (8,)")):
         net.forward(params, state, jnp.ones((2, 4)))
+
+
+_UNCALLED_LOSS = ("expected loss to be a bpjax.Loss, got function softmax_cross_entropy (did you forget to call "
+                  "the factory, e.g. softmax_cross_entropy() rather than softmax_cross_entropy?)")
+
+
+@pytest.mark.parametrize("name,make", [
+    ("value_and_grad", bp.value_and_grad),
+    ("forward_backward", bp._grad.forward_backward),
+    ("reference_value_and_grad", bp.reference_value_and_grad),
+    ("debug_nans", bp.debug_nans),
+    ("per_example_grads", bp.per_example_grads),
+    ("fit", lambda model, loss: bp._core.check_model_and_loss("fit", model, loss)),
+])
+def test_uncalled_loss_factory(name, make):
+    with pytest.raises(TypeError, match=re.escape(f"{name}: {_UNCALLED_LOSS}")):
+        make(bp.dense(3), bp.softmax_cross_entropy)
+
+
+def test_uncalled_loss_factory_in_the_gradient_checks():
+    x = jnp.ones((2, 3))
+    with pytest.raises(TypeError, match=re.escape(
+            "check_loss: expected a bpjax.Loss, got function huber (did you forget to call the factory, "
+            "e.g. huber() rather than huber?)")):
+        bp.check_loss(bp.huber, x, x)
+    with pytest.raises(TypeError, match=re.escape(f"check_model: {_UNCALLED_LOSS}")):
+        bp.check_model(bp.dense(3), bp.softmax_cross_entropy, {}, (), x, jnp.zeros(2, jnp.int32))
+
+
+def test_uncalled_layer_factory_as_the_model():
+    with pytest.raises(TypeError, match=re.escape(
+            "value_and_grad: expected model to be a bpjax.Layer, got function dense (did you forget to call "
+            "the factory, e.g. dense(...) rather than dense?)")):
+        bp.value_and_grad(bp.dense, bp.squared_error())
+
+
+def test_a_loss_where_a_layer_goes_and_back():
+    with pytest.raises(TypeError, match=re.escape("value_and_grad: expected loss to be a bpjax.Loss, got Layer")):
+        bp.value_and_grad(bp.dense(3), bp.relu())
