@@ -437,10 +437,21 @@ def make_layer(
 
     def backward_(params, res, dy):
         if _HOOKS:
-            dparams, dx = _HOOKS[-1].layer_backward(name, token, backward, params, res, dy)
+            out = _HOOKS[-1].layer_backward(name, token, backward, params, res, dy)
         else:
-            dparams, dx = backward(params, res, dy)
-        return cast_like(dparams, params), dx
+            out = backward(params, res, dy)
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise TypeError(f"{name}: expected backward to return a pair (dparams, dx), got {describe(out)}")
+        dparams, dx = out
+        try:
+            return cast_like(dparams, params), dx
+        except (TypeError, ValueError, AttributeError):
+            if jax.tree_util.tree_structure(dparams) == jax.tree_util.tree_structure(params):
+                raise
+            raise TypeError(f"{name}: expected backward to return dparams with the tree structure of params, "
+                            f"got another tree.\n"
+                            f"  expected: {describe(params)}\n"
+                            f"  got:      {describe(dparams)}") from None
 
     for f in (init_, forward_, backward_):
         f.__qualname__ = f"{name}.{f.__name__.rstrip('_')}"

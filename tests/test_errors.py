@@ -232,3 +232,39 @@ def test_uncalled_layer_factory_as_the_model():
 def test_a_loss_where_a_layer_goes_and_back():
     with pytest.raises(TypeError, match=re.escape("value_and_grad: expected loss to be a bpjax.Loss, got Layer")):
         bp.value_and_grad(bp.dense(3), bp.relu())
+
+
+def _user_dense(backward_out):
+    """A user's layer (make_layer) whose backward returns ``backward_out(dparams, dx)``."""
+    inner = bp.dense(3)
+
+    def backward(params, res, dy):
+        return backward_out(*inner.backward(params, res, dy))
+
+    return bp.make_layer("my_dense", inner.init, lambda p, s, x, key=None, train=True: inner.forward(p, s, x),
+                         backward)
+
+
+_WRONG_DPARAMS = ("my_dense: expected backward to return dparams with the tree structure of params, got another tree.\n"
+                  "  expected: {'b': float32[3], 'w': float32[4, 3]}\n"
+                  "  got:      {'w': float32[4, 3]}")
+
+
+def test_wrong_dparams_structure_names_the_layer_and_both_trees():
+    layer = _user_dense(lambda dparams, dx: ({"w": dparams["w"]}, dx))
+    params, state, _ = init_params(layer, (4,), rng("dparams"), jnp.float32)
+    x = jnp.ones((2, 4))
+    _, _, res = layer.forward(params, state, x)
+    with pytest.raises(TypeError, match=re.escape(_WRONG_DPARAMS)):
+        layer.backward(params, res, jnp.ones((2, 3)))
+    with pytest.raises(TypeError, match=re.escape(_WRONG_DPARAMS)):
+        bp.check_layer(layer, (4,), dtype=jnp.float32)
+
+
+def test_backward_must_return_a_pair():
+    layer = _user_dense(lambda dparams, dx: dparams)
+    params, state, _ = init_params(layer, (4,), rng("pair"), jnp.float32)
+    _, _, res = layer.forward(params, state, jnp.ones((2, 4)))
+    with pytest.raises(TypeError, match=re.escape(
+            "my_dense: expected backward to return a pair (dparams, dx), got {'b': float32[3], 'w': float32[4, 3]}")):
+        layer.backward(params, res, jnp.ones((2, 3)))
