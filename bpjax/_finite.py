@@ -33,6 +33,10 @@ from ._core import Layer, Loss
 __all__ = ["check_finite", "debug_nans"]
 
 
+#: The head of the check of integer labels (a ValueError, not a FloatingPointError).
+_LABELS = "bpjax.check_finite: labels out of range in the forward of "
+
+
 class _Frame:
     """One call of a layer's forward: its path name, and the layers it called, in order."""
 
@@ -112,6 +116,14 @@ class _FiniteChecks:
         _check(f"the forward of {name}", "value", value)
         return value, res
 
+    def labels(self, name, target, num_classes):
+        """Integer labels, known only when the compiled function runs: each in [0, num_classes)."""
+        if not target.size:
+            return
+        checkify.check(jnp.all((target >= 0) & (target < num_classes)),
+                       f"{_LABELS}{name}: expected labels in [0, {num_classes}), "
+                       f"got labels in [{{lo}}, {{hi}}]", lo=jnp.min(target), hi=jnp.max(target))
+
     def loss_backward(self, name, backward, res, dvalue):
         dpred = backward(res, dvalue)
         _check(f"the backward of {name}", "dpred", dpred)
@@ -129,7 +141,11 @@ def check_finite(fn: Callable, *, jit: bool = True) -> Callable:
     Returns:
       A function with ``fn``'s arguments and results that raises ``FloatingPointError`` naming
       the first layer, forward or backward, where a non-finite value appeared, and the array
-      (``input x``, ``params['w']``, ``output y``, ``dx``, ...) it appeared in.
+      (``input x``, ``params['w']``, ``output y``, ``dx``, ...) it appeared in; or
+      ``ValueError`` for integer labels out of range in ``softmax_cross_entropy`` (which make a
+      NaN or a silently wrong loss), checked first::
+
+          bpjax.check_finite: labels out of range in the forward of softmax_cross_entropy: expected labels in [0, 10), got labels in [0, 10]
     """
 
     def instrumented(*args, **kwargs):
@@ -149,7 +165,8 @@ def check_finite(fn: Callable, *, jit: bool = True) -> Callable:
         err, out = checked(*args, **kwargs)
         msg = err.get()
         if msg is not None:
-            raise FloatingPointError(re.sub(r"\s*\((`check` failed|check failed at .*)\)\s*$", "", msg, flags=re.S))
+            msg = re.sub(r"\s*\((`check` failed|check failed at .*)\)\s*$", "", msg, flags=re.S)
+            raise (ValueError if msg.startswith(_LABELS) else FloatingPointError)(msg)
         return out
 
     return run

@@ -11,10 +11,39 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _core
 from ._core import Loss, accumulation_dtype, check_real, concrete, make_loss, num_rows
 
 __all__ = ["squared_error", "mean_squared_error", "softmax_cross_entropy",
            "sigmoid_binary_cross_entropy", "huber"]
+
+
+def check_labels(y, num_classes: int, where: str, *, num_examples=None) -> None:
+    """Raise ``ValueError`` unless ``y`` holds class labels for ``num_classes`` classes.
+
+    A host-side check of a whole dataset's labels, run once before training (under ``jit``
+    the loss cannot see the values: an out-of-range label gives a NaN or a silently wrong
+    loss). ``y`` must have an integer dtype, at least one axis (one label per example on the
+    first: ``(N,)``, or ``(N, T)`` for a sequence) and, with ``num_examples``, ``N`` rows;
+    every value must lie in ``[0, num_classes)``. ``where`` names the caller (``"fit"``).
+    """
+    y = np.asarray(y)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{where}: expected integer class labels, got labels of dtype {y.dtype.name}")
+    if y.ndim == 0:
+        raise ValueError(f"{where}: expected labels with one label per example (shape (N,)), "
+                         f"got labels.shape={tuple(y.shape)}")
+    if num_examples is not None and y.shape[0] != num_examples:
+        raise ValueError(f"{where}: expected one label per example ({num_examples} labels), "
+                         f"got labels.shape={tuple(y.shape)}")
+    if y.size:
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= num_classes:
+            bad = np.flatnonzero((y < 0) | (y >= num_classes))
+            first = np.unravel_index(bad[0], y.shape)
+            at = first[0] if y.ndim == 1 else tuple(int(i) for i in first)
+            raise ValueError(f"{where}: expected labels in [0, {num_classes}), got labels in [{lo}, {hi}] "
+                             f"({bad.size} of {y.size} out of range, the first at index {at})")
 
 
 def _in_unit_interval(name, what, target):
@@ -158,6 +187,8 @@ def softmax_cross_entropy(label_smoothing: float = 0.0) -> Loss:
                 if lo < 0 or hi >= pred.shape[-1]:
                     raise ValueError(f"{name}: expected labels in [0, {pred.shape[-1]}), "
                                      f"got labels in [{lo}, {hi}]")
+            elif labels is None and _core._HOOKS and hasattr(_core._HOOKS[-1], "labels"):
+                _core._HOOKS[-1].labels(name, target, pred.shape[-1])   # check mode: checked under jit
         elif jnp.issubdtype(target.dtype, jnp.floating):
             if tuple(target.shape) != tuple(pred.shape):
                 raise ValueError(f"{name}: expected probability targets of shape {tuple(pred.shape)} or integer "

@@ -5,9 +5,11 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import bpjax as bp
+from bpjax._losses import check_labels
 from helpers import init_params, rng
 
 
@@ -268,3 +270,40 @@ def test_backward_must_return_a_pair():
     with pytest.raises(TypeError, match=re.escape(
             "my_dense: expected backward to return a pair (dparams, dx), got {'b': float32[3], 'w': float32[4, 3]}")):
         layer.backward(params, res, jnp.ones((2, 3)))
+
+
+@pytest.mark.parametrize("labels,msg", [
+    (np.array([0, 1, 10, 2]), "fit: expected labels in [0, 10), got labels in [0, 10] (1 of 4 out of range, the first at index 2)"),
+    (np.array([[0, 1], [2, -1]]), "fit: expected labels in [0, 10), got labels in [-1, 2] (1 of 4 out of range, the first at index (1, 1))"),
+    (np.array([0.0, 1.0]), "fit: expected integer class labels, got labels of dtype float64"),
+    (np.array(3), "fit: expected labels with one label per example (shape (N,)), got labels.shape=()"),
+])
+def test_check_labels_on_the_host(labels, msg):
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        check_labels(labels, 10, "fit")
+
+
+def test_check_labels_one_per_example():
+    with pytest.raises(ValueError, match=re.escape("fit: expected one label per example (3 labels), got labels.shape=(2,)")):
+        check_labels(np.array([0, 1]), 10, "fit", num_examples=3)
+    check_labels(np.array([0, 9]), 10, "fit", num_examples=2)           # valid: no error
+
+
+def _labels_problem():
+    net = bp.sequential(bp.dense(3))
+    params, state, _ = init_params(net, (4,), rng("labels"), jnp.float32)
+    return net, params, state, jnp.ones((2, 4))
+
+
+@pytest.mark.parametrize("labels,seen", [([0, 3], "[0, 3]"), ([-1, 2], "[-1, 2]")])
+def test_out_of_range_labels_under_jit_in_check_mode(labels, seen):
+    net, params, state, x = _labels_problem()
+    msg = ("bpjax.check_finite: labels out of range in the forward of softmax_cross_entropy: "
+           f"expected labels in [0, 3), got labels in {seen}")
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        bp.debug_nans(net, bp.softmax_cross_entropy())(params, state, x, jnp.array(labels))
+    step = jax.jit(lambda p, x, y: bp.value_and_grad(net, bp.softmax_cross_entropy())(p, state, x, y))
+    with pytest.raises(ValueError, match=re.escape(msg)):               # a user's own jitted step
+        bp.check_finite(step)(params, x, jnp.array(labels))
+    (value, _), _ = bp.debug_nans(net, bp.softmax_cross_entropy())(params, state, x, jnp.array([0, 2]))
+    assert jnp.isfinite(value)
