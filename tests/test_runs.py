@@ -141,11 +141,10 @@ def test_resume_without_run_json_and_resume_with_overwrite_are_refused(tmp_path,
 # ----------------------------------------------------------------------------- using the model
 
 
-def test_evaluate_prints_exactly_the_summary_test_metrics(trained):
+def test_evaluate_prints_exactly_the_summary_test_metrics(trained, capsys):
     summary = json.loads((trained / "summary.json").read_text())
-    proc = _bpjax("evaluate", trained)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    words = proc.stdout.strip().splitlines()[-1].split()
+    assert cli.main(["evaluate", str(trained)]) == 0
+    words = capsys.readouterr().out.strip().splitlines()[-1].split()
     printed = {k: float(v) for k, v in zip(words[::2], words[1::2])}
     assert printed == {"test_loss": summary["test_loss"], "test_acc": summary["test_acc"]}
     assert bp.load_run(trained).evaluate() == {"loss": summary["test_loss"], "acc": summary["test_acc"]}
@@ -163,11 +162,11 @@ def test_load_run_rebuilds_the_model_and_predicts_in_inference_mode(trained):
         run.predict(np.zeros((4, 3)))
 
 
-def test_predict_command_writes_the_outputs(trained, tmp_path):
-    x = np.random.default_rng(1).normal(size=(50, 2)).astype(np.float32)
+def test_predict_command_writes_the_outputs(trained, tmp_path, capsys):
+    x = np.random.default_rng(1).normal(size=(50, 2))                  # float64: cast to the run's float32
     np.save(tmp_path / "x.npy", x)
-    proc = _bpjax("predict", trained, tmp_path / "x.npy", "--out", tmp_path / "y.npy")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert cli.main(["predict", str(trained), str(tmp_path / "x.npy"), "--out", str(tmp_path / "y.npy")]) == 0
+    assert "(50, 2) float32 outputs of textbook_mlp" in capsys.readouterr().out
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), bp.load_run(trained).predict(x))
 
 
