@@ -219,7 +219,7 @@ fi
 if [ "$MODE" = full ]; then
     BENCH=(--rounds 3 --chunk-seconds 0.25 --pause 0.05)
 else
-    BENCH=(--quick --models tiny)
+    BENCH=(--quick --models tiny --no-torch)      # tiny: no seconds spent importing torch
 fi
 run_stage bench_float32 100 "matmul peak|of peak:" \
     "$PY" scripts/bench.py "${BENCH[@]}" --dtype float32 --out "$OUT_DIR/bench_float32.md"
