@@ -25,10 +25,13 @@ BASE = ["train", "--model", "textbook_mlp", "--dataset", "xor", "--batch-size", 
 TRAIN = [*BASE, "--epochs", "2"]
 
 
-def _bpjax(*args, timeout=240):
+def _bpjax(*args, wait=True):
+    """``python -m bpjax ARGS``: finished (bounded by a timeout), or started (``wait=False``)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "bpjax", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=timeout)
+    cmd = [sys.executable, "-m", "bpjax", *map(str, args)]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
 
 
 def _one_line_error(proc, *words):
@@ -89,22 +92,40 @@ def test_resume_with_other_defining_arguments_is_refused(copy):
     assert len(_rows(copy)) == 2
 
 
-def test_resume_with_the_same_arguments_continues_the_run(copy):
-    proc = _bpjax(*BASE, "--epochs", "3", "--out", copy, "--resume")   # constant: more epochs
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "resumed from" in proc.stdout and "epoch 2 done" in proc.stdout
-    assert [r["epoch"] for r in _rows(copy)] == [1, 2, 3]
-    assert json.loads((copy / "summary.json").read_text())["epochs_run"] == 3
+@pytest.fixture(scope="module")
+def resumed_and_overwritten(trained, tmp_path_factory):
+    """Two copies of the run, side by side: one resumed with the same arguments (and, as the
+    schedule is constant, one more epoch), one overwritten by a 1-epoch run of another seed."""
+    d = tmp_path_factory.mktemp("again")
+    resumed, overwritten = d / "resumed", d / "overwritten"
+    for run in (resumed, overwritten):
+        shutil.copytree(trained, run)
+    (overwritten / "notes.txt").write_text("mine")
+    procs = [_bpjax(*BASE, "--epochs", "3", "--out", resumed, "--resume", wait=False),
+             _bpjax(*BASE, "--epochs", "1", "--out", overwritten, "--overwrite", "--seed", "1", wait=False)]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out + err
+    return (resumed, outs[0][0]), (overwritten, outs[1][0])
 
 
-def test_overwrite_removes_the_old_run_and_only_it(copy):
-    (copy / "notes.txt").write_text("mine")
-    proc = _bpjax(*BASE, "--epochs", "1", "--out", copy, "--overwrite", "--seed", "1")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "resumed" not in proc.stdout
-    assert [r["epoch"] for r in _rows(copy)] == [1] and len(_steps(copy)) == 1
-    assert json.loads((copy / "run.json").read_text())["seed"] == 1
-    assert (copy / "notes.txt").read_text() == "mine"
+def test_resume_with_the_same_arguments_continues_the_run(resumed_and_overwritten):
+    (run, out), _ = resumed_and_overwritten
+    assert "resumed from" in out and "epoch 2 done" in out
+    assert [r["epoch"] for r in _rows(run)] == [1, 2, 3]
+    assert json.loads((run / "summary.json").read_text())["epochs_run"] == 3
+
+
+def test_overwrite_removes_the_old_run_and_only_it(resumed_and_overwritten):
+    _, (run, out) = resumed_and_overwritten
+    assert "resumed" not in out
+    assert [r["epoch"] for r in _rows(run)] == [1] and len(_steps(run)) == 1
+    assert json.loads((run / "run.json").read_text())["seed"] == 1
+    assert (run / "notes.txt").read_text() == "mine"
 
 
 def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path):
