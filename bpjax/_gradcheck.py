@@ -89,7 +89,7 @@ class Comparison:
 
 _LEGEND = {
     "vjp": "vjp = jax.vjp of the same forward, pulled back along dy",
-    "fd": "fd  = central differences in float64, {n} random directions per leaf; order of the Taylor "
+    "fd": "fd  = central differences in {fd}, {n} random directions per leaf; order of the Taylor "
           "remainder: ≈2 right, ≈1 wrong, — linear, (…) not binding (kink)",
     "jvp": "jvp = forward mode ⟨dy, J v⟩ vs ⟨grad, v⟩",
 }
@@ -108,6 +108,8 @@ class GradientReport:
         rows: the :class:`Comparison` rows, leaf by leaf.
         methods: the references used.
         directions: random directions per leaf for ``fd`` and ``jvp``.
+        fd_dtype: the dtype the finite differences actually ran in (float64 by default, even
+            with x64 off: they run apart, under ``jax.enable_x64``).
     """
 
     title: str
@@ -115,6 +117,7 @@ class GradientReport:
     rows: tuple
     methods: tuple = METHODS
     directions: int = 3
+    fd_dtype: str = "float64"
 
     @property
     def ok(self) -> bool:
@@ -157,7 +160,7 @@ class GradientReport:
             out.append(line(t) if len(t) == len(head) else line(t[:3]) + "  " + t[3] + "  " + t[4])
         if not table:
             out.append("  (no floating-point inputs: nothing to check)")
-        out += ["  " + _LEGEND[m].format(n=self.directions) for m in self.methods]
+        out += ["  " + _LEGEND[m].format(n=self.directions, fd=self.fd_dtype) for m in self.methods]
         return "\n".join(out)
 
     def summary(self) -> str:
@@ -433,9 +436,12 @@ def _run(name: str, title: str, fn: Callable, manual: Callable, groups: Sequence
 
     steps = np.concatenate([_STEPS, -_STEPS])
 
+    fd_used = set()                 # the dtype the finite differences ran in, seen at trace time
+
     def finite_differences(vleaves, aux_, dy_, vdirs):
         cast = lambda t: _cast_floats(t, fd_dtype)
         vleaves, aux_, dy_ = cast(vleaves), cast(aux_), cast(dy_)
+        fd_used.update(_dtype_name(a.dtype) for a in vleaves)
         g = lambda v: _vdot(dy_, fn_valid(v, aux_))
         y0 = fn_valid(vleaves, aux_)
         g0, gabs = _vdot(dy_, y0), _abs_vdot(dy_, y0)
@@ -467,7 +473,7 @@ def _run(name: str, title: str, fn: Callable, manual: Callable, groups: Sequence
     def run_parts(names_, context):
         with context:
             args = (x0, aux, dy, [jnp.asarray(v, a.dtype) for v, a in zip(V, x0)],
-                    [jnp.asarray(v, fd_dtype) for v in V])
+                    [jnp.asarray(v, fd_dtype) for v in V] if "fd" in names_ else None)
             f = lambda *a_: {k: parts[k](*a_) for k in names_}
             return jax.tree_util.tree_map(to_host, _jit(f)(*args))
 
@@ -552,7 +558,8 @@ def _run(name: str, title: str, fn: Callable, manual: Callable, groups: Sequence
     order_of = {n: k for k, n in enumerate(names)}
     rows.sort(key=lambda r: (order_of.get(r.gradient, -1), r.reference != "shape"))
     more = f" · {directions} directions" if ("fd" in methods or "jvp" in methods) else ""
-    return GradientReport(title, f"{details}{more}", tuple(rows), methods, directions)
+    fd_name = (min(fd_used, key=lambda d: jnp.finfo(d).bits) if fd_used else fd_dtype.name)
+    return GradientReport(title, f"{details}{more}", tuple(rows), methods, directions, fd_name)
 
 
 def _taylor_order(plus, g0, a, allowed, gabs, eps):
@@ -722,7 +729,7 @@ def check_model(model: Layer, loss: Loss, params, state, x, target, *, key=None,
         return model.backward(p, res, loss.backward(loss_res, dvalue))
 
     xs = ", ".join(f"{_dtype_name(a.dtype)}{list(a.shape)}" for a in jax.tree_util.tree_leaves(x))
-    details = f"{dtype.name} · x {xs} · {'random' if cotangent is None else 'given'} dvalue"
+    details = f"{_why_dtype(dtype, params, x)} · x {xs} · {'random' if cotangent is None else 'given'} dvalue"
     title = f"check_model({_layer_name(model)}, {_layer_name(loss)})"
     return _run(name, title, fn, manual, [("dparams", params), ("dx", x)],
                 {"state": state, "key": key, "target": target},
@@ -820,6 +827,17 @@ def per_example_grads(model: Layer, loss: Loss):
     return f
 
 
+def _why_dtype(dtype, params, x) -> str:
+    """The dtype check_model ran in, and, when float64 exists but was not used, why."""
+    if not jax.config.jax_enable_x64 or dtype == jnp.float64:
+        return dtype.name
+    low = [n for n, t in (("params", params), ("x", x))
+           if any(_is_float(a) and jnp.dtype(a.dtype) == dtype for a in jax.tree_util.tree_leaves(t))]
+    return (f"{dtype.name} (x64 is on, but {' and '.join(low) or 'the inputs'} "
+            f"{'are' if len(low) != 1 or low[0] == 'params' else 'is'} {dtype.name}: "
+            f"cast with bp.cast_floating(tree, jnp.float64) to check in float64)")
+
+
 def _lowest_float(trees) -> np.dtype:
     dts = [jnp.dtype(a.dtype) for a in jax.tree_util.tree_leaves(trees) if _is_float(a)]
     if not dts:
@@ -830,7 +848,8 @@ def _lowest_float(trees) -> np.dtype:
 def _layer_name(obj) -> str:
     """The name a factory gave a layer or loss, from its functions' qualified names."""
     fn = obj[0]
-    head = (getattr(fn, "__qualname__", "") or "").split(".")[0]
+    qualname = getattr(fn, "__qualname__", "") or ""
+    head = qualname.split(".")[0] if "." in qualname else ""   # a factory's name, not a bare function's
     if head in ("make_loss", "make_layer"):         # the name is a string in the wrapper's closure
         cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
         head = next((c for c in cells if isinstance(c, str)), "")

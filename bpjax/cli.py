@@ -205,19 +205,21 @@ def _parse_shape(text: str) -> tuple:
 
 def _gradcheck(args) -> int:
     import jax
-
-    jax.config.update("jax_enable_x64", True)     # finite differences are in float64
     import jax.numpy as jnp
+
+    try:
+        dtype = jnp.dtype(args.dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.name not in ("float64", "float32", "float16", "bfloat16"):
+        print(f"bpjax gradcheck: expected --dtype float64, float32, float16 or bfloat16, got {args.dtype!r}",
+              file=sys.stderr)
+        return 2
+    jax.config.update("jax_enable_x64", True)     # finite differences are in float64
 
     import bpjax as bp
 
     out = sys.stdout
-    try:
-        dtype = jnp.dtype(args.dtype)
-    except TypeError:
-        print(f"bpjax gradcheck: expected --dtype float64, float32, float16 or bfloat16, got {args.dtype!r}",
-              file=sys.stderr)
-        return 2
     defaults = _defaults()
     jobs = []                                     # (label, make, config)
     try:

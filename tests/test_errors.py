@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -307,3 +308,54 @@ def test_out_of_range_labels_under_jit_in_check_mode(labels, seen):
         bp.check_finite(step)(params, x, jnp.array(labels))
     (value, _), _ = bp.debug_nans(net, bp.softmax_cross_entropy())(params, state, x, jnp.array([0, 2]))
     assert jnp.isfinite(value)
+
+
+def _plain_dense():
+    """A plain bp.Layer of module-level functions (not built by a factory)."""
+    inner = bp.dense(3)
+
+    def _init(key, in_shape):
+        return inner.init(key, in_shape)
+
+    def _forward(params, state, x, *, key=None, train=True):
+        return inner.forward(params, state, x)
+
+    def _backward(params, res, dy):
+        return inner.backward(params, res, dy)
+
+    for f in (_init, _forward, _backward):
+        f.__qualname__ = f.__name__
+    return bp.Layer(_init, _forward, _backward)
+
+
+def test_gradcheck_title_of_a_plain_layer_and_the_fd_precision_used():
+    with warnings.catch_warnings(), jax.enable_x64(False):
+        warnings.simplefilter("error", UserWarning)      # no float64-truncation warning with x64 off
+        report = bp.check_layer(_plain_dense(), (4,), dtype=jnp.float32)
+    assert report.title == "check_layer(Layer)", report.title
+    assert report.fd_dtype == "float64"
+    assert "  fd  = central differences in float64, 3 random directions per leaf" in str(report)
+    with pytest.warns(UserWarning, match="finite differences in float32 are unreliable"):
+        report = bp.check_layer(bp.dense(3), (4,), dtype=jnp.float32, fd_dtype=jnp.float32, methods=("fd",))
+    assert report.title == "check_layer(dense)"
+    assert "  fd  = central differences in float32, 3 random directions per leaf" in str(report)
+
+
+def test_check_model_says_why_it_ran_below_float64_with_x64_on():
+    net = bp.sequential(bp.dense(3))
+    with jax.enable_x64(True):
+        params, state, _ = net.init(jax.random.PRNGKey(0), (4,))          # init makes float32 params
+        report = bp.check_model(net, bp.squared_error(), params, state, jnp.ones((2, 4)), jnp.ones((2, 3)),
+                                methods=("vjp",))
+    assert report.details.startswith(
+        "float32 (x64 is on, but params are float32: cast with bp.cast_floating(tree, jnp.float64) to check "
+        "in float64) · x float64[2, 4]"), report.details
+    assert report.title == "check_model(sequential, squared_error)"
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bool", "complex64", "floaty"])
+def test_gradcheck_cli_rejects_a_dtype_it_cannot_check(dtype, capsys):
+    from bpjax import cli
+    assert cli.main(["gradcheck", "dense", "--dtype", dtype]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"bpjax gradcheck: expected --dtype float64, float32, float16 or bfloat16, got {dtype!r}")
