@@ -12,6 +12,10 @@ table and exits non-zero on any failure::
 Exit status: 0 all passed, 1 some gradient failed, 2 a usage error (a bad target, or an
 export with no entry in :data:`DEFAULTS`). Subcommands are argparse subparsers: a new one
 (``bpjax train``) is a function ``_add_<name>(subparsers)`` added to :data:`SUBCOMMANDS`.
+
+``bpjax train`` writes a run folder (:mod:`bpjax.runs`); ``bpjax evaluate RUN_DIR`` prints its
+model's test metrics and ``bpjax predict RUN_DIR INPUT.npy --out OUTPUT.npy`` writes its outputs
+(exit 2, one line, on a folder that is missing, damaged or unfinished). ``bpjax --version``.
 """
 from __future__ import annotations
 
@@ -359,9 +363,12 @@ def _predict(args) -> int:
         return _run_error("predict", e)
     try:
         x = np.load(args.input, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        return _run_error("predict", ValueError(f"expected INPUT to be a .npy file of inputs, got {args.input} "
-                                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"))
+    except FileNotFoundError:
+        return _run_error("predict", ValueError(f"expected INPUT to be a .npy file of inputs, got {args.input}, "
+                                                f"which does not exist"))
+    except (OSError, ValueError):
+        return _run_error("predict", ValueError(f"expected INPUT to be a .npy file of inputs (numpy.save), got "
+                                                f"{args.input}, which is not one"))
     if not isinstance(x, np.ndarray):
         return _run_error("predict", ValueError(f"expected INPUT to be a .npy file of one array, got {args.input}"))
     try:

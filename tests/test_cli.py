@@ -127,3 +127,12 @@ def test_command_exit_status_and_output_for_a_buggy_user_layer(user_module):
     fail_rows = [line for line in proc.stdout.splitlines() if "FAIL <--" in line]
     assert len(fail_rows) == 2 and fail_rows[0].lstrip().startswith("dx"), proc.stdout
     assert "1 of 1 failed: " in proc.stdout
+
+
+def test_the_subcommands_and_version_are_listed(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for word in ("train", "evaluate", "predict", "gradcheck", "--version"):
+        assert word in out, word
