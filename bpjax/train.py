@@ -139,7 +139,7 @@ def make_train_chunk(model: Layer, loss: Loss, optimizer: optax.GradientTransfor
             xb, yb = constrain(jnp.take(x_all, idx, axis=0), "batch"), constrain(jnp.take(y_all, idx, axis=0), "batch")
             params, state, opt_state, value, correct = step(params, state, opt_state, xb, yb, key, step0 + i)
             carry = (constrain(params, "params"), constrain(state, "state"), constrain(opt_state, "params"))
-            return carry, losses.at[i].set(value.astype(losses.dtype)), corrects.at[i].set(correct.astype(corrects.dtype))
+            return carry, losses.at[i].set(value.astype(losses.dtype)), corrects.at[i].set(correct)
 
         return jax.lax.fori_loop(0, count, body, (carry, losses, corrects))
 
@@ -756,11 +756,14 @@ def command(args) -> int:
         return 2
     say = print if main else (lambda *a, **k: None)                            # noqa: E731
     out = pathlib.Path(args.out or f"runs/{args.model}-{args.dataset}-s{args.seed}")
+    nothing_to_resume = main and args.resume and not runs.holds_run(out)
     problem = _prepare_run_dir(out, args) if main else None
     if _agree_to_stop(problem is not None):                 # every process stops, or none
         if problem:
             print(problem, file=sys.stderr)
         return 2
+    if nothing_to_resume:
+        say(f"bpjax train: --resume: {out} holds no run yet; starting one")
     data = load(args.dataset)
     if data.num_classes is None:
         model_args = {"num_classes": 1}

@@ -53,10 +53,12 @@ def _steps(run):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One finished 2-epoch run (the other tests copy it before changing it)."""
+    """One finished 2-epoch run (the other tests copy it before changing it); --resume into a
+    folder that holds no run starts one, and says so."""
     run = tmp_path_factory.mktemp("runs") / "run"
-    proc = _bpjax(*TRAIN, "--out", run)
+    proc = _bpjax(*TRAIN, "--out", run, "--resume")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"bpjax train: --resume: {run} holds no run yet; starting one" in proc.stdout
     return run
 
 
