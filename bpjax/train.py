@@ -139,7 +139,7 @@ def make_train_chunk(model: Layer, loss: Loss, optimizer: optax.GradientTransfor
             xb, yb = constrain(jnp.take(x_all, idx, axis=0), "batch"), constrain(jnp.take(y_all, idx, axis=0), "batch")
             params, state, opt_state, value, correct = step(params, state, opt_state, xb, yb, key, step0 + i)
             carry = (constrain(params, "params"), constrain(state, "state"), constrain(opt_state, "params"))
-            return carry, losses.at[i].set(value.astype(losses.dtype)), corrects.at[i].set(correct)
+            return carry, losses.at[i].set(value.astype(losses.dtype)), corrects.at[i].set(correct.astype(corrects.dtype))
 
         return jax.lax.fori_loop(0, count, body, (carry, losses, corrects))
 
