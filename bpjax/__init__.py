@@ -31,7 +31,7 @@ from ._gradcheck import (GradientReport, assert_gradients_close, check_layer, ch
 from ._losses import *  # noqa: F401,F403
 from ._losses import __all__ as _loss_all
 from ._reference import reference_value_and_grad
-from .runs import load_run  # a trained model from a `bpjax train` run folder (not in __all__: a utility of training)
+from .runs import load_run  # a trained model from a `bpjax train` run folder
 
 __version__ = "0.1.0"
 
@@ -46,5 +46,5 @@ __all__ = [
     "Layer", "Loss", "make_layer", "make_loss",
     "value_and_grad", "reference_value_and_grad", "as_jax_fn", "initializers", "cast_floating",
     "check_layer", "check_model", "check_loss", "assert_gradients_close", "GradientReport",
-    "per_example_grads", "check_finite", "debug_nans",
+    "per_example_grads", "check_finite", "debug_nans", "load_run",
 ]

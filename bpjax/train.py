@@ -30,8 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._core import Layer, Loss, describe
+from ._core import Layer, Loss, check_model_and_loss, describe
 from ._grad import forward_backward
+from ._losses import check_labels
 from .datasets import Dataset
 
 __all__ = ["fit", "FitResult", "evaluate", "make_eval_step", "make_train_step", "epoch_order", "split_validation",
@@ -390,8 +391,11 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
       TrainingError: a non-finite loss (the message names the step; the last good checkpoint is
         kept), or a checkpoint that does not fit the model.
     """
+    check_model_and_loss("fit", model, loss)
     optimizer = optimizer or optax.adam(1e-3)
     classification = data.num_classes is not None
+    if classification:
+        _check_dataset_labels(model, data)
     x_tr, y_tr, x_val, y_val = split_validation(data, val_fraction, seed)
     n = x_tr.shape[0]
     batch_size = min(batch_size, n)
@@ -461,6 +465,16 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
         plot_history(history, plot_path, title=f"{data.name}")
     return FitResult(params, state, history, test, int(run["best_epoch"]), stopped_early, seconds,
                      signal.Signals(signals.caught).name if signals.caught else None)
+
+
+def _check_dataset_labels(model: Layer, data: Dataset) -> None:
+    """Once, before training: every label of both splits is an integer class the model's
+    output can score (under ``jit`` an out-of-range label gives a NaN or a wrong loss)."""
+    widths = []
+    jax.eval_shape(lambda key: widths.append(model.init(key, data.in_shape)[2]), jax.random.PRNGKey(0))
+    num_classes = int(widths[0][-1])
+    check_labels(data.y_train, num_classes, "fit (training split)", num_examples=len(data.x_train))
+    check_labels(data.y_test, num_classes, "fit (test split)", num_examples=len(data.x_test))
 
 
 #: The chunk length ``fit`` aims at when it sizes chunks itself: long enough that the host's
@@ -756,7 +770,8 @@ def command(args) -> int:
         return 2
     say = print if main else (lambda *a, **k: None)                            # noqa: E731
     out = pathlib.Path(args.out or f"runs/{args.model}-{args.dataset}-s{args.seed}")
-    nothing_to_resume = main and args.resume and not runs.holds_run(out)
+    held_run = runs.holds_run(out)
+    nothing_to_resume = main and args.resume and not held_run
     problem = _prepare_run_dir(out, args) if main else None
     if _agree_to_stop(problem is not None):                 # every process stops, or none
         if problem:
@@ -796,6 +811,11 @@ def command(args) -> int:
     except TrainingError as e:
         print(f"bpjax train: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:                     # the data or the options do not fit the model
+        if main and not held_run:
+            runs.remove_run(out)                # refused before training: leave no run behind
+        print(f"bpjax train: {e}", file=sys.stderr)
+        return 2
     if result.interrupted_by:
         say(f"bpjax train: stopped by {result.interrupted_by}; run again with --resume to continue")
         return 128 + int(getattr(signal, result.interrupted_by))

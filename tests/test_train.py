@@ -202,3 +202,35 @@ def test_bfloat16_compute_keeps_float32_master_weights(xor):
                   compute_dtype=jnp.bfloat16)
     assert {a.dtype for a in jax.tree_util.tree_leaves(result.params)} == {np.dtype("float32")}
     assert result.test["acc"] > 0.9 and np.isfinite(result.history[-1]["train_loss"])
+
+
+@pytest.mark.parametrize("split,bad,message", [
+    ("y_train", -1, r"fit \(training split\): expected labels in \[0, 2\), got labels in \[-1, 1\] \(1 of \d+ out of range, the first at index 3\)"),
+    ("y_train", 2, r"fit \(training split\): expected labels in \[0, 2\), got labels in \[0, 2\]"),
+    ("y_test", 10, r"fit \(test split\): expected labels in \[0, 2\), got labels in \[0, 10\]"),
+])
+def test_labels_out_of_range_are_refused_before_training(xor, split, bad, message):
+    y = getattr(xor, split)
+    data = xor._replace(**{split: np.where(np.arange(len(y)) == 3, bad, y)})
+    with pytest.raises(ValueError, match=message):
+        _fit(data, epochs=1, batch_size=32)
+
+
+def test_float_labels_and_an_uncalled_loss_are_refused(xor):
+    with pytest.raises(ValueError, match=r"fit \(test split\): expected integer class labels, got labels of dtype float64"):
+        _fit(xor._replace(y_test=xor.y_test.astype(np.float64)), epochs=1)
+    with pytest.raises(TypeError, match="did you forget to call the factory"):
+        train.fit(models.textbook_mlp(2), bp.softmax_cross_entropy, xor, epochs=1, progress=False)
+
+
+def test_train_command_names_bad_labels_in_one_line(tmp_path, monkeypatch, capsys):
+    from bpjax import cli
+    xor = datasets.xor()
+    bad = xor._replace(y_train=np.where(np.arange(len(xor.y_train)) == 0, 7, xor.y_train))
+    monkeypatch.setitem(datasets.DATASETS, "xor", lambda **kw: bad)
+    code = cli.main(["train", "--model", "textbook_mlp", "--dataset", "xor", "--epochs", "1",
+                     "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("bpjax train: fit (training split): expected labels in [0, 2), got labels in [0, 7]")
+    assert not any((tmp_path / "run").iterdir())             # no half-run left to refuse the next try
