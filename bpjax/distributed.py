@@ -35,8 +35,12 @@ def make_mesh(num_devices: Optional[int] = None, *, devices=None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     if num_devices is not None:
         if not 1 <= num_devices <= len(devices):
+            hint = ""
+            if jax.devices()[0].platform == "cpu" and num_devices > len(devices):
+                hint = (f"; for {num_devices} CPU devices start Python with JAX_NUM_CPU_DEVICES={num_devices} "
+                        f"(or XLA_FLAGS=--xla_force_host_platform_device_count={num_devices}) set")
             raise ValueError(f"make_mesh: expected 1 <= num_devices <= {len(devices)} (the devices JAX "
-                             f"sees: {jax.devices()[0].platform} x{len(devices)}), got {num_devices}")
+                             f"sees: {jax.devices()[0].platform} x{len(devices)}), got {num_devices}{hint}")
         devices = devices[:num_devices]
     return Mesh(np.array(devices), (AXIS,))
 

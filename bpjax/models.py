@@ -83,3 +83,22 @@ MODELS: Dict[str, Callable[..., Layer]] = {
     "logreg": logreg, "mlp": mlp, "cnn": cnn, "gru": gru, "resnet1d": resnet1d, "digits_cnn": digits_cnn,
     "textbook_mlp": textbook_mlp,
 }
+
+
+def output_shape(name: str, in_shape, num_classes: int):
+    """The output shape of one example under model ``name``, or ``None`` when the model cannot
+    take inputs of ``in_shape`` (found by tracing its ``init``: nothing is computed)."""
+    import jax
+
+    shapes = []
+    try:
+        jax.eval_shape(lambda key: shapes.append(MODELS[name](num_classes).init(key, tuple(in_shape))[2]),
+                       jax.random.PRNGKey(0))
+    except (ValueError, TypeError, IndexError):
+        return None
+    return tuple(shapes[0])
+
+
+def fitting(in_shape, num_classes: int):
+    """The names of the models whose output for inputs of ``in_shape`` is one score per class."""
+    return [name for name in sorted(MODELS) if output_shape(name, in_shape, num_classes) == (num_classes,)]

@@ -4,10 +4,10 @@ error stops falling — as a trainer with checkpoints, metrics, a progress bar a
 The main entry point is :func:`fit`::
 
     import optax, bpjax as bp
-    from bpjax import datasets, train
+    from bpjax import datasets, models, train
 
     data = datasets.mnist1d()
-    model = train.MODELS["cnn"](data)
+    model = models.MODELS["cnn"](data.num_classes)
     result = train.fit(model, bp.softmax_cross_entropy(), data, optimizer=optax.adam(1e-2), epochs=20)
 
 Everything runs on whatever device JAX defaults to (CPU, GPU, TPU). Data order, dropout keys
@@ -770,6 +770,18 @@ def command(args) -> int:
         return 2
     say = print if main else (lambda *a, **k: None)                            # noqa: E731
     out = pathlib.Path(args.out or f"runs/{args.model}-{args.dataset}-s{args.seed}")
+    try:
+        data = load(args.dataset)
+    except ImportError as e:                    # an optional package (mnist1d, scikit-learn)
+        print(f"bpjax train: --dataset {args.dataset}: {e}", file=sys.stderr)
+        return 2
+    model_args = {"num_classes": data.num_classes or 1}
+    problem = _model_fits(args.model, args.dataset, data, model_args["num_classes"])
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    loss = _losses.squared_error() if data.num_classes is None else _losses.softmax_cross_entropy()
+    model = MODELS[args.model](**model_args)
     held_run = runs.holds_run(out)
     nothing_to_resume = main and args.resume and not held_run
     problem = _prepare_run_dir(out, args) if main else None
@@ -779,14 +791,6 @@ def command(args) -> int:
         return 2
     if nothing_to_resume:
         say(f"bpjax train: --resume: {out} holds no run yet; starting one")
-    data = load(args.dataset)
-    if data.num_classes is None:
-        model_args = {"num_classes": 1}
-        loss = _losses.squared_error()
-    else:
-        model_args = {"num_classes": data.num_classes}
-        loss = _losses.softmax_cross_entropy()
-    model = MODELS[args.model](**model_args)
     if main:
         runs.write_info(out, {**run_arguments(args), "model_args": model_args, "in_shape": list(data.in_shape),
                               "x_dtype": str(data.x_train.dtype), "loss": loss_name(data)})
@@ -858,6 +862,18 @@ def run_arguments(args) -> Dict[str, Any]:
 def loss_name(data: Dataset) -> str:
     """The loss ``bpjax train`` trains ``data`` with: cross-entropy for classification."""
     return "squared_error" if data.num_classes is None else "softmax_cross_entropy"
+
+
+def _model_fits(model: str, dataset: str, data: Dataset, num_outputs: int) -> Optional[str]:
+    """``None`` when ``model`` maps one example of ``data`` to ``num_outputs`` scores, else the
+    one line that says so and names the models that do."""
+    from .models import fitting, output_shape
+
+    if output_shape(model, data.in_shape, num_outputs) == (num_outputs,):
+        return None
+    return (f"bpjax train: --model {model} does not fit --dataset {dataset} (examples of shape "
+            f"{data.in_shape}, {num_outputs} output{'s' if num_outputs > 1 else ''}): expected one of "
+            f"{', '.join(fitting(data.in_shape, num_outputs))}, got {model}")
 
 
 def _prepare_run_dir(out: pathlib.Path, args) -> Optional[str]:

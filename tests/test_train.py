@@ -234,3 +234,47 @@ def test_train_command_names_bad_labels_in_one_line(tmp_path, monkeypatch, capsy
     assert code == 2 and err.count("\n") == 1
     assert err.startswith("bpjax train: fit (training split): expected labels in [0, 2), got labels in [0, 7]")
     assert not any((tmp_path / "run").iterdir())             # no half-run left to refuse the next try
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "gru", "--dataset", "digits"],
+     "bpjax train: --model gru does not fit --dataset digits (examples of shape (8, 8, 1), 10 outputs): "
+     "expected one of cnn, digits_cnn, logreg, mlp, resnet1d, got gru"),
+    (["--model", "textbook_mlp", "--dataset", "mnist1d"],
+     "bpjax train: --model textbook_mlp does not fit --dataset mnist1d (examples of shape (40, 1), 10 outputs): "
+     "expected one of cnn, digits_cnn, gru, logreg, mlp, resnet1d, got textbook_mlp"),
+    (["--dataset", "xor"],
+     "bpjax train: --model cnn does not fit --dataset xor (examples of shape (2,), 2 outputs): "
+     "expected one of logreg, mlp, textbook_mlp, got cnn"),
+    (["--model", "textbook_mlp", "--dataset", "xor", "--devices", "2"],
+     "bpjax train: make_mesh: expected 1 <= num_devices <= 1 (the devices JAX sees: cpu x1), got 2; for 2 CPU "
+     "devices start Python with JAX_NUM_CPU_DEVICES=2 (or XLA_FLAGS=--xla_force_host_platform_device_count=2) set"),
+])
+def test_train_command_mismatches_are_one_line(tmp_path, capsys, argv, message):
+    from bpjax import cli
+    assert cli.main(["train", *argv, "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == message + "\n"
+    assert not (tmp_path / "run").exists()                   # nothing written for a refused run
+
+
+def test_train_command_names_a_missing_dataset_package(tmp_path, capsys, monkeypatch):
+    from bpjax import cli
+
+    def missing(**kw):
+        raise ImportError("this dataset needs the 'mnist1d' package: pip install mnist1d (or pip install 'bpjax[train]')")
+
+    monkeypatch.setitem(datasets.DATASETS, "mnist1d", missing)
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == ("bpjax train: --dataset mnist1d: this dataset needs the 'mnist1d' package: "
+                                       "pip install mnist1d (or pip install 'bpjax[train]')\n")
+
+
+def test_the_module_docstring_example_runs(monkeypatch):
+    """bpjax.train's docstring example, as written but for one epoch and no progress bar."""
+    import re
+    (code,) = re.findall(r"::\n\n((?:    .*\n|\n)+)", train.__doc__)
+    code = "\n".join(line[4:] for line in code.splitlines())
+    assert "epochs=20" in code
+    namespace = {}
+    exec(code.replace("epochs=20", "epochs=1, progress=False, log=lambda s: None"), namespace)
+    assert namespace["result"].history and 0 <= namespace["result"].test["acc"] <= 1
