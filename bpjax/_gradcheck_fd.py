@@ -1,0 +1,133 @@
+"""Finite differences with an automatic step and the Taylor-remainder order (one part of a check).
+
+Along a direction ``v`` of one input leaf, ``g(h) = ⟨dy, f(θ + h v)⟩`` is evaluated at the
+steps ``±h_k``, ``h_k = 0.1 · 2⁻ᵏ`` (k = 0 … 13; ``v`` carries the leaf's RMS), in float64 on
+upcast copies. Then, on the host:
+
+- the central differences ``D_k = (g(h_k) − g(−h_k)) / 2h_k``; the step taken is the one where
+  ``D`` changes least from the step before (the most stable), and its estimated error is
+  twice that change plus rounding (``32 ε Σ|dy ⊙ y| / h``);
+- the Taylor remainder ``r(h) = |g(h) − g(0) − h ⟨grad, v⟩|`` shrinks like ``h²`` when the
+  hand-written gradient is right and like ``h`` when it is wrong: its observed order needs no
+  step at all;
+- a kink (relu at 0, ``max`` at a tie) within the smallest steps shows in the second difference
+  ``S(h) = g(h) + g(−h) − 2 g(0)``: smooth, ``S/h`` halves with ``h``; across a kink it stays
+  (``|S|/h`` → the jump of the slope). Such directions are not compared.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+# Finite-difference steps h_k = 0.1 · 2⁻ᵏ, k = 0 … 13 (0.1 down to 1.2e-5), times the leaf's RMS.
+STEPS = 0.1 * 0.5 ** np.arange(14)
+
+
+def wide(dtype):
+    """The dtype to accumulate inner products in: float64 if enabled, else float32."""
+    return jnp.promote_types(dtype, jnp.float32) if not jax.config.jax_enable_x64 else jnp.float64
+
+
+def vdot(a: PyTree, b: PyTree):
+    """Σ over all leaves of Σ a ⊙ b, accumulated in a wide dtype."""
+    terms = [jnp.sum(x.astype(wide(x.dtype)) * y.astype(wide(x.dtype)))
+             for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))]
+    return sum(terms) if terms else jnp.zeros((), wide(jnp.float32))
+
+
+def abs_vdot(a: PyTree, b: PyTree):
+    terms = [jnp.sum(jnp.abs(x.astype(jnp.float64) * y.astype(jnp.float64)))
+             for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))]
+    return sum(terms) if terms else jnp.zeros((), jnp.float64)
+
+
+def evaluate_along(f: Callable, vleaves: list, dys: list, directional: Callable):
+    """``g0`` (B,), ``Σ|dy ⊙ y|`` (B,) and ``g(±h_k)`` along every direction, (T, 2K, B).
+
+    ``f(leaves) -> y``; ``dys`` holds one cotangent per output block ``b`` (one block: the
+    whole ``dy``); ``directional(along, evals)`` maps ``along(tangent)`` over the directions.
+    """
+    steps = jnp.asarray(np.concatenate([STEPS, -STEPS]))
+    g = lambda v: jnp.stack([vdot(dy, f(v)) for dy in dys], axis=-1)
+    y0 = f(vleaves)
+    g0 = jnp.stack([vdot(dy, y0) for dy in dys])
+    gabs = jnp.stack([abs_vdot(dy, y0) for dy in dys])
+
+    def along(tangent):
+        return jax.vmap(lambda h: g([a + h * t for a, t in zip(vleaves, tangent)]))(steps)
+
+    return g0, gabs, directional(along, len(steps))
+
+
+def central_differences(gh: np.ndarray, gabs: float, eps: float):
+    """The directional derivative at the most stable step, and its estimated error.
+
+    ``gh`` (D, 2K): ``g(+h_k)`` then ``g(−h_k)`` per direction. Returns ``fd`` (D,), ``err`` (D,).
+    """
+    K = len(STEPS)
+    plus, minus = gh[:, :K], gh[:, K:]                                 # (D, K)
+    D = (plus - minus) / (2 * STEPS)                                   # central differences
+    k = np.argmin(np.abs(np.diff(D, axis=1)), axis=1)                  # the most stable step
+    rows = np.arange(gh.shape[0])
+    fd = D[rows, k + 1]
+    err = 2 * np.abs(D[rows, k] - fd) + 32 * eps * gabs / STEPS[k + 1]  # its estimated error
+    return fd, err
+
+
+def taylor_order(plus, g0, a, allowed, gabs, eps):
+    """Observed order of r(h) = |g(θ + h v) − g(θ) − h a| as h halves, and whether it is binding.
+
+    A step counts where r is above what the tolerance allows (h · ``allowed``, the error of the
+    directional derivative ``a`` that the fd comparison accepts) and above
+    rounding (10³·ε·Σ|dy ⊙ y|). The order is the rate log₂ r(h)/r(h/2) at the smallest pair of
+    steps that both count, where the expansion is most accurate; ``None`` when no pair counts
+    (the function is linear along v). It is *binding* only when the smallest step counts: a
+    wrong gradient leaves r ≈ h·|error| there, whereas a right one at a kink (relu) leaves r
+    below the tolerance once h is small, whatever the rate across the kink at larger h.
+    Returns the worst (smallest) order over directions and whether any binding one fails.
+    """
+    orders, binding = [], []
+    for d in range(plus.shape[0]):
+        r = np.abs(plus[d] - g0 - STEPS * a[d])
+        floor = STEPS * allowed[d] + 1e3 * eps * gabs
+        counts = r > floor
+        pairs = [k for k in range(len(STEPS) - 1) if counts[k] and counts[k + 1]]
+        if pairs:
+            k = pairs[-1]
+            orders.append(float(np.log2(r[k] / r[k + 1])))
+            if k == len(STEPS) - 2:
+                binding.append(orders[-1])
+    return (min(orders) if orders else None), (min(binding) if binding else None)
+
+
+def kinked(gh: np.ndarray, g0: float, gabs: float, eps: float) -> np.ndarray:
+    """Directions along which a kink lies within the three smallest steps, (D,) booleans.
+
+    The second difference ``S(h) = g(h) + g(−h) − 2 g(0)`` of a smooth function is ``h² g''``:
+    ``S/h`` halves as ``h`` halves. With a kink at distance ``δ < h`` it is about
+    ``|Δslope| (h − δ)``: ``S/h`` stays (ratio 1 for a kink at the point itself) or, for ``δ``
+    between the steps, moves by a ratio other than ½. Counted only where ``S`` stands well
+    above rounding (10³·ε·Σ|dy ⊙ y|) at all three steps.
+    """
+    K = len(STEPS)
+    S = np.abs(gh[:, :K] + gh[:, K:] - 2 * g0)[:, K - 3:]              # (D, 3)
+    A = S / STEPS[K - 3:]
+    big = np.all(S > 1e3 * eps * gabs, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r1, r2 = A[:, 2] / A[:, 1], A[:, 1] / A[:, 0]
+    return big & ((np.abs(r1 - 0.5) > 0.15) | (np.abs(r2 - 0.5) > 0.15))
+
+
+def fd_row(proj: np.ndarray, gh: np.ndarray, g0: float, gabs: float, eps: float, keep: Optional[np.ndarray]):
+    """``(a, b, err, plus)`` of one leaf and block: the hand-written ⟨grad, v⟩, the central
+    differences, their error and ``g(+h_k)``, over the directions in ``keep`` (all when None)."""
+    fd, err = central_differences(gh, gabs, eps)
+    plus = gh[:, :len(STEPS)]
+    if keep is not None:
+        proj, fd, err, plus = proj[keep], fd[keep], err[keep], plus[keep]
+    return proj, fd, err, plus
