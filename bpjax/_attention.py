@@ -6,6 +6,9 @@ Attention has two backward passes. The standard one saves the attention probabil
 (``lean=True``, the flash-attention idea) saves only the per-row log-sum-exp of the scores,
 (N, heads, T): its forward runs an online softmax over blocks of keys, and its backward
 recomputes P block by block, so no (T × T) array ever exists, only (T × block) ones.
+``impl="pallas"`` runs the same lean math as Pallas kernels (bpjax/_flash.py): on a GPU each
+block stays in fast memory; on the CPU the kernels run in Pallas's interpret mode (slow, for
+checking). Which formulation runs is decided in one place, :func:`_path`.
 
 Mixed precision: for bfloat16 q, k, v the scores, the softmax (its max, sum and log-sum-exp),
 the softmax's backward and the lean passes' running sums (ℓ, the output accumulator, dQ) are
@@ -22,9 +25,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import initializers
+from . import _flash, initializers
 from ._basic import dense, gelu
 from ._core import Layer, accumulation_dtype, check_float_input, check_positive_int, make_layer, sum_acc
+from ._flash_bridge import flash_attention
 from ._norm import layer_norm
 from ._structure import embedding
 
@@ -197,12 +201,31 @@ def _lean_backward(do, q, k, v, o, lse, mask, causal, scale, block):
     return dq.astype(lo), uncut(dkb), uncut(dvb)
 
 
+# ----------------------------------------------------------------------------- the choice
+
+_IMPLS = ("jnp", "pallas", "auto")
+
+
+def _path(impl, lean, q, mask):
+    """Which formulation runs: "pallas" (the kernels of bpjax/_flash.py), "lean" or "standard"
+    (the jnp passes above); the forward and the backward both ask, with the same arguments.
+
+    ``impl="auto"`` takes Pallas on a GPU where its lowering applies (16-bit or float32 q, a
+    head size that is a power of two ≥ 16, no (query, key) mask) and the jnp passes elsewhere."""
+    if impl == "auto":
+        impl = "pallas" if _flash.on_gpu() and _flash.lowers(q, mask) else "jnp"
+    if impl == "pallas":
+        return "pallas"
+    return "lean" if lean else "standard"
+
+
 # ----------------------------------------------------------------------------- the layer
 
 
 def multi_head_attention(num_heads: int, *, causal: bool = False, masked: bool = False,
-                         lean: bool = False, block_size: int = 128, w_init="glorot_uniform",
-                         b_init="zeros", param_dtype=jnp.float32) -> Layer:
+                         lean: bool = False, block_size: int = 128, impl: str = "jnp",
+                         pallas_blocks=(64, 64), w_init="glorot_uniform", b_init="zeros",
+                         param_dtype=jnp.float32) -> Layer:
     """Multi-head self-attention over x (N, T, D), with h = ``num_heads`` heads of size d = D/h.
 
     Params ``{"w_qkv": (D, 3D), "b_qkv": (3D,), "w_o": (D, D), "b_o": (D,)}``; the columns of
@@ -233,10 +256,20 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, masked: bool =
     the forward is an online softmax over blocks of ``block_size`` keys and the backward
     recomputes P_j = exp(S_j − L) block by block, with rowsum(dP ⊙ P) = rowsum(dO ⊙ O). Memory
     for P goes from O(T²) to O(T · block_size) per head; the result is the same.
+
+    ``impl``: ``"jnp"`` (the default) runs the passes above in jnp; ``"pallas"`` runs the lean
+    math as flash-attention kernels (bpjax/_flash.py: one program per block of
+    ``pallas_blocks = (B_q, B_k)`` queries or keys, powers of two ≥ 16; the backward's dK, dV
+    loop over query blocks and dQ over key blocks), compiled on a GPU and interpreted elsewhere;
+    it takes a key mask (N, T) but not a (query, key) one. ``"auto"``: Pallas on a GPU where it
+    applies, jnp elsewhere. ``jax.vjp`` of the Pallas forward differentiates the plain one.
     """
     name = "multi_head_attention"
     heads = check_positive_int(name, "num_heads", num_heads)
     block = check_positive_int(name, "block_size", block_size)
+    if impl not in _IMPLS:
+        raise ValueError(f"{name}: expected impl to be one of {_IMPLS}, got {impl!r}")
+    blocks = _flash.check_blocks(name, pallas_blocks)
     w_fn = initializers.get(w_init, name)
     b_fn = initializers.get(b_init, name)
 
@@ -269,11 +302,15 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, masked: bool =
         q, k, v = (split_heads(a) for a in jnp.split(qkv, 3, axis=-1))     # (N, h, T, d) each
         scale = 1.0 / math.sqrt(q.shape[-1])
         res = {"x": x, "q": q, "k": k, "v": v}
-        if lean:
+        if mask is not None:
+            res["mask"] = mask
+        path = _path(impl, lean, q, mask)
+        if path == "pallas":
+            o, lse = flash_attention(q, k, v, mask, causal, scale, blocks, not _flash.on_gpu())
+            res.update(o=o, lse=lse)                               # (N, h, T, d), (N, h, T)
+        elif path == "lean":
             o, lse = _lean_forward(q, k, v, mask, causal, scale, min(block, t))
             res.update(o=o, lse=lse)                               # (N, h, T, d), (N, h, T)
-            if mask is not None:
-                res["mask"] = mask
         else:
             o, p = _attention_forward(q, k, v, _allowed(mask, causal, t, t), scale,
                                       user_mask=mask is not None)
@@ -290,7 +327,11 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, masked: bool =
         dparams = {"w_o": _dot("ntd,nte->de", om, dy, acc),        # (D, D)
                    "b_o": sum_acc(dy, axis=(0, 1))}                # (D,)
         do = split_heads(dy @ params["w_o"].T)                     # (N, h, T, d)
-        if lean:
+        path = _path(impl, lean, q, res.get("mask"))
+        if path == "pallas":
+            dq, dk, dv = _flash.flash_backward(do, q, k, v, res["o"], res["lse"], res.get("mask"),
+                                               causal=causal, scale=scale, blocks=blocks)
+        elif path == "lean":
             dq, dk, dv = _lean_backward(do, q, k, v, res["o"], res["lse"], res.get("mask"), causal,
                                         scale, min(block, x.shape[1]))
         else:
@@ -315,6 +356,11 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, masked: bool =
             if tuple(mask.shape) not in ((n, t), (n, t, t)):
                 raise ValueError(f"{name}: expected mask.shape == {(n, t)} (keys) or {(n, t, t)} "
                                  f"(query, key), got mask.shape={tuple(mask.shape)}")
+            if impl == "pallas" and mask.ndim == 3:
+                raise ValueError(f"{name}: expected a key mask of shape {(n, t)} with impl='pallas' "
+                                 f"(its kernels take no (query, key) mask), got mask.shape={tuple(mask.shape)}")
+        if impl == "pallas":
+            _flash.check_head_size(name, d_model // heads)
 
     if masked:
         return make_layer(name, init, forward, backward, check=check, tuple_input=True,
@@ -327,8 +373,8 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, masked: bool =
 
 
 def transformer_block(num_heads: int, *, mlp_ratio: int = 4, causal: bool = True,
-                      lean: bool = False, block_size: int = 128, eps: float = 1e-5,
-                      param_dtype=jnp.float32) -> Layer:
+                      lean: bool = False, block_size: int = 128, attention_impl: str = "jnp",
+                      eps: float = 1e-5, param_dtype=jnp.float32) -> Layer:
     """A pre-layer-norm transformer block (GPT-2's) over x (N, T, D).
 
     Params ``{"ln1", "attn", "ln2", "fc", "proj"}``: two :func:`layer_norm`, a
@@ -345,8 +391,8 @@ def transformer_block(num_heads: int, *, mlp_ratio: int = 4, causal: bool = True
         dh = dy + ln2ᵀ(fcᵀ(geluᵀ(projᵀ(dy))))                          (N, T, D)
         dx = dh + ln1ᵀ(attnᵀ(dh))                                     (N, T, D)
 
-    (fᵀ is f's backward.) The GELU is the tanh approximation. ``causal``, ``lean`` and
-    ``block_size`` go to the attention.
+    (fᵀ is f's backward.) The GELU is the tanh approximation. ``causal``, ``lean``,
+    ``block_size`` and ``attention_impl`` (its ``impl``) go to the attention.
     """
     name = "transformer_block"
     heads = check_positive_int(name, "num_heads", num_heads)
@@ -357,7 +403,7 @@ def transformer_block(num_heads: int, *, mlp_ratio: int = 4, causal: bool = True
         """The sub-layers for model dim D (the MLP's widths depend on it)."""
         return {"ln1": layer_norm(eps, param_dtype=param_dtype),
                 "attn": multi_head_attention(heads, causal=causal, lean=lean, block_size=block_size,
-                                             param_dtype=param_dtype),
+                                             impl=attention_impl, param_dtype=param_dtype),
                 "ln2": layer_norm(eps, param_dtype=param_dtype),
                 "fc": dense(ratio * d_model, param_dtype=param_dtype),
                 "act": gelu(approximate=True),
@@ -412,8 +458,8 @@ def transformer_block(num_heads: int, *, mlp_ratio: int = 4, causal: bool = True
 
 
 def gpt(vocab_size: int, *, dim: int, num_heads: int, num_layers: int, max_len: int,
-        mlp_ratio: int = 4, lean: bool = False, block_size: int = 128, eps: float = 1e-5,
-        param_dtype=jnp.float32) -> Layer:
+        mlp_ratio: int = 4, lean: bool = False, block_size: int = 128, attention_impl: str = "jnp",
+        eps: float = 1e-5, param_dtype=jnp.float32) -> Layer:
     """A GPT-style language model: integer token ids (N, T) to next-token logits (N, T, V).
 
     Train it with ``bp.softmax_cross_entropy()`` and the ids shifted by one as labels (N, T).
@@ -439,7 +485,7 @@ def gpt(vocab_size: int, *, dim: int, num_heads: int, num_layers: int, max_len: 
     (fᵀ is f's backward.) The scans over the blocks compile one block whatever L is.
 
     ``ids`` have no gradient: ``dx`` is ``None``. ``lean`` and ``block_size`` select the
-    attention's memory-lean backward.
+    attention's memory-lean backward, ``attention_impl`` its ``impl`` ("jnp", "pallas", "auto").
     """
     name = "gpt"
     vocab = check_positive_int(name, "vocab_size", vocab_size)
@@ -451,7 +497,8 @@ def gpt(vocab_size: int, *, dim: int, num_heads: int, num_layers: int, max_len: 
         raise ValueError(f"{name}: expected dim divisible by num_heads, got dim={dim}, num_heads={heads}")
     tok = embedding(vocab, dim, table_init=jax.nn.initializers.normal(0.02), param_dtype=param_dtype)
     block = transformer_block(heads, mlp_ratio=mlp_ratio, causal=True, lean=lean,
-                              block_size=block_size, eps=eps, param_dtype=param_dtype)
+                              block_size=block_size, attention_impl=attention_impl, eps=eps,
+                              param_dtype=param_dtype)
     ln_f = layer_norm(eps, param_dtype=param_dtype)
 
     def init(key, in_shape):

@@ -1,0 +1,124 @@
+"""The Pallas flash-attention kernels (bpjax/_flash.py, issue 19), in interpret mode on the CPU:
+key masks, uneven T and head sizes 64 and 128 against the jnp lean path and jax.vjp of the
+plain forward; the block-shape rules; which formulation ``impl`` picks. (The causal case, in
+float64 and float32, is in the cross-check table: tests/table_seq.py.) Interpret mode compiles
+slowly, so there are few shapes, all small."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bpjax as bp
+from bpjax import _flash
+from helpers import assert_close, init_params, normal, rng
+
+
+def _hand_vjp(layer, params, x, dy):
+    y, _, res = layer.forward(params, (), x)
+    return y, layer.backward(params, res, dy)
+
+
+@pytest.mark.parametrize("causal,heads", [(False, 2), (True, 4)], ids=["head128", "causal-head64"])
+def test_pallas_matches_the_jnp_lean_path_and_autodiff_with_a_key_mask(causal, heads):
+    """float32, T = 19 (blocks of 16: the second padded), a key mask under which example 1 sees
+    4 keys and example 2 none at all (O = 0, no gradient through attention): y and every
+    gradient equal the jnp lean path's and jax.vjp of the plain (standard) forward's."""
+    t, d_model, f32 = 19, 256, jnp.float32
+    kw = dict(causal=causal, masked=True)
+    pallas = bp.multi_head_attention(heads, impl="pallas", pallas_blocks=(16, 16), **kw)
+    lean = bp.multi_head_attention(heads, lean=True, block_size=8, **kw)
+    plain = bp.multi_head_attention(heads, **kw)
+    gen = rng(f"flash-mask-{causal}")
+    params, _, _ = init_params(pallas, ((t, d_model), (t,)), gen, f32)
+    x = normal(gen, (2, t, d_model), f32)
+    mask = jnp.asarray(np.arange(t)[None, :] < np.array([4, 0])[:, None])      # (2, T)
+    dy = normal(gen, x.shape, f32)
+
+    @jax.jit
+    def run(params, x, mask, dy):
+        y_plain, vjp = jax.vjp(lambda p, x: plain.forward(p, (), (x, mask))[0], params, x)
+        return _hand_vjp(pallas, params, (x, mask), dy), _hand_vjp(lean, params, (x, mask), dy), \
+            (y_plain, vjp(dy))
+
+    (y, (dp, (dx, dmask))), (y_lean, (dp_lean, (dx_lean, _))), (y_ref, (dp_ref, dx_ref)) = \
+        run(params, x, mask, dy)
+    assert dmask is None
+    for what, got, want in [("y", y, y_lean), ("dparams", dp, dp_lean), ("dx", dx, dx_lean),
+                            ("y", y, y_ref), ("dparams", dp, dp_ref), ("dx", dx, dx_ref)]:
+        assert_close(got, want, f32, f"pallas {what}")
+    np.testing.assert_allclose(y[1], np.broadcast_to(params["b_o"], y[1].shape), rtol=1e-6)
+
+
+@pytest.mark.skipif(not _flash.on_gpu(), reason="untested here (no GPU): the compiled Triton kernels "
+                    "and their bfloat16 dots with float32 accumulation; interpret mode runs neither")
+def test_compiled_kernels_on_a_gpu():
+    """What interpret mode cannot check: it runs the kernels' jnp code on the CPU, not the
+    Triton lowering, so the compiled kernels, their bfloat16 tensor-core dots with float32
+    accumulation, num_warps/num_stages, and whether the GPU takes the block shapes, are tested
+    only here, on a GPU: bfloat16, head size 64 and 128, causal and not, T = 300 (padded),
+    against the plain reference in float32 and its autodiff, to bfloat16's precision."""
+    from bpjax._flash_bridge import attention_reference
+    gen = rng("flash-gpu")
+    for d, causal in [(64, True), (128, False)]:
+        q, k, v, do = (normal(gen, (2, 3, 300, d), jnp.bfloat16) for _ in range(4))
+        kw = dict(causal=causal, scale=d ** -0.5)
+        o, lse = _flash.flash_forward(q, k, v, None, blocks=(64, 64), **kw)
+        grads = _flash.flash_backward(do, q, k, v, o, lse, None, blocks=(64, 64), **kw)
+        f32 = [a.astype(jnp.float32) for a in (q, k, v)]
+        (o_ref, lse_ref), vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, None, **kw), *f32)
+        refs = vjp((do.astype(jnp.float32), jnp.zeros_like(lse_ref)))
+        for got, want in [(o, o_ref), (lse, lse_ref), *zip(grads, refs)]:
+            err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
+            assert err < 2e-2, (d, causal, err)
+
+
+# ----------------------------------------------------------------------------- options and errors
+
+
+@pytest.mark.parametrize("blocks", [(48, 64), (8, 16), (64,), 64, (64.0, 64), (True, 64)])
+def test_block_shapes_follow_the_gpu_lowering_rules(blocks):
+    with pytest.raises(ValueError, match=r"^multi_head_attention: expected pallas_blocks to be two "
+                       r"powers of two ≥ 16 \(query, key\), as the GPU lowering requires, got"):
+        bp.multi_head_attention(2, impl="pallas", pallas_blocks=blocks)
+
+
+def test_bad_impl_pair_mask_and_gpu_head_size_are_one_sentence(monkeypatch):
+    with pytest.raises(ValueError, match=r"^multi_head_attention: expected impl to be one of "
+                       r"\('jnp', 'pallas', 'auto'\), got 'flash'$"):
+        bp.multi_head_attention(2, impl="flash")
+    layer = bp.multi_head_attention(2, masked=True, impl="pallas")
+    params, _, _ = init_params(layer, ((5, 8), (5,)), rng("pairs"), jnp.float32)
+    x, pairs = jnp.ones((1, 5, 8)), jnp.ones((1, 5, 5), bool)
+    with pytest.raises(ValueError, match=r"^multi_head_attention: expected a key mask of shape \(1, 5\) "
+                       r"with impl='pallas' \(its kernels take no \(query, key\) mask\), got "
+                       r"mask.shape=\(1, 5, 5\)$"):
+        layer.forward(params, (), (x, pairs))
+    monkeypatch.setattr(_flash, "on_gpu", lambda: True)
+    with pytest.raises(ValueError, match=r"^multi_head_attention: expected a head size D/num_heads that "
+                       r"is a power of two ≥ 16 for impl='pallas' on a GPU, got 4$"):
+        layer.forward(params, (), (x, jnp.ones((1, 5))))
+
+
+def _runs_pallas(layer, x, dtype=jnp.float32):
+    params, _, _ = init_params(layer, tuple(e.shape[1:] for e in x) if isinstance(x, tuple)
+                               else x.shape[1:], rng("auto"), dtype)
+    return "pallas_call" in str(jax.make_jaxpr(lambda p: layer.forward(p, (), x)[0])(params))
+
+
+def test_auto_picks_pallas_on_a_gpu_where_it_lowers_and_jnp_elsewhere(monkeypatch):
+    """Traced only (make_jaxpr): which formulation each setting runs."""
+    x64 = jnp.ones((1, 5, 128), jnp.float32)                       # 2 heads of 64
+    keys, pairs = (x64, jnp.ones((1, 5))), (x64, jnp.ones((1, 5, 5)))
+    auto = bp.multi_head_attention(2, impl="auto")
+    auto_masked = bp.multi_head_attention(2, impl="auto", masked=True)
+    assert not _runs_pallas(auto, x64)                             # the CPU: jnp
+    assert _runs_pallas(bp.multi_head_attention(2, impl="pallas"), x64)     # interpreted
+    assert not _runs_pallas(bp.multi_head_attention(2), x64)       # the default is jnp
+    monkeypatch.setattr(_flash, "on_gpu", lambda: True)
+    assert _runs_pallas(auto, x64) and _runs_pallas(auto, x64.astype(jnp.bfloat16), jnp.bfloat16)
+    assert _runs_pallas(auto_masked, keys)
+    assert not _runs_pallas(auto_masked, pairs)                    # a (query, key) mask: jnp
+    assert not _runs_pallas(bp.multi_head_attention(16, impl="auto"), x64)  # head size 8
+    assert not _runs_pallas(auto, x64.astype(jnp.float64), jnp.float64)
