@@ -360,8 +360,9 @@ def cast_like(tree: PyTree, like: PyTree) -> PyTree:
 
 # ----------------------------------------------------------------------------- factories
 
-#: Instrumentation that is switched on (``bpjax.check_finite`` pushes one while it traces);
-#: empty otherwise, and then the layers run their raw functions directly.
+#: Instrumentation that is switched on (``bpjax.check_finite`` pushes one while it traces, and
+#: ``bpjax._observe.observe`` one that sees every layer's backward); empty otherwise, and then
+#: the layers run their raw functions directly.
 _HOOKS: list = []
 
 
@@ -436,10 +437,16 @@ def make_layer(
         return forward(params, state, x, key=key, train=train)
 
     def backward_(params, res, dy):
+        if _HOOKS and hasattr(_HOOKS[-1], "layer_backward_checked"):     # bpjax.observe: it finishes
+            return _HOOKS[-1].layer_backward_checked(name, token, backward, finish, params, res, dy)
         if _HOOKS:
             out = _HOOKS[-1].layer_backward(name, token, backward, params, res, dy)
         else:
             out = backward(params, res, dy)
+        return finish(params, out)
+
+    def finish(params, out):
+        """The checks of what ``backward`` returned: a pair, dparams cast to params' dtypes."""
         if not isinstance(out, tuple) or len(out) != 2:
             raise TypeError(f"{name}: expected backward to return a pair (dparams, dx), got {describe(out)}")
         dparams, dx = out

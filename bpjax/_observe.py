@@ -1,0 +1,361 @@
+"""Observing the backward pass, layer by layer: what every layer's backward saw and made.
+
+A hand-written backward holds, at every layer, the error ``dy`` arriving from above, the
+residuals of its forward (which hold the input ``x`` or what the layer derived from it), the
+``dparams`` it makes and the ``dx`` it sends on. :func:`observe` runs a function with every
+bpjax layer it calls instrumented, and hands each layer's backward, as it finishes, to a
+*client* that turns those arrays into a few numbers (norms, per-example squared norms). No
+layer's math changes: the layers run their own ``forward`` and ``backward``; the hook sits in
+:func:`bpjax.make_layer`, so a user's own layer takes part like a built-in one.
+
+Each observation is an :class:`Entry`: the layer's path name (``sequential[3] (dense)``: the
+fourth layer of the outer ``sequential``; ``sequential[1].residual[0] (dense)`` the layer
+inside the ``residual`` that is the second layer), the values the client measured, and the
+entries of the layers it called (its sub-layers), so a combinator's entry holds its layers'.
+
+Control flow. A layer whose backward runs inside a ``lax.scan`` (the GPT's blocks) is traced in
+the scan's body; what it measured cannot leave the body as a Python value. Such a layer hands
+its entry back *through the data*: it returns its ``dparams`` wrapped with the entry
+(:class:`_Carried`), the scan stacks both, and the layer that ran the scan unwraps them before
+its ``dparams`` are checked, with one entry per step, named ``gpt[1]{0}``, ``gpt[1]{1}``, ….
+
+Residuals. A client that needs a leaf layer's input (to recompute one example's gradient) asks
+for a :class:`_Tape`: the residuals, the input x, the state, the key and the layer's raw forward
+travel together from forward to backward, through any scan, and are unwrapped before the
+layer's own backward sees its residuals.
+
+Works under ``jit`` (everything is traced; nothing runs on the host) and with sharded batches
+(the measured arrays are ordinary values XLA partitions like the rest).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Optional
+
+import jax
+import jax.extend.core
+import jax.numpy as jnp
+import numpy as np
+
+from . import _core
+
+__all__ = ["observe", "Entry", "sq_norm", "flatten_entries"]
+
+
+def sq_norm(tree) -> jax.Array:
+    """Σ a² over every floating leaf of ``tree`` (None and integer leaves count 0), in float32
+    or wider (float64 stays float64)."""
+    total = jnp.zeros((), jnp.float32)
+    for a in jax.tree_util.tree_leaves(tree):
+        if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.inexact):
+            acc = _core.accumulation_dtype(a.dtype)
+            total = total + jnp.sum(jnp.square(a.astype(acc)))
+    return total
+
+
+def param_size(tree) -> int:
+    """The number of floating parameters in ``tree`` (a Python int: shapes only)."""
+    return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(tree)
+               if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.inexact))
+
+
+# ----------------------------------------------------------------------------- pytrees that travel
+
+
+class Entry:
+    """One layer's observation: ``label``, ``values`` (a dict of arrays the client measured),
+    ``subs`` (the entries of the layers it called, in backward order), ``leaf`` (it called no
+    layer) and ``size`` (its number of parameters). A pytree: arrays are its leaves."""
+
+    def __init__(self, label: str, values: dict, subs: tuple, leaf: bool, size: int, order: tuple = ()):
+        self.label, self.values, self.subs, self.leaf, self.size = label, values, subs, leaf, size
+        self.order = order              # when its forward ran: entries sort into forward order
+
+    def relabel(self, old: str, new: str, before: tuple) -> "Entry":
+        """This entry and its subs with the path prefix ``old`` replaced by ``new``, and
+        ``before`` put in front of their orders (one step of a scan: its entries sort together)."""
+        label = new + self.label[len(old):] if self.label.startswith(old) else self.label
+        return Entry(label, self.values, tuple(s.relabel(old, new, before) for s in self.subs), self.leaf,
+                     self.size, before + self.order)
+
+    def __repr__(self):
+        return f"Entry({self.label!r}, {sorted(self.values)}, {len(self.subs)} subs)"
+
+
+jax.tree_util.register_pytree_node(
+    Entry, lambda e: ((e.values, e.subs), (e.label, e.leaf, e.size, e.order)),
+    lambda aux, ch: Entry(aux[0], ch[0], ch[1], *aux[1:]))
+
+
+class _Carried:
+    """A layer's ``dparams`` carrying its ``entry`` out of a scan body (see the module doc);
+    ``marker`` is a scalar whose shape, after the scan stacked it, is the shape of the steps."""
+
+    def __init__(self, dparams, entry, marker, prefix):
+        self.dparams, self.entry, self.marker, self.prefix = dparams, entry, marker, prefix
+
+
+jax.tree_util.register_pytree_node(
+    _Carried, lambda c: ((c.dparams, c.entry, c.marker), c.prefix),
+    lambda prefix, ch: _Carried(ch[0], ch[1], ch[2], prefix))
+
+
+class _Tape:
+    """A leaf layer's residuals with its input, state and key, and (static) its raw forward and
+    ``train``: what a client needs to recompute one example's gradient in the backward."""
+
+    def __init__(self, res, x, state, key, forward, train):
+        self.res, self.x, self.state, self.key, self.forward, self.train = res, x, state, key, forward, train
+
+
+jax.tree_util.register_pytree_node(
+    _Tape, lambda t: ((t.res, t.x, t.state, t.key), (t.forward, t.train)),
+    lambda aux, ch: _Tape(*ch, *aux))
+
+
+def _is_carried(a) -> bool:
+    return isinstance(a, _Carried)
+
+
+# ----------------------------------------------------------------------------- the hook
+
+
+class View:
+    """What a client sees of one layer's backward (the arguments of ``Client.measure``).
+
+    ``name``: the factory's name (``dense``); ``module``: the module of its raw backward
+    (``bpjax._basic`` for a built-in); ``label``: the path name; ``params``, ``res`` (the
+    layer's own residuals), ``dy``, ``dparams``, ``dx``; ``tape``: the :class:`_Tape` or None;
+    ``subs``: the entries of its sub-layers; ``backward``: its raw backward.
+    """
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    @property
+    def leaf(self) -> bool:
+        return not self.called
+
+
+class Client:
+    """What to record. ``tape(name, module, params)`` says, after a leaf layer's forward, whether
+    its backward will need x (a :class:`_Tape`); ``measure(view)`` returns the dict of arrays to
+    record for that layer (it may raise, naming ``view.label``)."""
+
+    def tape(self, name: str, module: str, params) -> bool:
+        return False
+
+    def measure(self, view: View) -> dict:
+        return {}
+
+
+class _Frame:
+    """One call of a layer's forward: its path name, and the layers it called, in order."""
+
+    def __init__(self, token, label, chain, order=()):
+        self.token, self.label, self.chain, self.order = token, label, chain, order
+        self.children: list = []
+        self.used = False
+
+
+class _Scope:
+    """One running backward: its frame, the trace it runs in, and the entries of its sub-layers."""
+
+    def __init__(self, frame, trace):
+        self.frame, self.trace, self.entries = frame, trace, []
+
+
+def _trace_state():
+    return jax.extend.core.get_opaque_trace_state()
+
+
+class _Observer:
+    """The hook that :func:`bpjax.make_layer` calls while :func:`observe` runs."""
+
+    def __init__(self, client: Client):
+        self.client = client
+        self.roots: list = []           # forward frames of the outermost layers
+        self.forward_stack: list = []
+        self.scopes: list = []          # running backwards
+        self.entries: list = []         # entries of the outermost layers, in backward order
+        self.calls = 0                  # forward calls so far (the order of the entries)
+
+    # -- forward: name every call by its path; tape a leaf's input when the client asks
+    def layer_forward(self, name, token, forward, params, state, x, *, key, train):
+        parent = self.forward_stack[-1] if self.forward_stack else None
+        self.calls += 1
+        if parent is None:
+            frame = _Frame(token, name, name, (self.calls,))
+            self.roots.append(frame)
+        else:
+            i = len(parent.children)
+            frame = _Frame(token, f"{parent.chain}[{i}] ({name})", f"{parent.chain}[{i}].{name}", (self.calls,))
+            parent.children.append(frame)
+        self.forward_stack.append(frame)
+        try:
+            y, new_state, res = forward(params, state, x, key=key, train=train)
+        finally:
+            self.forward_stack.pop()
+        if not frame.children and self.client.tape(name, forward.__module__, params):
+            res = _Tape(res, x, state, key, forward, train)
+        return y, new_state, res
+
+    def _frame(self, name, token):
+        parent = self.scopes[-1].frame if self.scopes else None
+        pool = self.roots if parent is None else parent.children
+        frame = next((f for f in reversed(pool) if f.token is token and not f.used), None)
+        if frame is None:               # its forward ran outside observe (or under another token)
+            frame = _Frame(token, name if parent is None else f"{parent.chain}[?] ({name})",
+                           name if parent is None else f"{parent.chain}[?].{name}")
+        frame.used = True
+        return frame
+
+    # -- backward: run it, unwrap what sub-layers carried out of scans, measure, hand the entry up
+    def layer_backward_checked(self, name, token, backward, finish, params, res, dy):
+        frame = self._frame(name, token)
+        tape = res if isinstance(res, _Tape) else None
+        res = tape.res if tape is not None else res
+        scope = _Scope(frame, _trace_state())
+        self.scopes.append(scope)
+        try:
+            out = backward(params, res, dy)
+        finally:
+            self.scopes.pop()
+        if isinstance(out, tuple) and len(out) == 2:
+            out = (self._unwrap(out[0], scope), out[1])
+        dparams, dx = finish(params, out)
+        view = View(name=name, module=getattr(backward, "__module__", ""), label=frame.label,
+                    params=params, res=res, dy=dy, dparams=dparams, dx=dx, tape=tape,
+                    subs=tuple(scope.entries), backward=backward, called=bool(frame.children or scope.entries))
+        entry = Entry(frame.label, self.client.measure(view), tuple(scope.entries), view.leaf,
+                      param_size(params), frame.order)
+        parent = self.scopes[-1] if self.scopes else None
+        if parent is None:
+            self.entries.append(entry)
+        elif parent.trace == scope.trace:
+            parent.entries.append(entry)
+        else:                           # in a scan's (or vmap's) body: out through the data
+            prefix = frame.chain[:-len(name) - 1] if frame.chain != name else name    # gpt[1]
+            dparams = _Carried(dparams, entry, jnp.zeros((), jnp.int8), prefix)
+        return dparams, dx
+
+    def _unwrap(self, dparams, scope):
+        """``dparams`` with every :class:`_Carried` replaced by its dparams; their entries, one
+        per step of the scan that stacked them, join ``scope``'s."""
+        found = []
+
+        def strip(a):
+            if isinstance(a, _Carried):
+                found.append(a)
+                return a.dparams
+            return a
+
+        dparams = jax.tree_util.tree_map(strip, dparams, is_leaf=_is_carried)
+        for c in found:
+            steps = c.marker.shape
+            for idx in np.ndindex(*steps):
+                entry = jax.tree_util.tree_map(lambda a, idx=idx: a[idx], c.entry)
+                tag = "".join(f"{{{i}}}" for i in idx)
+                scope.entries.append(entry.relabel(c.prefix, c.prefix + tag, entry.order + idx))
+        return dparams
+
+    def loss_forward(self, name, forward, pred, target):
+        return forward(pred, target)
+
+    def loss_backward(self, name, backward, res, dvalue):
+        return backward(res, dvalue)
+
+
+@contextlib.contextmanager
+def paused():
+    """No hook inside (the layers run their raw functions): for a client that reruns a layer."""
+    saved = list(_core._HOOKS)
+    _core._HOOKS.clear()
+    try:
+        yield
+    finally:
+        _core._HOOKS[:] = saved
+
+
+def observe(fn: Callable, client: Client) -> Callable:
+    """``fn`` with every bpjax layer it calls observed by ``client``.
+
+    Returns ``g(*args, **kwargs) -> (fn's result, entries)``, where ``entries`` is the list of
+    :class:`Entry` of the outermost layers whose backward ran (usually one: the model). Call it
+    inside ``jit`` or not: it only adds traced operations."""
+
+    def g(*args, **kwargs):
+        hook = _Observer(client)
+        _core._HOOKS.append(hook)
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            _core._HOOKS.remove(hook)
+        return out, hook.entries
+
+    return g
+
+
+def flatten_entries(entries, *, leaves_only: bool = True) -> list:
+    """The entries of a tree (only its leaf layers', by default), in the order their forwards
+    ran (the steps of a scan in step order)."""
+    out = []
+
+    def walk(e):
+        if e.leaf or not leaves_only:
+            out.append(e)
+        for s in e.subs:
+            walk(s)
+
+    for e in entries:
+        walk(e)
+    return sorted(out, key=lambda e: e.order)       # stable: a scan's steps keep their order
+
+
+# ----------------------------------------------------------------------------- gradient flow
+
+
+def _norm(tree) -> jax.Array:
+    return jnp.sqrt(sq_norm(tree))
+
+
+class _Flow(Client):
+    """Per leaf layer: ‖dy‖ arriving, ‖dx‖ leaving, ‖dparams‖, ‖params‖ (L2 over every leaf)."""
+
+    def measure(self, v: View) -> dict:
+        if not v.leaf:
+            return {}
+        out = {"dy": _norm(v.dy), "dparams": _norm(v.dparams), "params": _norm(v.params)}
+        if any(a is not None for a in jax.tree_util.tree_leaves(v.dx)):
+            out["dx"] = _norm(v.dx)
+        return out
+
+
+def gradient_flow(model, loss, *, compute_dtype: Optional[Any] = None):
+    """The error travelling back through ``model``, layer by layer, with the gradients.
+
+    Returns ``f(params, state, x, target, *, key=None) -> ((value, new_state), grads, flow)``:
+    ``(value, new_state), grads`` are exactly :func:`bpjax.value_and_grad`'s, and ``flow`` is a
+    dict, one entry per leaf layer in forward order, keyed by the layer's path name
+    (``sequential[3] (dense)``), each a dict of scalars::
+
+        "dy":      ‖dy‖     the error arriving at the layer's output    (from the loss side)
+        "dx":      ‖dx‖     the error it sends on to its input          (absent when x is ids)
+        "dparams": ‖dθ‖     its share of the gradient
+        "params":  ‖θ‖      its parameters
+
+    (‖·‖ is the L2 norm over every entry of every array.) For a layer used once, ``dparams`` is
+    exactly its part of ``grads``; a layer inside a scan (the GPT's blocks) has one entry per
+    step, ``gpt[1]{0}.transformer_block[3] (dense)``. Jittable; the steps are those of
+    :func:`bpjax.value_and_grad`, observed with :func:`observe`.
+    """
+    from ._grad import value_and_grad
+    _core.check_model_and_loss("gradient_flow", model, loss)
+    run = observe(value_and_grad(model, loss, compute_dtype=compute_dtype), _Flow())
+
+    def f(params, state, x, target, *, key=None):
+        ((value, new_state), grads), entries = run(params, state, x, target, key=key)
+        flow = {e.label: e.values for e in flatten_entries(entries)}
+        return (value, new_state), grads, flow
+
+    return f

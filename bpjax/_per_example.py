@@ -1,0 +1,226 @@
+"""Per-example gradient norms from one backward pass, without per-example gradients.
+
+The loss is a mean over the N examples, so the error reaching a layer is dy_n = (1/N) ∂ℓ_n/∂y_n
+and example n's own gradient (what ``bpjax.per_example_grads`` gives, a batch of one) is
+g_n = N · Σ_layers (that layer's part built from x_n and dy_n alone). A layer's part of
+‖g_n‖² is computed from its x and dy, by a rule per kind of layer (below); the parts of
+different layers add (their parameters differ); the norm is ‖g_n‖ = N·√(Σ parts).
+
+Rules, for example n (rows t = the positions of one example: T = 1 for x (N, D))::
+
+    dense       dW_n = X_nᵀ DY_n, db_n = Σ_t dy_nt            X_n (T, D_in), DY_n (T, D_out)
+                ‖dW_n‖² = ‖x_n‖²·‖dy_n‖²                         when T = 1
+                        = ⟨X_n X_nᵀ, DY_n DY_nᵀ⟩  (Gram, T²·(D_in+D_out) multiply-adds)
+                        or ‖X_nᵀ DY_n‖²           (explicit, T·D_in·D_out), whichever is cheaper
+    embedding   dT_n[v] = Σ_{t: id_t = v} dy_nt:  ‖dT_n‖² = Σ_{t,t'} [id_t = id_t'] ⟨dy_nt, dy_nt'⟩
+    layer_norm, dγ_n = Σ_t dy_nt ⊙ x̂_nt,  dβ_n = Σ_t dy_nt     (x̂ from the layer's residuals)
+    rms_norm,
+    group_norm
+    gpt         its embedding and blocks by their rules, plus what the GPT itself does with
+                params: the positions P (dP_n = dh0_n), the tied unembedding
+                dE_out,n = DZ_nᵀ Ĥ_n (Gram or explicit), and, since E is used twice, the cross
+                term 2⟨dE_in,n, dE_out,n⟩ = 2 Σ_{t,t'} DZ_n[t', id_t]·⟨ĥ_nt', dh0_nt⟩
+    combinators the sum of their layers' parts (sequential, residual, parallel, …: any layer
+                whose params are exactly its sub-layers' params)
+    any other   the explicit per-example gradient of that layer alone: its own raw forward and
+    layer       hand-written backward rerun on each example, vmapped (conv, attention, the
+                recurrent layers, a user's make_layer layer, a combinator with params of its
+                own). Correct for any layer that does not mix examples; its memory is N times
+                that layer's params.
+
+``batch_norm`` in training normalises with batch statistics, so one example's gradient depends
+on the others: ``per_example_grad_norms`` raises ``ValueError`` naming it. (In evaluation mode,
+``train=False``, it does not mix examples and the explicit rule applies.)
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from . import _core
+from ._observe import Client, View, flatten_entries, observe, param_size, paused, sq_norm
+
+__all__ = ["per_example_grad_norms"]
+
+
+def _acc(*arrays):
+    """The arrays in their accumulation dtype (float32 for bfloat16; float64 stays)."""
+    dt = _core.accumulation_dtype(*(a.dtype for a in arrays))
+    return tuple(a.astype(dt) for a in arrays)
+
+
+def _rows(a, n):
+    """(N, T, K): one example's positions as rows (T = 1 for (N, K))."""
+    return a.reshape(n, -1, a.shape[-1])
+
+
+def sq_outer(x, dy):
+    """‖X_nᵀ DY_n‖² for every n, for X (N, T, P) and DY (N, T, Q): the Gram form
+    Σ_{t,t'} (X Xᵀ)_tt' (DY DYᵀ)_tt' when T·(P+Q) < P·Q, else the explicit product.   (N,)"""
+    x, dy = _acc(x, dy)
+    t, p, q = x.shape[1], x.shape[2], dy.shape[2]
+    if t == 1:
+        return jnp.sum(x[:, 0] ** 2, -1) * jnp.sum(dy[:, 0] ** 2, -1)               # (N,)
+    if t * (p + q) < p * q:
+        gx = jnp.einsum("ntp,nsp->nts", x, x)                                        # (N, T, T)
+        gy = jnp.einsum("ntq,nsq->nts", dy, dy)                                      # (N, T, T)
+        return jnp.sum(gx * gy, axis=(1, 2))
+    return jnp.sum(jnp.einsum("ntp,ntq->npq", x, dy) ** 2, axis=(1, 2))             # (N,)
+
+
+def _sum_sq_rows(a, n):
+    """‖Σ_t a_nt‖² for every n.                                                          (N,)"""
+    (a,) = _acc(_rows(a, n))
+    return jnp.sum(jnp.sum(a, axis=1) ** 2, axis=-1)
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def _dense(v: View, n: int):
+    (x,) = v.res
+    sq = sq_outer(_rows(x, n), _rows(v.dy, n))
+    if "b" in v.params:
+        sq = sq + _sum_sq_rows(v.dy, n)                                              # the bias part
+    return sq
+
+
+def _embedding(v: View, n: int):
+    (ids,) = v.res
+    ids = ids.reshape(n, -1)                                                         # (N, T)
+    vocab = v.params["table"].shape[0]
+    valid = (ids >= 0) & (ids < vocab)                                               # others: no gradient
+    same = (ids[:, :, None] == ids[:, None, :]) & valid[:, :, None] & valid[:, None, :]  # (N, T, T)
+    (dy,) = _acc(_rows(v.dy, n))                                                     # (N, T, D)
+    return jnp.sum(jnp.einsum("ntd,nsd->nts", dy, dy) * same, axis=(1, 2))
+
+
+def _norm_layer(v: View, n: int):
+    xhat = v.res[0]
+    xh, dy = _acc(_rows(xhat, n), _rows(v.dy, n))
+    sq = jnp.sum(jnp.sum(dy * xh, axis=1) ** 2, axis=-1)                             # the scale part
+    if "bias" in v.params:
+        sq = sq + jnp.sum(jnp.sum(dy, axis=1) ** 2, axis=-1)
+    return sq
+
+
+def _gpt(v: View, n: int, subs_sq):
+    """The GPT's own use of params: positions, tied unembedding and the cross term (module doc)."""
+    tok = next((e for e in v.subs if e.label.endswith("(embedding)")), None)
+    if tok is None or "_ids" not in tok.values or not isinstance(v.res, dict) or "hf" not in v.res:
+        return None
+    ids, dh0 = tok.values["_ids"].reshape(n, -1), _rows(tok.values["_dy"], n)       # (N, T), (N, T, D)
+    dz, hf, dh0 = _acc(_rows(v.dy, n), _rows(v.res["hf"], n), dh0)                   # (N, T, V), (N, T, D)
+    vocab = v.params["tok"]["table"].shape[0]
+    pos = jnp.sum(dh0 ** 2, axis=(1, 2))                                             # dP_n = dh0_n
+    out = sq_outer(hf, dz)                                                           # ‖DZ_nᵀ Ĥ_n‖²
+    valid = (ids >= 0) & (ids < vocab)
+    g = jnp.take_along_axis(dz, jnp.clip(ids, 0, vocab - 1)[:, None, :], axis=2)     # (N, T', T) DZ[t', id_t]
+    m = jnp.einsum("nsd,ntd->nst", hf, dh0)                                          # (N, T', T) ⟨ĥ_t', dh0_t⟩
+    cross = 2 * jnp.sum(g * m * valid[:, None, :], axis=(1, 2))
+    return subs_sq + pos + out + cross
+
+
+#: (module, name) of a built-in leaf layer -> its rule (view, N) -> (N,) squared norms.
+LEAF_RULES = {
+    ("bpjax._basic", "dense"): _dense,
+    ("bpjax._structure", "embedding"): _embedding,
+    ("bpjax._norm", "layer_norm"): _norm_layer,
+    ("bpjax._norm", "rms_norm"): _norm_layer,
+    ("bpjax._norm", "group_norm"): _norm_layer,
+}
+#: (module, name) of a built-in layer with params of its own beside its sub-layers'.
+COMPOSITE_RULES = {("bpjax._attention", "gpt"): _gpt}
+#: (module, name) of layers that mix examples in training.
+MIXING = {("bpjax._norm", "batch_norm")}
+
+
+# ----------------------------------------------------------------------------- the explicit rule
+
+
+def _explicit(v: View, n: int):
+    """‖one example's gradient of this layer alone‖², for every example: the layer's raw
+    forward and backward rerun on x_n (a batch of one), vmapped over the examples."""
+    t = v.tape
+    if t is None:
+        raise ValueError(f"per_example_grad_norms: {v.label} has no rule and its input was not kept; "
+                         "it cannot be split by example")
+    one = lambda a: a[None]                                                          # noqa: E731
+
+    def example(x1, dy1):
+        with paused():
+            _, _, res = t.forward(v.params, t.state, jax.tree_util.tree_map(one, x1), key=t.key, train=t.train)
+            dparams, _ = v.backward(v.params, res, jax.tree_util.tree_map(one, dy1))
+        return sq_norm(dparams)
+
+    return jax.vmap(example)(t.x, v.dy)                                              # (N,)
+
+
+class _PerExample(Client):
+    """Each layer's part of every example's squared gradient norm, ``values["sq"]`` (N,)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def tape(self, name, module, params):
+        if not jax.tree_util.tree_leaves(params):
+            return False
+        return (module, name) not in LEAF_RULES
+
+    def measure(self, v: View) -> dict:
+        key = (v.module, v.name)
+        if key in MIXING and v.tape is not None and v.tape.train:
+            raise ValueError(f"per_example_grad_norms: {v.label} mixes examples in training (it normalises "
+                             "with batch statistics), so an example's gradient depends on the others; "
+                             "use layer_norm or group_norm, or train=False")
+        if not jax.tree_util.tree_leaves(v.params) and v.leaf:
+            return {}
+        if v.leaf:
+            sq = LEAF_RULES[key](v, self.n) if key in LEAF_RULES else _explicit(v, self.n)
+            out = {"sq": sq}
+            if key == ("bpjax._structure", "embedding"):
+                out.update(_ids=v.res[0], _dy=v.dy)   # for a composite that also uses the table (gpt)
+            return out
+        subs_sq = sum((e.values["sq"] for e in v.subs if "sq" in e.values), jnp.zeros((self.n,), jnp.float32))
+        if key in COMPOSITE_RULES:
+            sq = COMPOSITE_RULES[key](v, self.n, subs_sq)
+            if sq is not None:
+                return {"sq": sq}
+        elif param_size(v.params) == sum(e.size for e in v.subs):
+            return {"sq": subs_sq}                   # a combinator: its params are its layers'
+        return {"sq": _explicit(v, self.n)}
+
+
+def per_example_grad_norms(model, loss, *, compute_dtype: Optional[Any] = None):
+    """The batch gradient and every example's own gradient norm, from one backward pass.
+
+    Returns ``f(params, state, x, target, *, key=None) -> ((value, new_state), grads, norms)``:
+    ``(value, new_state), grads`` are exactly :func:`bpjax.value_and_grad`'s, and ``norms`` (N,)
+    holds ‖g_n‖, the L2 norm over all params of example n's own gradient (the gradient of its
+    loss alone, what :func:`bpjax.per_example_grads` gives for it), computed from each layer's
+    x and dy by the rules of this module, without building the g_n. Jittable; works with a
+    batch sharded over devices.
+
+    Raises ``ValueError`` naming the layer for a model with ``batch_norm`` in training (it
+    mixes examples). The loss must be a mean over examples (every bpjax loss is).
+    """
+    from ._grad import value_and_grad
+    _core.check_model_and_loss("per_example_grad_norms", model, loss)
+    vg = value_and_grad(model, loss, compute_dtype=compute_dtype)
+
+    def f(params, state, x, target, *, key=None):
+        n = jax.tree_util.tree_leaves(x)[0].shape[0]
+        run = observe(vg, _PerExample(n))
+        ((value, new_state), grads), entries = run(params, state, x, target, key=key)
+        sq = sum((e.values["sq"] for e in entries if "sq" in e.values), jnp.zeros((n,), jnp.float32))
+        return (value, new_state), grads, n * jnp.sqrt(sq)
+
+    return f
+
+
+def per_layer_norms(entries, n: int) -> dict:
+    """Each leaf layer's part of the per-example norms, ``{label: (N,)}`` (N·√part)."""
+    return {e.label: n * jnp.sqrt(e.values["sq"]) for e in flatten_entries(entries) if "sq" in e.values}
+
