@@ -21,11 +21,14 @@ from ._recurrent import __all__ as _recurrent_all
 from ._attention import *  # noqa: F401,F403
 from ._attention import __all__ as _attention_all
 from ._bridge import as_jax_fn
+from ._checkvjp import assert_vjp_close, check_vjp
 from ._combinators import *  # noqa: F401,F403
 from ._combinators import __all__ as _comb_all
 from ._core import Layer, Loss, make_layer, make_loss
 from ._finite import check_finite, debug_nans
 from ._grad import cast_floating, value_and_grad
+from ._observe import gradient_flow
+from ._per_example import per_example_grad_norms
 from ._gradcheck import (GradientReport, assert_gradients_close, check_layer, check_loss, check_model,
                          per_example_grads)
 from ._losses import *  # noqa: F401,F403
@@ -47,4 +50,5 @@ __all__ = [
     "value_and_grad", "reference_value_and_grad", "as_jax_fn", "initializers", "cast_floating",
     "check_layer", "check_model", "check_loss", "assert_gradients_close", "GradientReport",
     "per_example_grads", "check_finite", "debug_nans", "load_run",
+    "gradient_flow", "per_example_grad_norms", "check_vjp", "assert_vjp_close",
 ]

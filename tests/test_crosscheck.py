@@ -102,7 +102,8 @@ def test_backward_matches_autodiff(case, dtype, jit):
 UTILITIES = {"Layer", "Loss", "make_layer", "make_loss", "value_and_grad",
              "reference_value_and_grad", "as_jax_fn", "initializers",
              "check_layer", "check_model", "check_loss", "assert_gradients_close", "GradientReport",
-             "per_example_grads", "check_finite", "debug_nans", "cast_floating", "load_run"}
+             "per_example_grads", "check_finite", "debug_nans", "cast_floating", "load_run",
+             "gradient_flow", "per_example_grad_norms", "check_vjp", "assert_vjp_close"}
 
 
 def test_every_export_is_in_the_table():
