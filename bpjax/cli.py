@@ -7,6 +7,7 @@ table and exits non-zero on any failure::
     bpjax gradcheck                                  # every export of bpjax.LAYERS and bpjax.LOSSES
     bpjax gradcheck dense layer_norm -v              # some of them, with their full tables
     bpjax gradcheck mypkg.layers:my_layer --in-shape 5
+    bpjax gradcheck mypkg.ops:my_custom_vjp_fn --args-shapes 3,4 4   # any JAX function: bp.check_vjp
     python -m bpjax gradcheck ...                    # the same
 
 Exit status: 0 all passed, 1 some gradient failed, 2 a usage error (a bad target, or an
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import inspect
 import os
 import sys
 import time
@@ -148,6 +150,14 @@ def _draw_target(kind: str, gen: np.random.Generator, shape: tuple, dtype):
     raise ValueError(f"bpjax gradcheck: expected a target kind among normal, labels, probs, binary, got {kind!r}")
 
 
+class FunctionCheck(NamedTuple):
+    """How ``bpjax gradcheck module:function --args-shapes ...`` checks any JAX function with
+    :func:`bpjax.check_vjp`: one shape per positional argument, and an optional reference."""
+
+    args_shapes: tuple
+    reference: Optional[Callable] = None
+
+
 def run_check(label: str, obj, config, *, dtype, seed: int, methods: Sequence[str], rtol, directions: int):
     """Check one layer or loss with its configuration; returns a ``GradientReport`` titled ``label``."""
     import jax
@@ -155,6 +165,11 @@ def run_check(label: str, obj, config, *, dtype, seed: int, methods: Sequence[st
 
     import bpjax as bp
 
+    if isinstance(config, FunctionCheck):
+        shapes = [jax.ShapeDtypeStruct(s, dtype) for s in config.args_shapes]
+        report = bp.check_vjp(obj, *shapes, reference=config.reference, seed=seed, rtol=rtol,
+                              directions=directions)
+        return dataclasses.replace(report, title=label)
     gen = np.random.default_rng(seed)
     common = dict(seed=seed, methods=tuple(methods), rtol=rtol, directions=directions)
     if isinstance(obj, bp.Loss):
@@ -200,6 +215,41 @@ def _build(label: str, make):
     return obj
 
 
+def _function_check(spec: str, args) -> tuple:
+    """The function ``spec`` names and its :class:`FunctionCheck`, or a usage error."""
+    import bpjax as bp
+
+    shapes = tuple(_parse_arg_shape(t) for t in args.args_shapes)
+    fn = _load_target(spec)
+    ref = _load_target(args.reference) if args.reference else None
+    for label, obj in ((spec, fn), (args.reference, ref)):
+        if obj is not None and (isinstance(obj, (bp.Layer, bp.Loss)) or not callable(obj)):
+            raise ValueError(f"bpjax gradcheck: expected {label} to be a JAX function for --args-shapes "
+                             f"(a layer takes --in-shape), got {type(obj).__name__}")
+        try:
+            if obj is not None:
+                inspect.signature(obj).bind(*shapes)
+        except TypeError as e:
+            raise ValueError(f"bpjax gradcheck: expected --args-shapes to match the arguments of {label}, "
+                             f"got {len(shapes)} shape{'s' if len(shapes) != 1 else ''} ({e})") from None
+        except ValueError:                       # no signature to read: let the call say
+            pass
+    return fn, FunctionCheck(shapes, ref)
+
+
+def _parse_arg_shape(text: str) -> tuple:
+    """``3,4`` or ``3x4`` → (3, 4); ``scalar`` or ``()`` → (); anything else a usage error."""
+    if text.strip() in ("scalar", "()"):
+        return ()
+    try:
+        shape = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        shape = None
+    if not shape or any(d < 0 for d in shape):
+        raise ValueError(f"bpjax gradcheck: expected --args-shapes like 3,4 or scalar, got {text!r}")
+    return shape
+
+
 def _parse_shape(text: str) -> tuple:
     try:
         return tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
@@ -236,8 +286,14 @@ def _gradcheck(args) -> int:
             names = [*bp.LAYERS, *bp.LOSSES]
         else:
             names = args.targets
+        plain = [n for n in names if ":" not in n]
+        if args.args_shapes is not None and plain or args.reference and args.args_shapes is None:
+            raise ValueError(f"bpjax gradcheck: expected --args-shapes (and --reference) only with module:function "
+                             f"targets, got {', '.join(plain) or '--reference without --args-shapes'}")
         for name in names:
-            if ":" in name:
+            if ":" in name and args.args_shapes is not None:           # any JAX function: check_vjp
+                jobs.append((name, *_function_check(name, args)))
+            elif ":" in name:
                 obj = _build(name, _load_target(name))
                 if args.in_shape is None:
                     raise ValueError(f"bpjax gradcheck: expected --in-shape (one example's shape) for {name}, "
@@ -301,6 +357,13 @@ def _add_gradcheck(subparsers) -> None:
     p.add_argument("--in-shape", type=_parse_shape, action="append", metavar="SHAPE",
                    help="one example's shape for module:factory targets, e.g. 5 or 8,8,3 "
                         "(repeat it for a layer taking a tuple of inputs; for a loss: the prediction's)")
+    p.add_argument("--args-shapes", nargs="+", default=None, metavar="SHAPE",
+                   help="module:function targets: check any JAX function (e.g. a jax.custom_vjp) with "
+                        "bp.check_vjp at random arguments of these shapes, one per positional argument "
+                        "(e.g. 3,4 4; 'scalar' for ())")
+    p.add_argument("--reference", default=None, metavar="MODULE:FUNCTION",
+                   help="with --args-shapes: a plain JAX function computing the same primal, whose "
+                        "autodiff is a second reference")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: 3 for layers, 4 for losses)")
     p.add_argument("--dtype", default="float64", help="float64 (default), float32, float16 or bfloat16")
     p.add_argument("--methods", default="vjp,fd,jvp", help="comma-separated references (default vjp,fd,jvp)")
@@ -321,7 +384,7 @@ def _add_train(subparsers) -> None:
     from . import train  # the options live beside the loop they configure
 
     p = subparsers.add_parser(
-        "train", help="train a model on a dataset with the hand-written backward (default: MNIST-1D CNN)",
+        "train", help="train a model on a dataset with the hand-written backward (default: a residual CNN on MNIST-1D)",
         description="Train a model on a dataset (generated or shipped locally, never downloaded) with "
                     "the hand-written backward: progress bar, metrics file, PNG of the curves, Orbax "
                     "checkpoints every epoch, exact --resume. Models: " + ", ".join(sorted(train_models())) +
