@@ -137,10 +137,10 @@ def flops_per_step(n_params: int, *, layers: int, context: int, dim: int, batch:
     return (6.0 * n_params + 12.0 * layers * context * dim) * batch * context
 
 
-def build(*, vocab_size, dim, heads, layers, context, lean=False):
+def build(*, vocab_size, dim, heads, layers, context, lean=False, attention_impl="jnp"):
     """The GPT and its parameters' shapes (``jax.eval_shape`` of ``init``: nothing computed)."""
     model = bp.gpt(vocab_size, dim=dim, num_heads=heads, num_layers=layers, max_len=context,
-                   lean=lean)
+                   lean=lean, attention_impl=attention_impl)
     shapes = jax.eval_shape(lambda k: model.init(k, (context,))[0], jax.random.PRNGKey(0))
     return model, shapes
 
@@ -215,15 +215,16 @@ def sample(logits_fn, params, prompt_ids, length, context, gen, temperature=0.8)
 
 def train(*, steps=600, batch=32, context=64, dim=64, heads=4, layers=2, lr=3e-3, warmup=0,
           corpus_chars=1_000_000, vocab="chars", dtype="float32", eval_every=200, eval_batches=16,
-          print_every=50, sample_chars=300, lean=False, seed=0, prompt="def ", peak_n=None,
-          profile=None, profile_steps=3, profile_top=20) -> dict:
+          print_every=50, sample_chars=300, lean=False, attention_impl="jnp", seed=0, prompt="def ",
+          peak_n=None, profile=None, profile_steps=3, profile_top=20) -> dict:
     """Train and report; returns the final training and validation losses, the sample, and the
     throughput: ``tokens_per_s`` and ``mfu`` (medians over the timed windows), ``peak_flops``.
 
     ``vocab``: ``"chars"`` (96 characters) or ``"bytes"`` (256). ``dtype``: the compute dtype,
     ``"float32"`` or ``"bfloat16"``. ``eval_every=0``: no validation; ``sample_chars=0``: no
-    sample. ``peak_n``: the side of the matrices of the peak measurement (default 1024 on CPU,
-    8192 elsewhere). ``profile``: a directory for a trace of ``profile_steps`` steps."""
+    sample. ``attention_impl``: the attention's ``impl`` ("jnp", "pallas", "auto"). ``peak_n``:
+    the side of the matrices of the peak measurement (default 1024 on CPU, 8192 elsewhere).
+    ``profile``: a directory for a trace of ``profile_steps`` steps."""
     t_start = time.perf_counter()
     if vocab == "chars":
         text = load_corpus(corpus_chars)
@@ -250,12 +251,13 @@ def train(*, steps=600, batch=32, context=64, dim=64, heads=4, layers=2, lr=3e-3
           f"({len(train_data):,} train, {len(val_data):,} validation), {vocab_note}")
 
     model, _ = build(vocab_size=vocab_size, dim=dim, heads=heads, layers=layers, context=context,
-                     lean=lean)
+                     lean=lean, attention_impl=attention_impl)
     loss = bp.softmax_cross_entropy()
     params, state = init_on_host(model, (context,), seed), ()
     n_params, n_flops = param_count(params), param_count(params, flops=True)
+    impl_note = "" if attention_impl == "jnp" else f", attention impl={attention_impl}"
     print(f"model: {layers} blocks, dim {dim}, {heads} heads, context {context}, vocabulary "
-          f"{vocab_size}, {n_params:,} parameters{', lean attention backward' if lean else ''}; "
+          f"{vocab_size}, {n_params:,} parameters{', lean attention backward' if lean else ''}{impl_note}; "
           f"compute {dtype}, float32 master weights and Adam state")
 
     step_flops = flops_per_step(n_flops, layers=layers, context=context, dim=dim, batch=batch)
@@ -391,6 +393,9 @@ def options(argv=None) -> dict:
     p.add_argument("--print-every", type=int)
     p.add_argument("--sample-chars", type=int, help="0: no sample")
     p.add_argument("--lean", action="store_true", help="the memory-lean (blockwise) attention backward")
+    p.add_argument("--attention-impl", choices=("jnp", "pallas", "auto"),
+                   help="the attention's formulation (multi_head_attention's impl; default jnp): "
+                   "pallas = the flash-attention kernels, interpreted (slow) off a GPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-n", type=int, help="matrix side of the matmul-peak measurement "
                    "(default 1024 on CPU, 8192 on an accelerator)")
