@@ -1,6 +1,6 @@
 """Run folders: what ``bpjax train`` writes, and a trained model loaded back from one.
 
-A run folder (``runs/cnn-mnist1d-s0/`` by default) holds::
+A run folder (``runs/MODEL-DATASET-sSEED/`` by default, ``runs/resnet1d-mnist1d-s0/`` for the main job) holds::
 
     run.json        the arguments that define the run, and what rebuilds the model
                     (model name and arguments, dataset, input shape and dtype, loss)

@@ -1,7 +1,7 @@
 """Does bfloat16 compute cost accuracy? ``bpjax train`` with its defaults, in float32 and in
 bfloat16 (float32 master weights), seed by seed, and the test accuracies side by side.
 
-    python scripts/dtype_accuracy.py                    # seeds 0 1 2, the default model (cnn)
+    python scripts/dtype_accuracy.py                    # seeds 0 1 2, the paper's CNN (--model cnn)
     python scripts/dtype_accuracy.py --seeds 0 1 2 3 4 5 6 7 8 9
     python scripts/dtype_accuracy.py --model mlp --seeds 0
 
@@ -53,7 +53,7 @@ def table(rows) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="cnn", help="a bpjax train model (default: the default, cnn)")
+    p.add_argument("--model", default="cnn", help="a bpjax train model (default: cnn, the paper's CNN, as in RESULTS.md)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--dataset", default=None, help="pass --dataset to bpjax train (default: its own, mnist1d)")
     p.add_argument("--epochs", type=int, default=None, help="pass --epochs to bpjax train (default: its own)")

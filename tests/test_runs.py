@@ -89,7 +89,7 @@ def test_a_second_run_into_the_folder_is_refused(copy):
 
 def test_resume_with_other_defining_arguments_is_refused(copy):
     proc = _bpjax(*TRAIN, "--out", copy, "--resume", "--lr", "0.05", "--seed", "1")
-    line = _one_line_error(proc, str(copy), "--lr 0.05 (the run has 0.01)", "--seed 1 (the run has 0)")
+    line = _one_line_error(proc, str(copy), "--lr 0.05 (the run has 0.03)", "--seed 1 (the run has 0)")
     assert line.startswith("bpjax train: --resume")
     assert len(_rows(copy)) == 2
 

@@ -97,17 +97,37 @@ def test_regression_dataset_trains_with_squared_error():
     assert "acc" not in result.test and result.history[-1]["train_loss"] < result.history[0]["train_loss"]
 
 
-def test_train_command_smoke(tmp_path, capsys):
+def test_train_command_trains_xor_with_its_defaults(tmp_path, capsys):
+    """`--dataset xor` alone picks the textbook network and a recipe that leaves XOR's plateau."""
     from bpjax import cli
-    assert cli.main(["train", "--model", "textbook_mlp", "--dataset", "xor", "--epochs", "2",
-                     "--batch-size", "32", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert cli.main(["train", "--dataset", "xor", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "bpjax train: textbook_mlp on xor" in out and "done in" in out
+    assert "bpjax train: textbook_mlp on xor" in out and "batch 16, adam lr 0.03 (cosine)" in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["epochs_run"] == 2 and 0 <= summary["test_acc"] <= 1
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"bpjax train: textbook_mlp reached {100 * summary['test_acc']:.1f}% test accuracy "
+                           f"on xor in ") and f"the run is in {tmp_path / 'run'} " in last
+    assert summary["test_acc"] >= 0.95
     assert (tmp_path / "run" / "curves.png").exists() and (tmp_path / "run" / "metrics.jsonl").exists()
     steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
-    assert len(steps) == 2 and steps[1] == 2 * steps[0]        # one per epoch, named by global step
+    per_epoch = steps[-1] - steps[-2]                        # one per epoch, named by global step
+    assert steps[-1] == summary["epochs_run"] * per_epoch
+
+
+def test_recipes_fill_only_what_the_user_left_unset():
+    import argparse
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    default = parser.parse_args([])
+    train.apply_recipe(default)
+    assert (default.model, default.optimizer, default.lr, default.epochs) == ("resnet1d", "adamw", 3e-3, 30)
+    paper = parser.parse_args(["--model", "cnn", "--lr", "0.05"])
+    train.apply_recipe(paper)
+    assert (paper.optimizer, paper.lr, paper.batch_size, paper.patience) == ("adam", 0.05, 100, 10)
+    assert parser.parse_args(["--dataset", "digits"]).model is None
+    digits = parser.parse_args(["--dataset", "digits"])
+    train.apply_recipe(digits)
+    assert digits.model == "digits_cnn"
 
 
 def test_train_help_lists_models_datasets_and_options(capsys):
@@ -243,7 +263,7 @@ def test_train_command_names_bad_labels_in_one_line(tmp_path, monkeypatch, capsy
     (["--model", "textbook_mlp", "--dataset", "mnist1d"],
      "bpjax train: --model textbook_mlp does not fit --dataset mnist1d (examples of shape (40, 1), 10 outputs): "
      "expected one of cnn, digits_cnn, gru, logreg, mlp, resnet1d, got textbook_mlp"),
-    (["--dataset", "xor"],
+    (["--model", "cnn", "--dataset", "xor"],
      "bpjax train: --model cnn does not fit --dataset xor (examples of shape (2,), 2 outputs): "
      "expected one of logreg, mlp, textbook_mlp, got cnn"),
     (["--model", "textbook_mlp", "--dataset", "xor", "--devices", "2"],
