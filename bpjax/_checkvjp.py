@@ -80,7 +80,7 @@ def check_vjp(f: Callable, *args, reference: Optional[Callable] = None,
     with (x64() if dtype is not None and dtype == jnp.float64 else contextlib.nullcontext()):
         values, drawn = _fill(args, gen, dtype)
     argnums = _argnums(argnums, values)
-    notes, report = [], None
+    notes, report, attempt = [], None, 0
     for attempt in range(resample + 1):
         report = _check_at(f, reference, values, argnums, names, dtype, seed=seed + attempt, rtol=rtol,
                            atol=atol, cotangent=cotangent, directions=directions, coords=coords,
@@ -92,7 +92,8 @@ def check_vjp(f: Callable, *args, reference: Optional[Callable] = None,
             values, _ = _fill(args, np.random.default_rng(seed + 7919 + 104729 * (attempt + 1)), dtype,
                               keep=[None if drawn[i] else values[i] for i in range(len(args))])
     if report.kinks:
-        where = "the drawn point (after drawing it again)" if any(drawn[i] for i in argnums) else "the given input"
+        where = "the given input" if not any(drawn[i] for i in argnums) else \
+            "the drawn point" + (f", drawn {attempt + 1} times" if attempt else "")
         notes.append(f"kink at {where}: {_kink_text(report.kinks)}: one-sided derivatives differ "
                      f"there, so it is left out of fd (and of ref); not a failure")
     return _with_notes(report, notes)

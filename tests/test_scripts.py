@@ -87,3 +87,11 @@ def test_attention_bench_tiny_runs_every_variant(capsys):
     assert {"pallas 16x16", "jnp lean", "autodiff plain", "dot_product_attention xla"} <= set(ran)
     assert all(err < 1e-5 for err in ran.values()), ran
     assert "| T | variant | ms | TFLOP/s |" in out and "pallas vs jnp lean at T=40: " in out
+
+
+def test_vjp_corpus_script_prints_the_tables(capsys):
+    results = _load("vjp_corpus").main(["--no-torch", "--cases", "relu_at_zeros", "sigmoid_sign"])
+    out = capsys.readouterr().out
+    assert "| bp.check_vjp | 1 of 1 | 0 of 1 | 1 of 1 |" in out, out
+    assert "| relu_at_zeros | — | pass | FALSE ALARM |" in out and "| sigmoid_sign | sign | caught, input named |" in out
+    assert set(results) == {"bp.check_vjp", "jax check_grads (rev)"}
