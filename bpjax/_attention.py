@@ -397,6 +397,8 @@ def transformer_block(num_heads: int, *, mlp_ratio: int = 4, causal: bool = True
     name = "transformer_block"
     heads = check_positive_int(name, "num_heads", num_heads)
     ratio = check_positive_int(name, "mlp_ratio", mlp_ratio)
+    if attention_impl not in _IMPLS:
+        raise ValueError(f"{name}: expected attention_impl to be one of {_IMPLS}, got {attention_impl!r}")
 
     @functools.lru_cache(maxsize=None)
     def parts(d_model):

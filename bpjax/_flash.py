@@ -277,7 +277,7 @@ def flash_forward(q, k, v, mask, *, causal, scale, blocks, interpret=None):
                 pl.BlockSpec((None, t_pad, d), lambda b, i: (b, 0, 0))]
     if mask is not None:
         args.append(_key_mask(mask, t_pad))                        # (N, T_pad)
-        in_specs.append(pl.BlockSpec((None, t_pad), lambda b, i: (b // h, 0)))
+        in_specs.append(pl.BlockSpec((None, t_pad), lambda b, i: (_div(b, h), 0)))
     o, lse = _call(_forward_kernel, cfg, (n * h, t_pad // bq), in_specs,
                    [pl.BlockSpec((None, bq, d), lambda b, i: (b, i, 0)),
                     pl.BlockSpec((None, bq), lambda b, i: (b, i))],
@@ -310,8 +310,8 @@ def flash_backward(do, q, k, v, o, lse, mask, *, causal, scale, blocks, interpre
     mask_specs = []
     if mask is not None:
         args.append(_key_mask(mask, t_pad))
-        mask_specs = [pl.BlockSpec((None, bk), lambda b, j: (b // h, j)),     # dK/dV: block j
-                      pl.BlockSpec((None, t_pad), lambda b, i: (b // h, 0))]  # dQ: every key
+        mask_specs = [pl.BlockSpec((None, bk), lambda b, j: (_div(b, h), j)),     # dK/dV: block j
+                      pl.BlockSpec((None, t_pad), lambda b, i: (_div(b, h), 0))]  # dQ: every key
     out = jax.ShapeDtypeStruct(qp.shape, q.dtype)
     dk, dv = _call(_dkv_kernel, cfg, (n * h, t_pad // bk),
                    [whole, k_block, k_block, whole, whole_row, whole_row] + mask_specs[:1],

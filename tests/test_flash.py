@@ -88,6 +88,9 @@ def test_bad_impl_pair_mask_and_gpu_head_size_are_one_sentence(monkeypatch):
     with pytest.raises(ValueError, match=r"^multi_head_attention: expected impl to be one of "
                        r"\('jnp', 'pallas', 'auto'\), got 'flash'$"):
         bp.multi_head_attention(2, impl="flash")
+    with pytest.raises(ValueError, match=r"^transformer_block: expected attention_impl to be one of "
+                       r"\('jnp', 'pallas', 'auto'\), got 'flash'$"):
+        bp.gpt(11, dim=8, num_heads=2, num_layers=1, max_len=6, attention_impl="flash")
     layer = bp.multi_head_attention(2, masked=True, impl="pallas")
     params, _, _ = init_params(layer, ((5, 8), (5,)), rng("pairs"), jnp.float32)
     x, pairs = jnp.ones((1, 5, 8)), jnp.ones((1, 5, 5), bool)
