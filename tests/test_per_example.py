@@ -1,0 +1,231 @@
+"""Per-example gradient norms from one backward (bp.per_example_grad_norms) against the norms of
+the vmapped per-example gradients (bp.per_example_grads), in float64, to 1e-10: five models, and
+every layer of the cross-check table."""
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bpjax as bp
+from bpjax import models
+from helpers import init_params, normal, rng
+from table import LAYER_CASES
+
+HERE = pathlib.Path(__file__).parent
+
+
+def _reference_norms(grads):
+    """‖g_n‖ from per-example gradients: every leaf (N, ...)."""
+    leaves = [a.reshape(a.shape[0], -1) for a in jax.tree_util.tree_leaves(grads)]
+    return jnp.sqrt(sum(jnp.sum(a * a, axis=1) for a in leaves))
+
+
+def _both(model, loss):
+    """One compiled function: (value, grads, norms) of per_example_grad_norms, value_and_grad's
+    grads, and the reference norms."""
+    ours = bp.per_example_grad_norms(model, loss)
+    plain = bp.value_and_grad(model, loss)
+    pe = bp.per_example_grads(model, loss)
+
+    @jax.jit
+    def f(params, state, x, target, key):
+        (value, _), grads, norms = ours(params, state, x, target, key=key)
+        _, ref_grads = plain(params, state, x, target, key=key)
+        return value, grads, norms, ref_grads, _reference_norms(pe(params, state, x, target, key=key))
+
+    return f
+
+
+def _assert_norms(model, loss, params, state, x, target, key=None, what=""):
+    value, grads, norms, ref_grads, ref = _both(model, loss)(params, state, x, target, key)
+    n = jax.tree_util.tree_leaves(x)[0].shape[0]
+    assert norms.shape == (n,), what
+    np.testing.assert_allclose(norms, ref, rtol=1e-10, atol=1e-12 * (1 + float(jnp.max(ref))), err_msg=what)
+    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15, err_msg=f"{what}: grads differ from value_and_grad's")
+
+
+def _f64(tree):
+    return bp.cast_floating(tree, jnp.float64)
+
+
+def _model_case(name):
+    gen = np.random.default_rng(0)
+    if name == "mlp":
+        model = bp.sequential(bp.flatten(), bp.dense(16), bp.relu(), bp.dense(12), bp.tanh(), bp.dense(10))
+        x, y = gen.standard_normal((6, 40, 1)), gen.integers(0, 10, 6)
+    elif name == "mnist1d_cnn":
+        model = models.cnn(channels=6)
+        x, y = gen.standard_normal((5, 40, 1)), gen.integers(0, 10, 5)
+    elif name == "cnn2d":
+        model = bp.sequential(bp.conv(4, 3), bp.relu(), bp.max_pool(2, strides=2), bp.conv(6, 3, strides=2),
+                              bp.relu(), bp.flatten(), bp.dense(10))
+        x, y = gen.standard_normal((4, 8, 8, 1)), gen.integers(0, 10, 4)
+    elif name == "gru":
+        model = models.gru(hidden=6)
+        x, y = gen.standard_normal((4, 7, 1)), gen.integers(0, 10, 4)
+    else:                                                    # GPT: tied embedding, attention, layer_norm
+        model = bp.gpt(11, dim=8, num_heads=2, num_layers=2, max_len=6)
+        ids = gen.integers(0, 11, (3, 6))
+        x, y = ids[:, :-1], ids[:, 1:]
+        params, state, _ = model.init(jax.random.PRNGKey(0), x.shape[1:])
+        return model, _f64(params), state, jnp.asarray(x), jnp.asarray(y)
+    params, state, _ = model.init(jax.random.PRNGKey(0), x.shape[1:])
+    return model, _f64(params), _f64(state), jnp.asarray(x, jnp.float64), jnp.asarray(y)
+
+
+@pytest.mark.parametrize("name", ["mlp", "mnist1d_cnn", "cnn2d", "gru", "gpt"])
+def test_models(name):
+    model, params, state, x, y = _model_case(name)
+    _assert_norms(model, bp.softmax_cross_entropy(), params, state, x, y, what=name)
+
+
+def _dot_loss():
+    """value = (1/N) Σ_n ⟨y_n, c_n⟩ for a fixed random c: a mean over examples with a random
+    error dy = c/N at the output (never ones)."""
+
+    def forward(pred, c):
+        return jnp.sum(pred * c) / pred.shape[0], (c, jnp.zeros((pred.shape[0], 0), pred.dtype))
+
+    def backward(res, dvalue=1.0):
+        c, rows = res
+        return dvalue * c / rows.shape[0]
+
+    return bp.make_loss("dot", forward, backward)
+
+
+#: Cases with a batch_norm: value_and_grad trains, and in training it mixes examples.
+MIXING = {"batch_norm-train-4d", "batch_norm-eval", "add-resnet-projection"}
+
+
+#: Checked, inside a model, by test_models (and slow to compile twice more).
+COVERED = {"dense", "conv", "gru", "gpt"}
+
+
+def _has_params(case):
+    shapes = jax.eval_shape(lambda k: case.make().init(k, case.in_shape)[0], jax.random.PRNGKey(0))
+    return bool(jax.tree_util.tree_leaves(shapes))
+
+
+def _table_cases():
+    """The table's cases of layers with params (a layer without has no gradient of its own: its
+    part of every norm is 0, checked in test_a_layer_without_params_adds_nothing): every dense
+    case (its rule has three forms) and the first case of every other export (the explicit rule
+    is the same code for every conv variant). Kept few: each compiles both sides."""
+    seen, out = set(COVERED), []
+    for c in LAYER_CASES:
+        if not _has_params(c) or (c.export in seen and c.export != "dense") or str(c) in COVERED:
+            continue
+        seen.add(c.export)
+        out.append(c)
+    return out
+
+
+@pytest.mark.parametrize("case", _table_cases(), ids=str)
+def test_table(case):
+    """Every layer with params in the cross-check table: its per-example norms equal those of
+    per_example_grads; a layer that mixes examples in training raises, naming it."""
+    layer = case.make()
+    gen = rng(f"{case}-per-example")
+    params, state, out_shape = init_params(layer, case.in_shape, gen, jnp.float64)
+    shape = (case.batch, *case.in_shape)
+    if case.int_input is not None:
+        x = jnp.asarray(gen.integers(0, case.int_input, shape))
+    elif case.draw_x is not None:
+        x = case.draw_x(gen, shape, jnp.float64)
+    else:
+        x = normal(gen, shape, jnp.float64, case.x_scale)
+    target = normal(gen, (case.batch, *out_shape), jnp.float64)
+    key = jax.random.PRNGKey(3) if case.needs_key else None
+    if str(case) in MIXING:
+        with pytest.raises(ValueError, match=r"per_example_grad_norms: .*batch_norm.* mixes examples"):
+            jax.jit(bp.per_example_grad_norms(layer, _dot_loss()))(params, state, x, target, key=key)
+        return
+    _assert_norms(layer, _dot_loss(), params, state, x, target, key, what=str(case))
+
+
+def test_a_layer_without_params_adds_nothing():
+    model = bp.sequential(bp.dropout(0.5), bp.relu(), bp.max_pool(2), bp.flatten())
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4, 2)))
+    (_, _), grads, norms = bp.per_example_grad_norms(model, _dot_loss())(
+        ((), (), (), ()), ((), (), (), ()), x, jnp.ones((3, 4)), key=jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(norms, np.zeros(3))
+
+
+def test_a_users_layer_takes_part():
+    """A make_layer layer of the user's own (no rule): the explicit per-example rule."""
+
+    def init(key, in_shape):
+        return {"a": jnp.linspace(0.5, 1.5, in_shape[-1])}, (), in_shape
+
+    def forward(params, state, x, *, key=None, train=True):
+        return jnp.sin(x) * params["a"], state, (x,)
+
+    def backward(params, res, dy):
+        (x,) = res
+        return {"a": jnp.sum(dy * jnp.sin(x), axis=0)}, dy * jnp.cos(x) * params["a"]
+
+    mine = bp.make_layer("wave", init, forward, backward)
+    model = bp.sequential(bp.dense(5), mine, bp.dense(3))
+    params, state, _ = model.init(jax.random.PRNGKey(0), (4,))
+    gen = np.random.default_rng(1)
+    x, y = jnp.asarray(gen.standard_normal((5, 4))), jnp.asarray(gen.integers(0, 3, 5))
+    _assert_norms(model, bp.softmax_cross_entropy(), _f64(params), state, x, y, what="user layer")
+
+
+def test_batch_norm_in_training_is_refused_by_name():
+    model = bp.sequential(bp.dense(4), bp.batch_norm(), bp.relu(), bp.dense(2))
+    params, state, _ = model.init(jax.random.PRNGKey(0), (3,))
+    x, y = jnp.ones((4, 3)), jnp.zeros((4,), jnp.int32)
+    with pytest.raises(ValueError, match=r"per_example_grad_norms: sequential\[1\] \(batch_norm\) mixes examples"):
+        jax.jit(bp.per_example_grad_norms(model, bp.softmax_cross_entropy()))(params, state, x, y)
+
+
+def test_bad_arguments_name_the_function():
+    with pytest.raises(TypeError, match="per_example_grad_norms: expected model to be a bpjax.Layer"):
+        bp.per_example_grad_norms(bp.dense, bp.softmax_cross_entropy())
+    with pytest.raises(TypeError, match="gradient_flow: expected loss to be a bpjax.Loss"):
+        bp.gradient_flow(bp.dense(3), bp.softmax_cross_entropy)
+
+
+SHARDED = r"""
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_enable_x64", True)
+import bpjax as bp
+from bpjax import distributed as dist
+assert jax.device_count() == 4
+model = bp.sequential(bp.dense(8), bp.relu(), bp.residual(bp.sequential(bp.layer_norm(), bp.dense(8))), bp.dense(3))
+params, state, _ = model.init(jax.random.PRNGKey(0), (5,))
+gen = np.random.default_rng(0)
+x, y = jnp.asarray(gen.standard_normal((8, 5))), jnp.asarray(gen.integers(0, 3, 8))
+loss = bp.softmax_cross_entropy()
+norms1 = jax.jit(bp.per_example_grad_norms(model, loss))(params, state, x, y)[2]
+flow1 = jax.jit(bp.gradient_flow(model, loss))(params, state, x, y)[2]
+mesh = dist.make_mesh(4)
+xs, ys = dist.shard_batch(mesh, x, y)
+(p, s), _ = dist.place(mesh, (params, state))
+norms4 = jax.jit(bp.per_example_grad_norms(model, loss))(p, s, xs, ys)[2]
+flow4 = jax.jit(bp.gradient_flow(model, loss))(p, s, xs, ys)[2]
+assert len(norms4.sharding.device_set) == 4, norms4.sharding
+np.testing.assert_allclose(norms4, norms1, rtol=1e-12)
+assert flow1.keys() == flow4.keys()
+for k in flow1:
+    for q in flow1[k]:
+        np.testing.assert_allclose(flow4[k][q], flow1[k][q], rtol=1e-12)
+print("SHARDED OK")
+"""
+
+
+def test_sharded_over_four_devices():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SHARDED OK" in proc.stdout
