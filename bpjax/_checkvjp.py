@@ -102,10 +102,8 @@ def check_vjp(f: Callable, *args, reference: Optional[Callable] = None,
 def assert_vjp_close(f: Callable, *args, **kwargs) -> GradientReport:
     """:func:`check_vjp`, raising ``AssertionError`` with the report's table unless it passes.
 
-    For tests::
-
-        def test_my_softplus_vjp():
-            bp.assert_vjp_close(my_softplus, jax.ShapeDtypeStruct((3, 4), jnp.float32))
+    For tests: ``bp.assert_vjp_close(my_softplus, jax.ShapeDtypeStruct((3, 4), jnp.float32))``
+    (the README has the whole example). Returns the report.
     """
     report = check_vjp(f, *args, **kwargs)
     if not report.ok:
