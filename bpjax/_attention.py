@@ -224,8 +224,8 @@ def _path(impl, lean, q, mask):
 
 def multi_head_attention(num_heads: int, *, causal: bool = False, masked: bool = False,
                          lean: bool = False, block_size: int = 128, impl: str = "jnp",
-                         pallas_blocks=(64, 64), w_init="glorot_uniform", b_init="zeros",
-                         param_dtype=jnp.float32) -> Layer:
+                         pallas_blocks=(64, 64), pallas_interpret=None, w_init="glorot_uniform",
+                         b_init="zeros", param_dtype=jnp.float32) -> Layer:
     """Multi-head self-attention over x (N, T, D), with h = ``num_heads`` heads of size d = D/h.
 
     Params ``{"w_qkv": (D, 3D), "b_qkv": (3D,), "w_o": (D, D), "b_o": (D,)}``; the columns of
@@ -262,7 +262,8 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, masked: bool =
     ``pallas_blocks = (B_q, B_k)`` queries or keys, powers of two ≥ 16; the backward's dK, dV
     loop over query blocks and dQ over key blocks), compiled on a GPU and interpreted elsewhere;
     it takes a key mask (N, T) but not a (query, key) one. ``"auto"``: Pallas on a GPU where it
-    applies, jnp elsewhere. ``jax.vjp`` of the Pallas forward differentiates the plain one.
+    applies, jnp elsewhere. ``pallas_interpret=True`` interprets the kernels on a GPU too (what
+    the checks do). ``jax.vjp`` of the Pallas forward differentiates the plain one.
     """
     name = "multi_head_attention"
     heads = check_positive_int(name, "num_heads", num_heads)
@@ -270,6 +271,11 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, masked: bool =
     if impl not in _IMPLS:
         raise ValueError(f"{name}: expected impl to be one of {_IMPLS}, got {impl!r}")
     blocks = _flash.check_blocks(name, pallas_blocks)
+    if pallas_interpret not in (None, True, False):
+        raise ValueError(f"{name}: expected pallas_interpret to be None, True or False, got {pallas_interpret!r}")
+
+    def interpret():                                               # the Pallas kernels: compiled on a GPU
+        return not _flash.on_gpu() if pallas_interpret is None else pallas_interpret
     w_fn = initializers.get(w_init, name)
     b_fn = initializers.get(b_init, name)
 
@@ -306,7 +312,7 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, masked: bool =
             res["mask"] = mask
         path = _path(impl, lean, q, mask)
         if path == "pallas":
-            o, lse = flash_attention(q, k, v, mask, causal, scale, blocks, not _flash.on_gpu())
+            o, lse = flash_attention(q, k, v, mask, causal, scale, blocks, interpret())
             res.update(o=o, lse=lse)                               # (N, h, T, d), (N, h, T)
         elif path == "lean":
             o, lse = _lean_forward(q, k, v, mask, causal, scale, min(block, t))
@@ -330,7 +336,8 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, masked: bool =
         path = _path(impl, lean, q, res.get("mask"))
         if path == "pallas":
             dq, dk, dv = _flash.flash_backward(do, q, k, v, res["o"], res["lse"], res.get("mask"),
-                                               causal=causal, scale=scale, blocks=blocks)
+                                               causal=causal, scale=scale, blocks=blocks,
+                                               interpret=interpret())
         elif path == "lean":
             dq, dk, dv = _lean_backward(do, q, k, v, res["o"], res["lse"], res.get("mask"), causal,
                                         scale, min(block, x.shape[1]))
@@ -360,7 +367,7 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, masked: bool =
                 raise ValueError(f"{name}: expected a key mask of shape {(n, t)} with impl='pallas' "
                                  f"(its kernels take no (query, key) mask), got mask.shape={tuple(mask.shape)}")
         if impl == "pallas":
-            _flash.check_head_size(name, d_model // heads)
+            _flash.check_head_size(name, d_model // heads, interpret=interpret())
 
     if masked:
         return make_layer(name, init, forward, backward, check=check, tuple_input=True,

@@ -79,9 +79,9 @@ def check_blocks(name: str, blocks) -> tuple:
     return tuple(blocks)
 
 
-def check_head_size(name: str, d: int) -> None:
-    """On a GPU the head size is a block side too: a power of two ≥ 16 (e.g. 64 or 128)."""
-    if on_gpu() and not _power_of_two_16(d):
+def check_head_size(name: str, d: int, *, interpret: bool) -> None:
+    """Compiled, the head size is a block side too: a power of two ≥ 16 (e.g. 64 or 128)."""
+    if not interpret and not _power_of_two_16(d):
         raise ValueError(f"{name}: expected a head size D/num_heads that is a power of two ≥ 16 for "
                          f"impl='pallas' on a GPU, got {d}")
 

@@ -16,10 +16,11 @@ SEQ_CASES = [
     LayerCase("multi_head_attention", lambda: bp.multi_head_attention(2), (5, 8), batch=2),
     LayerCase("multi_head_attention", lambda: bp.multi_head_attention(2, causal=True, lean=True, block_size=2),
               (5, 8), batch=2, id="lean-causal"),
-    # the Pallas kernels (bpjax/_flash.py) in interpret mode: T = 20 is two blocks of 16, the
-    # second padded; causal skips the block above the diagonal (masks: tests/test_flash.py)
-    LayerCase("multi_head_attention", lambda: bp.multi_head_attention(2, causal=True, impl="pallas",
-                                                                      pallas_blocks=(16, 16)),
+    # the Pallas kernels (bpjax/_flash.py) in interpret mode, on a GPU too: T = 20 is two blocks
+    # of 16, the second padded; causal skips the block above the diagonal (masks: test_flash.py)
+    LayerCase("multi_head_attention",
+              lambda: bp.multi_head_attention(2, causal=True, impl="pallas", pallas_blocks=(16, 16),
+                                              pallas_interpret=True),
               (20, 8), batch=2, id="pallas-causal"),
     LayerCase("transformer_block", lambda: bp.transformer_block(2), (5, 8), batch=2),
     LayerCase("gpt", lambda: bp.gpt(11, dim=8, num_heads=2, num_layers=1, max_len=6), (5,), batch=2,

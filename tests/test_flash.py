@@ -27,7 +27,8 @@ def test_pallas_matches_the_jnp_lean_path_and_autodiff_with_a_key_mask(causal, h
     gradient equal the jnp lean path's and jax.vjp of the plain (standard) forward's."""
     t, d_model, f32 = 19, 256, jnp.float32
     kw = dict(causal=causal, masked=True)
-    pallas = bp.multi_head_attention(heads, impl="pallas", pallas_blocks=(16, 16), **kw)
+    pallas = bp.multi_head_attention(heads, impl="pallas", pallas_blocks=(16, 16),
+                                     pallas_interpret=True, **kw)
     lean = bp.multi_head_attention(heads, lean=True, block_size=8, **kw)
     plain = bp.multi_head_attention(heads, **kw)
     gen = rng(f"flash-mask-{causal}")
@@ -102,6 +103,11 @@ def test_bad_impl_pair_mask_and_gpu_head_size_are_one_sentence(monkeypatch):
     with pytest.raises(ValueError, match=r"^multi_head_attention: expected a head size D/num_heads that "
                        r"is a power of two ≥ 16 for impl='pallas' on a GPU, got 4$"):
         layer.forward(params, (), (x, jnp.ones((1, 5))))
+    interpreted = bp.multi_head_attention(2, masked=True, impl="pallas", pallas_interpret=True)
+    jax.eval_shape(lambda p: interpreted.forward(p, (), (x, jnp.ones((1, 5)))), params)   # any head size
+    with pytest.raises(ValueError, match=r"^multi_head_attention: expected pallas_interpret to be None, "
+                       r"True or False, got 'yes'$"):
+        bp.multi_head_attention(2, impl="pallas", pallas_interpret="yes")
 
 
 def _runs_pallas(layer, x, dtype=jnp.float32):
