@@ -67,6 +67,21 @@ def value_and_grad(model: Layer, loss: Loss, *, compute_dtype: Optional[Any] = N
 
     ``compute_dtype=jnp.bfloat16`` runs the forward and backward in bfloat16 with ``params`` as
     float32 master weights (see :func:`forward_backward`).
+
+    Example (run as a doctest by ``tests/test_docs.py``):
+
+    >>> import jax, jax.numpy as jnp, bpjax as bp
+    >>> net = bp.sequential(bp.dense(3), bp.relu(), bp.dense(2))
+    >>> params, state, _ = net.init(jax.random.PRNGKey(0), (4,))
+    >>> x, labels = jnp.ones((5, 4)), jnp.array([0, 1, 0, 1, 1])
+    >>> (value, state), grads = bp.value_and_grad(net, bp.softmax_cross_entropy())(params, state, x, labels)
+    >>> jax.tree_util.tree_map(jnp.shape, grads)
+    ({'b': (3,), 'w': (4, 3)}, (), {'b': (2,), 'w': (3, 2)})
+    >>> (ref, _), ref_grads = bp.reference_value_and_grad(net, bp.softmax_cross_entropy())(
+    ...     params, state, x, labels)
+    >>> bool(jnp.allclose(value, ref)) and all(jax.tree_util.tree_leaves(
+    ...     jax.tree_util.tree_map(lambda a, b: jnp.allclose(a, b, atol=1e-6), grads, ref_grads)))
+    True
     """
     check_model_and_loss("value_and_grad", model, loss)
     step = forward_backward(model, loss, compute_dtype=compute_dtype)

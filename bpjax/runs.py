@@ -13,7 +13,7 @@ A run folder (``runs/MODEL-DATASET-sSEED/`` by default, ``runs/resnet1d-mnist1d-
 
 :func:`load_run` reads ``run.json`` and ``model/`` back::
 
-    run = bpjax.load_run("runs/cnn-mnist1d-s0")
+    run = bpjax.load_run("runs/resnet1d-mnist1d-s0")
     y = run.predict(x)                 # the model's outputs, train=False, 1000 rows at a time
 
 A folder that is damaged, incomplete or written for another model raises :class:`RunError`
