@@ -1,8 +1,9 @@
 """The Pallas flash-attention kernels (bpjax/_flash.py, issue 19), in interpret mode on the CPU:
 key masks, uneven T and head sizes 64 and 128 against the jnp lean path and jax.vjp of the
-plain forward; the block-shape rules; which formulation ``impl`` picks. (The causal case, in
-float64 and float32, is in the cross-check table: tests/table_seq.py.) Interpret mode compiles
-slowly, so there are few shapes, all small."""
+plain forward; the Triton lowering, reached from the CPU by exporting for CUDA; the block-shape
+rules; which formulation ``impl`` picks. (The causal case, in float64 and float32, is in the
+cross-check table: tests/table_seq.py.) Interpret mode compiles slowly, so there are few
+shapes, all small. Only a GPU runs the compiled kernels: test_compiled_kernels_on_a_gpu."""
 from __future__ import annotations
 
 import jax
@@ -55,11 +56,12 @@ def test_pallas_matches_the_jnp_lean_path_and_autodiff_with_a_key_mask(causal, h
 @pytest.mark.skipif(not _flash.on_gpu(), reason="untested here (no GPU): the compiled Triton kernels "
                     "and their bfloat16 dots with float32 accumulation; interpret mode runs neither")
 def test_compiled_kernels_on_a_gpu():
-    """What interpret mode cannot check: it runs the kernels' jnp code on the CPU, not the
-    Triton lowering, so the compiled kernels, their bfloat16 tensor-core dots with float32
-    accumulation, num_warps/num_stages, and whether the GPU takes the block shapes, are tested
-    only here, on a GPU: bfloat16, head size 64 and 128, causal and not, T = 300 (padded),
-    against the plain reference in float32 and its autodiff, to bfloat16's precision."""
+    """What the CPU cannot check: interpret mode runs the kernels' jnp code, and the lowering
+    test below stops at Triton's IR, so Triton's compilation, the kernels' numbers with
+    bfloat16 tensor-core dots accumulating in float32 (and float32 dots in TF32), and
+    num_warps/num_stages are tested only here, on a GPU: bfloat16, head size 64 and 128, causal
+    and not, T = 300 (padded), against the plain reference in float32 and its autodiff, to
+    bfloat16's precision."""
     from bpjax._flash_bridge import attention_reference
     gen = rng("flash-gpu")
     for d, causal in [(64, True), (128, False)]:
@@ -73,6 +75,40 @@ def test_compiled_kernels_on_a_gpu():
         for got, want in [(o, o_ref), (lse, lse_ref), *zip(grads, refs)]:
             err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
             assert err < 2e-2, (d, causal, err)
+
+
+def _export_for_a_gpu(f, *args):
+    """The StableHLO of ``f`` lowered for CUDA from this CPU (``jax.export``): each Pallas kernel
+    goes through the Triton lowering and becomes a custom call."""
+    from jax import export
+    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    return export.export(jax.jit(f), platforms=["cuda"], disabled_checks=[triton])(*args).mlir_module()
+
+
+@pytest.mark.parametrize("dtype,d,causal,blocks", [(jnp.bfloat16, 64, True, (64, 64)),
+                                                   (jnp.float32, 128, False, (128, 64))])
+def test_the_kernels_pass_the_triton_lowering_without_a_gpu(dtype, d, causal, blocks):
+    """Lowered for CUDA on the CPU (no compile, nothing run): the three kernels pass the Pallas
+    Triton lowering's rules (power-of-two tiles, the ops it supports), with a key mask and T = 300
+    padded; and so does the layer's forward + backward with impl='pallas' compiled."""
+    s = jax.ShapeDtypeStruct((2, 3, 300, d), dtype)
+    mask = jax.ShapeDtypeStruct((2, 1, 1, 300), jnp.bool_)
+    kw = dict(causal=causal, scale=d ** -0.5, blocks=blocks, interpret=False)
+
+    def kernels(q, k, v, do, mask):
+        o, lse = _flash.flash_forward(q, k, v, mask, **kw)
+        return _flash.flash_backward(do, q, k, v, o, lse, mask, **kw)
+
+    hlo = _export_for_a_gpu(kernels, s, s, s, s, mask)
+    for name in ("bpjax_flash_forward", "bpjax_flash_dkv", "bpjax_flash_dq"):
+        assert f'name = "{name}"' in hlo, name
+    layer = bp.multi_head_attention(3, causal=causal, impl="pallas", pallas_blocks=blocks,
+                                    pallas_interpret=False)
+    params, _, _ = jax.eval_shape(lambda k: layer.init(k, (300, 3 * d)), jax.random.PRNGKey(0))
+    params = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), params)
+    x = jax.ShapeDtypeStruct((2, 300, 3 * d), dtype)
+    hlo = _export_for_a_gpu(lambda p, x: _hand_vjp(layer, p, x, x)[1], params, x)
+    assert hlo.count("__gpu$xla.gpu.triton") == 3
 
 
 # ----------------------------------------------------------------------------- options and errors
