@@ -272,10 +272,8 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, masked: bool =
         raise ValueError(f"{name}: expected impl to be one of {_IMPLS}, got {impl!r}")
     blocks = _flash.check_blocks(name, pallas_blocks)
     if pallas_interpret not in (None, True, False):
-        raise ValueError(f"{name}: expected pallas_interpret to be None, True or False, got {pallas_interpret!r}")
-
-    def interpret():                                               # the Pallas kernels: compiled on a GPU
-        return not _flash.on_gpu() if pallas_interpret is None else pallas_interpret
+        raise ValueError(f"{name}: expected pallas_interpret to be None, True or False, "
+                         f"got {pallas_interpret!r}")
     w_fn = initializers.get(w_init, name)
     b_fn = initializers.get(b_init, name)
 
@@ -290,6 +288,9 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, masked: bool =
                   "w_o": w_fn(k3, (d_model, d_model), param_dtype),
                   "b_o": b_fn(k4, (d_model,), param_dtype)}
         return params, (), (in_shape[0] if masked else in_shape)
+
+    def interpret():                                               # the Pallas kernels: compiled on a GPU
+        return not _flash.on_gpu() if pallas_interpret is None else pallas_interpret
 
     def split_heads(a):                                            # (N, T, D) -> (N, h, T, d)
         n, t, d_model = a.shape
