@@ -359,3 +359,113 @@ def gradient_flow(model, loss, *, compute_dtype: Optional[Any] = None):
         return (value, new_state), grads, flow
 
     return f
+
+
+# ----------------------------------------------------------------------------- bpjax train --grad-flow
+
+
+class _FlowAndParams(_Flow):
+    """:class:`_Flow` plus each leaf layer's params themselves (for the update-to-weight ratio)."""
+
+    def measure(self, v: View) -> dict:
+        out = super().measure(v)
+        if out and jax.tree_util.tree_leaves(v.params):
+            out["_params"] = v.params
+        return out
+
+
+class FlowRecorder:
+    """The ``epoch_hook`` of :func:`bpjax.train.fit` behind ``bpjax train --grad-flow``.
+
+    ``recorder(epoch, params, state)`` runs :func:`gradient_flow` on a fixed probe batch (the
+    first ``batch_size`` training examples) and returns the metrics of that epoch, per leaf
+    layer with params, flat (``grad_flow/<layer>/<what>``, so a CSV row stays one line)::
+
+        dy, dx, dparams, params        the norms of gradient_flow
+        update_ratio                   ‖θ_epoch − θ_previous‖ / ‖θ_previous‖, the update-to-weight
+                                       ratio over the epoch (from the second call on: the first
+                                       call, before training, sets θ_previous)
+
+    and redraws ``plot_path`` (one line per layer over the epochs, log scale).
+    """
+
+    def __init__(self, model, loss, x, y, plot_path=None):
+        run = observe(_value_and_grad()(model, loss), _FlowAndParams())
+
+        def probe(params, state):
+            _, entries = run(params, state, x, y)
+            return {e.label: e.values for e in flatten_entries(entries) if "_params" in e.values}
+
+        self.probe = jax.jit(probe)
+        self.plot_path = plot_path
+        self.previous = None
+        self.rows: list = []
+
+    def __call__(self, epoch, params, state) -> dict:
+        flow = jax.device_get(self.probe(params, state))
+        first = self.previous is None
+        row = {}
+        for label, v in flow.items():
+            for what in ("dy", "dx", "dparams", "params"):
+                if what in v:
+                    row[f"grad_flow/{label}/{what}"] = float(v[what])
+            if not first:
+                row[f"grad_flow/{label}/update_ratio"] = _ratio(v["_params"], self.previous[label])
+        self.previous = {label: v["_params"] for label, v in flow.items()}
+        if first:
+            return {}                   # the call before training: it sets θ_previous only
+        self.rows.append({"epoch": epoch, **row})
+        if self.plot_path:
+            plot_grad_flow(self.rows, self.plot_path)
+        return row
+
+
+def _ratio(new, old) -> float:
+    """‖new − old‖ / ‖old‖ over every leaf, on the host in float64."""
+    pairs = [(np.asarray(a, np.float64), np.asarray(b, np.float64))
+             for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old))]
+    change = sum(float(np.sum((a - b) ** 2)) for a, b in pairs)
+    size = sum(float(np.sum(b ** 2)) for _, b in pairs)
+    return float(np.sqrt(change / max(size, 1e-300)))
+
+
+def _value_and_grad():
+    from ._grad import value_and_grad
+    return value_and_grad
+
+
+def _series(rows, what):
+    """{layer: (epochs, values)} of ``grad_flow/<layer>/<what>`` over ``rows``."""
+    out: dict = {}
+    for r in rows:
+        for k, v in r.items():
+            if k.startswith("grad_flow/") and k.endswith(f"/{what}"):
+                label = k[len("grad_flow/"):-len(what) - 1]
+                out.setdefault(label, ([], []))
+                out[label][0].append(r["epoch"])
+                out[label][1].append(v)
+    return out
+
+
+def plot_grad_flow(rows, path, *, title: str = "") -> None:
+    """Save a PNG of three panels over the epochs, one line per layer, log scale: ‖dy‖ arriving
+    at each layer, ‖dθ‖, and the update-to-weight ratio ‖Δθ‖/‖θ‖."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [("dy", "‖dy‖ arriving (error signal)"), ("dparams", "‖dθ‖ (gradient)"),
+              ("update_ratio", "‖Δθ‖ / ‖θ‖ over the epoch")]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, (what, name) in zip(axes, panels):
+        for label, (ep, vals) in _series(rows, what).items():
+            ax.plot(ep, np.maximum(np.asarray(vals, float), 1e-30), marker=".", label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7, frameon=False)
+    fig.suptitle(title or "gradient flow, per layer with params")
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * ((len(labels) + 3) // 4), 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -342,7 +342,8 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
         metrics_path=None, plot_path=None, progress: bool = True,
         log: Callable[[str], None] = print, stop_after_epoch: Optional[int] = None,
         mesh=None, fsdp: bool = False, compute_dtype=None,
-        steps_per_dispatch: Optional[int] = None) -> FitResult:
+        steps_per_dispatch: Optional[int] = None,
+        epoch_hook: Optional[Callable[..., Dict[str, float]]] = None) -> FitResult:
     """Train ``model`` under ``loss`` on ``data`` with the hand-written backward.
 
     The training split goes onto the device once; each epoch's order is drawn there, and many
@@ -382,6 +383,9 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
       steps_per_dispatch: steps per chunk. ``None`` (default) sizes chunks to about
         ``DISPATCH_SECONDS`` each from the measured step time (one step per chunk until it is
         known), within an epoch.
+      epoch_hook: ``epoch_hook(epoch, params, state) -> dict``, called once before training
+        (its result ignored) and after every epoch; what it returns joins that epoch's metrics
+        row (``bpjax train --grad-flow``: :class:`bpjax._observe.FlowRecorder`).
 
     Returns:
       A :class:`FitResult` with the final (or best) params and state, the history, the test
@@ -417,6 +421,8 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
     pacer = _Pacer(steps_per_dispatch, min(steps_per_epoch, MAX_STEPS_PER_DISPATCH))
     start_epoch, t0, stopped_early = int(run["epoch"]), time.perf_counter(), False
     bar_cls = _tqdm() if progress else None
+    if epoch_hook is not None:
+        epoch_hook(start_epoch, carry[0], carry[1])
 
     with _Signals() as signals:
         for epoch in range(start_epoch + 1, epochs + 1):
@@ -435,10 +441,13 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
 
             row = _epoch_row(model, loss, params, state, x_val, y_val, eval_step, classification,
                              epoch, steps_per_epoch, batch_size, losses, corrects, t0)
+            if epoch_hook is not None:
+                row.update(epoch_hook(epoch, params, state))
             history.append(row)
             if metrics_path:
                 _write_row(metrics_path, row)
-            log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                         if not k.startswith("grad_flow/")))
             error = 1.0 - row["val_acc"] if classification else row["val_loss"]
             _update_best(run, error, min_delta, epoch, params, state, opt_state)
             if ckpt:
@@ -738,6 +747,9 @@ def add_arguments(p) -> None:
                    help="remove the run in --out (what bpjax train wrote there) and start a new one")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="no PNG of the curves")
+    p.add_argument("--grad-flow", action="store_true",
+                   help="every epoch, each layer's ‖dy‖, ‖dx‖, ‖dθ‖, ‖θ‖ and update-to-weight ratio on a fixed "
+                        "batch, in the metrics and in gradflow.png")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="train over several processes: process 0's address and a free port (every process "
                         "gets the same); then only process 0 prints and writes metrics, plot and summary")
@@ -843,7 +855,8 @@ def command(args) -> int:
                      metrics_path=metrics if main else None,
                      plot_path=None if args.no_plot or not main else out / "curves.png",
                      progress=main and not args.no_progress, log=say, mesh=mesh, fsdp=args.fsdp,
-                     compute_dtype=None if args.dtype == "float32" else jnp.dtype(args.dtype))
+                     compute_dtype=None if args.dtype == "float32" else jnp.dtype(args.dtype),
+                     epoch_hook=_grad_flow_hook(args, model, loss, data, out, main))
     except TrainingError as e:
         print(f"bpjax train: {e}", file=sys.stderr)
         return 1
@@ -865,6 +878,16 @@ def command(args) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(final_line(args, result, out, time.perf_counter() - started))
     return 0
+
+
+def _grad_flow_hook(args, model, loss, data, out, main):
+    """``--grad-flow``: a FlowRecorder on the first batch of the training set, or None."""
+    if not getattr(args, "grad_flow", False):
+        return None
+    from ._observe import FlowRecorder
+    b = min(args.batch_size, data.x_train.shape[0])
+    plot = None if args.no_plot or not main else out / "gradflow.png"
+    return FlowRecorder(model, loss, jnp.asarray(data.x_train[:b]), jnp.asarray(data.y_train[:b]), plot)
 
 
 def final_line(args, result: FitResult, out: pathlib.Path, seconds: float) -> str:
