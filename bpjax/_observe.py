@@ -29,6 +29,7 @@ Works under ``jit`` (everything is traced; nothing runs on the host) and with sh
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 from typing import Any, Callable, Optional
 
@@ -355,7 +356,7 @@ def gradient_flow(model, loss, *, compute_dtype: Optional[Any] = None):
 
     def f(params, state, x, target, *, key=None):
         ((value, new_state), grads), entries = run(params, state, x, target, key=key)
-        flow = {e.label: e.values for e in flatten_entries(entries)}
+        flow = collections.OrderedDict((e.label, e.values) for e in flatten_entries(entries))
         return (value, new_state), grads, flow
 
     return f
@@ -394,7 +395,8 @@ class FlowRecorder:
 
         def probe(params, state):
             _, entries = run(params, state, x, y)
-            return {e.label: e.values for e in flatten_entries(entries) if "_params" in e.values}
+            return collections.OrderedDict((e.label, e.values) for e in flatten_entries(entries)
+                                           if "_params" in e.values)
 
         self.probe = jax.jit(probe)
         self.plot_path = plot_path
