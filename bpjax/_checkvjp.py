@@ -76,19 +76,17 @@ def check_vjp(f: Callable, *args, reference: Optional[Callable] = None,
     """
     f, reference, dtype = _validated(f, reference, dtype, args)
     names = _argument_names(f, len(args))
-    gen = np.random.default_rng(seed + 7919)
     with (x64() if dtype is not None and dtype == jnp.float64 else contextlib.nullcontext()):
-        values, drawn = _fill(args, gen, dtype)
-    argnums = _argnums(argnums, values)
-    notes, report, attempt = [], None, 0
-    for attempt in range(resample + 1):
-        report = _check_at(f, reference, values, argnums, names, dtype, seed=seed + attempt, rtol=rtol,
-                           atol=atol, cotangent=cotangent, directions=directions, coords=coords,
-                           min_order=min_order)
-        if not report.kinks or not any(drawn[i] for i in argnums) or attempt == resample:
-            break
-        notes.append(f"drawn again: a kink within the smallest step at {_kink_text(report.kinks)}")
-        with (x64() if dtype is not None and dtype == jnp.float64 else contextlib.nullcontext()):
+        values, drawn = _fill(args, np.random.default_rng(seed + 7919), dtype)
+        argnums = _argnums(argnums, values)
+        notes, report, attempt = [], None, 0
+        for attempt in range(resample + 1):
+            report = _check_at(f, reference, values, argnums, names, dtype, seed=seed + attempt, rtol=rtol,
+                               atol=atol, cotangent=cotangent, directions=directions, coords=coords,
+                               min_order=min_order)
+            if not report.kinks or not any(drawn[i] for i in argnums) or attempt == resample:
+                break
+            notes.append(f"drawn again: a kink within the smallest step at {_kink_text(report.kinks)}")
             values, _ = _fill(args, np.random.default_rng(seed + 7919 + 104729 * (attempt + 1)), dtype,
                               keep=[None if drawn[i] else values[i] for i in range(len(args))])
     if report.kinks:

@@ -87,6 +87,8 @@ def run(name: str, title: str, fn: Callable, manual: Callable, groups: Sequence[
     order_of = {n: k for k, n in enumerate(problem.names)}
     rows.sort(key=lambda r: (order_of.get(r.gradient, -1), r.reference != "shape"))
     more = f" · {directions} directions" if ("fd" in methods or "jvp" in methods) else ""
+    if coords and more:
+        more = f" · every coordinate of leaves ≤ {coords} elements, else {directions} random directions"
     fd_name = min(fd_used, key=lambda d: jnp.finfo(d).bits) if fd_used else fd_dtype.name
     shown = tuple((labels or {}).get(m, m) for m in methods)
     return GradientReport(title, f"{details}{more}", tuple(rows), shown, directions, fd_name,
@@ -121,7 +123,7 @@ def _compute(problem: Problem, dys: list, V: list, methods, *, dtype, jit, fd_dt
     ``jvp`` (Σ D, B), ``fd`` = (g0 (B,), Σ|dy ⊙ y| (B,), g(±h) (Σ D, 2K, B)); and ``y``."""
     x0, n_valid = problem.x0, len(problem.x0)
     psize = max(1, sum(int(a.size) for a in x0))
-    ref = problem.fn_valid if reference is None else (lambda v, a: reference(problem._with(v), a))
+    ref = problem.fn_valid if reference is None else (lambda v, a: reference(problem.with_leaves(v), a))
     fd_used = set()                 # the dtype the finite differences ran in, seen at trace time
     cast = lambda t: draw.cast_floats(t, fd_dtype)
 

@@ -97,17 +97,18 @@ class Problem:
                     self.valid.append(i)
         self.x0 = [self.leaves[i] for i in self.valid]
 
-    def _with(self, vleaves):
+    def with_leaves(self, vleaves):
+        """The input trees with the valid leaves replaced by ``vleaves``."""
         all_leaves = list(self.leaves)
         for i, v in zip(self.valid, vleaves):
             all_leaves[i] = v
         return self.rebuild(all_leaves)
 
     def fn_valid(self, vleaves, aux):
-        return self.fn(self._with(vleaves), aux)
+        return self.fn(self.with_leaves(vleaves), aux)
 
     def manual_valid(self, vleaves, aux, dy):
-        grads = self.manual(self._with(vleaves), aux, dy)
+        grads = self.manual(self.with_leaves(vleaves), aux, dy)
         flat = []
         for g, td in enumerate(self.treedefs):
             has = any(self.owner[i] == g for i in self.valid)
