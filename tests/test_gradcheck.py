@@ -301,3 +301,31 @@ def test_random_regression_architectures_match_the_references(widths, acts, loss
 def test_random_classification_architectures_match_the_references(widths, acts, loss_name, batch, in_dim,
                                                                    seed):
     _random_architecture_check(widths, acts, loss_name, batch, in_dim, seed)
+
+
+# ----------------------------------------------------------------------------- the checker's parts
+
+
+def test_the_checker_is_in_parts_a_reader_can_hold():
+    """Issue 18 §4: draw, references, finite differences, compare, report, one engine; every
+    front-end (check_layer, check_model, check_loss, check_vjp) hands its forward to it."""
+    import ast
+    import pathlib
+
+    package = pathlib.Path(bp.__file__).parent
+    parts = ["_gradcheck_draw", "_gradcheck_refs", "_gradcheck_fd", "_gradcheck_compare", "_gradcheck_report",
+             "_gradcheck_engine", "_gradcheck", "_checkvjp"]
+    for part in parts:
+        tree = ast.parse((package / f"{part}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef):
+                doc = ast.get_docstring(node) is not None
+                first = node.body[1] if doc and len(node.body) > 1 else node.body[0]
+                assert node.end_lineno - first.lineno < 50, f"{part}.{node.name} is over 50 lines"
+    calls = {"check_layer": "_run(", "check_model": "_run(", "check_loss": "_run(", "_check_at": "run("}
+    sources = {p: (package / f"{p}.py").read_text() for p in ("_gradcheck", "_checkvjp")}
+    for fn, call in calls.items():
+        src = sources["_checkvjp" if fn == "_check_at" else "_gradcheck"]
+        body = src[src.index(f"def {fn}("):]
+        body = body[:body.index("\ndef ", 1)] if "\ndef " in body[1:] else body
+        assert call in body, f"{fn} does not call the engine"
