@@ -350,7 +350,8 @@ def _add_gradcheck(subparsers) -> None:
     p = subparsers.add_parser(
         "gradcheck", help="check hand-written gradients against autodiff (vjp), finite differences and forward mode (jvp)",
         description="Check every built-in layer and loss, the ones named, or a user's module:factory "
-                    "(a bpjax.Layer or bpjax.Loss, or a function of no arguments returning one). "
+                    "(a bpjax.Layer or bpjax.Loss, or a function of no arguments returning one); with "
+                    "--args-shapes, any JAX function module:function (bp.check_vjp). "
                     "Prints the table; exits 1 on any failure, 2 on a usage error.")
     p.add_argument("targets", nargs="*", metavar="TARGET",
                    help="built-in export names (default: all) or module:factory")
