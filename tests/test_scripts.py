@@ -95,3 +95,17 @@ def test_vjp_corpus_script_prints_the_tables(capsys):
     assert "| bp.check_vjp | 1 of 1 | 0 of 1 | 1 of 1 |" in out, out
     assert "| relu_at_zeros | — | pass | FALSE ALARM |" in out and "| sigmoid_sign | sign | caught, input named |" in out
     assert set(results) == {"bp.check_vjp", "jax check_grads (rev)"}
+
+
+def test_paper_cnn_variants_train_and_use_pytorchs_init_scale():
+    import jax
+    import numpy as np
+    script = _load("paper_cnn")
+    w = np.asarray(script.torch_uniform(jax.random.PRNGKey(0), (3, 25, 25)))
+    assert np.abs(w).max() <= 1 / np.sqrt(75) and np.abs(w).max() > 0.9 / np.sqrt(75)
+    params, _, _ = script.paper_cnn(True).init(jax.random.PRNGKey(0), (40, 1))
+    bias = np.asarray(params[-1]["b"])                      # the dense layer's: fan-in 5 * 25
+    assert 0 < np.abs(bias).max() <= 1 / np.sqrt(125)
+    from bpjax import datasets
+    final, best = script.train(datasets.mnist1d(), torch_init=True, in_order=True, steps=250, seed=0)
+    assert 0.5 < final <= best <= 1.0                          # 250 steps already learn a lot
