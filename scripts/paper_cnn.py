@@ -5,7 +5,7 @@ The paper's own training code (the mnist1d repository's ``notebooks/train.py`` a
 script switches on one at a time, with the same hand-written backward throughout:
 
 - **init**: PyTorch's default for ``Conv1d`` and ``Linear``: weights *and biases* uniform in
-  ±1/sqrt(fan_in); ours is He-normal weights and zero biases.
+  ±1/sqrt(fan_in); ours is He-normal conv weights, a Glorot-uniform dense layer, zero biases.
 - **order**: the paper's loop takes batch ``k`` as examples ``100k mod 4000`` onwards, the same
   order every epoch; ours reshuffles every epoch.
 - **steps**: the notebook trains 6000 steps; ``train.py``'s default is 8000.
