@@ -22,11 +22,13 @@ Rules, for example n (rows t = the positions of one example: T = 1 for x (N, D))
                 term 2⟨dE_in,n, dE_out,n⟩ = 2 Σ_{t,t'} DZ_n[t', id_t]·⟨ĥ_nt', dh0_nt⟩
     combinators the sum of their layers' parts (sequential, residual, parallel, …: any layer
                 whose params are exactly its sub-layers' params)
-    any other   the explicit per-example gradient of that layer alone: its own raw forward and
-    layer       hand-written backward rerun on each example, vmapped (conv, attention, the
-                recurrent layers, a user's make_layer layer, a combinator with params of its
-                own). Correct for any layer that does not mix examples; its memory is N times
-                that layer's params.
+    conv,       the explicit per-example gradient of that layer alone: its own hand-written
+    attention   backward on each example's residuals and dy, vmapped over the examples (their
+                residuals all have the batch axis first; dx is unused and XLA drops it)
+    any other   the same, with the layer's raw forward rerun on each example first, from the
+    layer       input kept for it (the recurrent layers, whose residuals are time-major, a
+                user's make_layer layer, a combinator with params of its own). Correct for any
+                layer that does not mix examples; its memory is N times that layer's params.
 
 ``batch_norm`` in training normalises with batch statistics, so one example's gradient depends
 on the others: ``per_example_grad_norms`` raises ``ValueError`` naming it. (In evaluation mode,
@@ -133,11 +135,39 @@ LEAF_RULES = {
 }
 #: (module, name) of a built-in layer with params of its own beside its sub-layers'.
 COMPOSITE_RULES = {("bpjax._attention", "gpt"): _gpt}
+#: (module, name) of built-in leaf layers whose residuals all have the batch axis first: their
+#: explicit rule vmaps the layer's own backward over the residuals (no forward rerun).
+BATCH_LEADING = {("bpjax._conv", "conv"), ("bpjax._conv", "conv_transpose"),
+                 ("bpjax._attention", "multi_head_attention")}
 #: (module, name) of layers that mix examples in training.
 MIXING = {("bpjax._norm", "batch_norm")}
 
 
 # ----------------------------------------------------------------------------- the explicit rule
+
+
+def _from_residuals(v: View, n: int):
+    """‖one example's gradient of this layer alone‖², for every example: the layer's own
+    backward on example n's residuals and dy_n (a batch of one), vmapped over the examples.
+    Only for layers whose every residual has the batch axis first (``BATCH_LEADING``); their dx
+    is unused, and XLA drops it."""
+    def axis(a):
+        if a.ndim and a.shape[0] == n:
+            return 0
+        if a.ndim and a.shape[0] == 0:
+            return None                                                              # a shape record
+        raise ValueError(f"per_example_grad_norms: {v.label}: expected every residual to have the "
+                         f"batch axis ({n}) first, got one of shape {tuple(a.shape)}")
+
+    axes = jax.tree_util.tree_map(axis, v.res)
+    one = lambda a: a[None]                                                          # noqa: E731
+
+    def example(r1, dy1):
+        r = jax.tree_util.tree_map(lambda a, ax: a if ax is None else a[None], r1, axes)
+        dparams, _ = v.backward(v.params, r, jax.tree_util.tree_map(one, dy1))
+        return sq_norm(dparams)
+
+    return jax.vmap(example, in_axes=(axes, 0))(v.res, v.dy)                         # (N,)
 
 
 def _explicit(v: View, n: int):
@@ -167,7 +197,7 @@ class _PerExample(Client):
     def tape(self, name, module, params):
         if not jax.tree_util.tree_leaves(params):
             return False
-        return (module, name) not in LEAF_RULES
+        return (module, name) not in LEAF_RULES and (module, name) not in BATCH_LEADING
 
     def measure(self, v: View) -> dict:
         key = (v.module, v.name)
@@ -178,7 +208,12 @@ class _PerExample(Client):
         if not jax.tree_util.tree_leaves(v.params) and v.leaf:
             return {}
         if v.leaf:
-            sq = LEAF_RULES[key](v, self.n) if key in LEAF_RULES else _explicit(v, self.n)
+            if key in LEAF_RULES:
+                sq = LEAF_RULES[key](v, self.n)
+            elif key in BATCH_LEADING:
+                sq = _from_residuals(v, self.n)
+            else:
+                sq = _explicit(v, self.n)
             out = {"sq": sq}
             if key == ("bpjax._structure", "embedding"):
                 out.update(_ids=v.res[0], _dy=v.dy)   # for a composite that also uses the table (gpt)
