@@ -24,7 +24,7 @@ import numpy as np
 
 from . import _gradcheck_draw as draw
 from ._gradcheck_compare import TOLERANCES, compare, denominators, rounding_noise, tolerances
-from ._gradcheck_fd import evaluate_along, fd_row, kinked, taylor_order
+from ._gradcheck_fd import evaluate_along, fd_row, kinked, measured_noise, taylor_order
 from ._gradcheck_refs import Problem, directional, evaluate, jvp_reference, to_host, vjp_reference, x64
 from ._gradcheck_report import METHODS, Comparison, GradientReport
 
@@ -47,7 +47,8 @@ def run(name: str, title: str, fn: Callable, manual: Callable, groups: Sequence[
     ``vjp``/``jvp`` references instead of ``fn`` (in float64 on upcast copies with
     ``upcast_reference``); ``per_output`` pulls back one output leaf at a time; leaves of at
     most ``coords`` elements are differentiated along their coordinate axes; ``kinks`` leaves
-    out directions with a kink within the smallest step; ``labels`` renames references.
+    out directions with a kink within the smallest step and holds the Taylor remainder to the
+    measured noise of the forward; ``labels`` renames references.
     """
     methods, directions = _validated(name, methods, directions)
     tol, base_tol = tolerances(dtype, rtol, name), tolerances(dtype, None, name)
@@ -180,8 +181,10 @@ def _pairs(problem, out, skipped, V, axes, n_blocks, methods, fd_eps, kinks) -> 
                 bent = kinked(gh, g0, gabs, fd_eps) if kinks else np.zeros(gh.shape[0], bool)
                 if bent.any():
                     found[j, b] = np.flatnonzero(bent)
-                a, fd, err, plus = fd_row(proj, gh, g0, gabs, fd_eps, ~bent if bent.any() else None)
-                pairs[j, b, "fd"] = (a, fd, err, plus, g0, gabs)
+                keep = ~bent if bent.any() else None
+                a, fd, err, plus = fd_row(proj, gh, g0, gabs, fd_eps, keep)
+                noise = (measured_noise(gh, g0) if keep is None else measured_noise(gh, g0)[keep]) if kinks else None
+                pairs[j, b, "fd"] = (a, fd, err, plus, g0, gabs, noise)
             if "vjp" in methods and "vjp" not in skipped:
                 a, r = grads[j][b].reshape(-1), out["vjp"][j][b].reshape(-1)
                 if (j, b) in found and axes[j]:                           # elements at a kink
@@ -213,9 +216,9 @@ def _row(name, shape, output, m, pair, skipped, bent, coordinate, tol, base_tol,
     common = dict(output=output, where=where, kinks=kinks)
     if m != "fd":
         return Comparison(name, shape, ref, max_abs, max_rel, cosine, tol[m], ok, **common)
-    plus, g0, gabs = pair[3:]
+    plus, g0, gabs, g_noise = pair[3:]
     allowed = tol["fd"] * denominators(a_, b_, tol["floor"], floor_noise)    # per direction
-    order, binding = taylor_order(plus, g0, a_, allowed, gabs, fd_eps)
+    order, binding = taylor_order(plus, g0, a_, allowed, gabs, fd_eps, g_noise)
     ok = ok and (min_order is None or binding is None or binding >= min_order)
     return Comparison(name, shape, "fd", max_abs, max_rel, cosine, tol["fd"], ok,
                       order=order if binding is None else binding,

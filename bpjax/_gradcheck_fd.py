@@ -10,9 +10,10 @@ upcast copies. Then, on the host:
 - the Taylor remainder ``r(h) = |g(h) − g(0) − h ⟨grad, v⟩|`` shrinks like ``h²`` when the
   hand-written gradient is right and like ``h`` when it is wrong: its observed order needs no
   step at all;
-- a kink (relu at 0, ``max`` at a tie) within the smallest steps shows in the second difference
+- a kink (relu at 0, ``max`` at a tie) within the smallest step shows in the second difference
   ``S(h) = g(h) + g(−h) − 2 g(0)``: smooth, ``S/h`` halves with ``h``; across a kink it stays
-  (``|S|/h`` → the jump of the slope). Such directions are not compared.
+  (``|S|/h`` → the jump of the slope); under rounding noise it grows. Such directions are not
+  compared (:func:`kinked`).
 """
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def central_differences(gh: np.ndarray, gabs: float, eps: float):
     return fd, err
 
 
-def taylor_order(plus, g0, a, allowed, gabs, eps):
+def taylor_order(plus, g0, a, allowed, gabs, eps, noise=None):
     """Observed order of r(h) = |g(θ + h v) − g(θ) − h a| as h halves, and whether it is binding.
 
     A step counts where r is above what the tolerance allows (h · ``allowed``, the error of the
@@ -89,12 +90,14 @@ def taylor_order(plus, g0, a, allowed, gabs, eps):
     (the function is linear along v). It is *binding* only when the smallest step counts: a
     wrong gradient leaves r ≈ h·|error| there, whereas a right one at a kink (relu) leaves r
     below the tolerance once h is small, whatever the rate across the kink at larger h.
+    ``noise`` (D,), optional, raises the rounding floor per direction to the measured noise of
+    ``g`` (:func:`measured_noise`), for a forward that computes below float64 inside.
     Returns the worst (smallest) order over directions and whether any binding one fails.
     """
     orders, binding = [], []
     for d in range(plus.shape[0]):
         r = np.abs(plus[d] - g0 - STEPS * a[d])
-        floor = STEPS * allowed[d] + 1e3 * eps * gabs
+        floor = STEPS * allowed[d] + max(1e3 * eps * gabs, 0.0 if noise is None else noise[d])
         counts = r > floor
         pairs = [k for k in range(len(STEPS) - 1) if counts[k] and counts[k + 1]]
         if pairs:
@@ -105,22 +108,34 @@ def taylor_order(plus, g0, a, allowed, gabs, eps):
     return (min(orders) if orders else None), (min(binding) if binding else None)
 
 
-def kinked(gh: np.ndarray, g0: float, gabs: float, eps: float) -> np.ndarray:
-    """Directions along which a kink lies within the three smallest steps, (D,) booleans.
+def kinked(gh: np.ndarray, g0: float, gabs: float, eps: float, n: int = 5) -> np.ndarray:
+    """Directions along which a kink lies within the smallest step, (D,) booleans.
 
     The second difference ``S(h) = g(h) + g(−h) − 2 g(0)`` of a smooth function is ``h² g''``:
-    ``S/h`` halves as ``h`` halves. With a kink at distance ``δ < h`` it is about
-    ``|Δslope| (h − δ)``: ``S/h`` stays (ratio 1 for a kink at the point itself) or, for ``δ``
-    between the steps, moves by a ratio other than ½. Counted only where ``S`` stands well
-    above rounding (10³·ε·Σ|dy ⊙ y|) at all three steps.
+    ``A(h) = S/h`` halves as ``h`` halves. With a kink at distance ``δ = ρ h`` from the point
+    (ρ < 1 at the smallest step) it is ``|Δslope| (h − δ)``: ``A`` stays nearly flat over the
+    ``n`` smallest steps (exactly flat for a kink at the point). Rounding noise in ``g`` (a
+    forward that computes in float32 inside) makes ``A`` *grow* as ``h`` shrinks. So a kink is
+    counted where, at each of the ``n`` smallest steps, ``S`` stands above float64 rounding
+    (10³·ε·Σ|dy ⊙ y|) and every halving of ``h`` keeps ``A`` within (0.55, 1.15) of the step
+    before, and within 0.35 of the largest of them (a kink up to ρ ≈ 0.6 of the smallest step).
     """
     K = len(STEPS)
-    S = np.abs(gh[:, :K] + gh[:, K:] - 2 * g0)[:, K - 3:]              # (D, 3)
-    A = S / STEPS[K - 3:]
+    S = np.abs(gh[:, :K] + gh[:, K:] - 2 * g0)[:, K - n:]              # (D, n), h decreasing
+    A = S / STEPS[K - n:]
     big = np.all(S > 1e3 * eps * gabs, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        r1, r2 = A[:, 2] / A[:, 1], A[:, 1] / A[:, 0]
-    return big & ((np.abs(r1 - 0.5) > 0.15) | (np.abs(r2 - 0.5) > 0.15))
+        r = A[:, 1:] / A[:, :-1]
+        flat = np.all((r > 0.55) & (r < 1.15), axis=1) & (A[:, -1] >= 0.35 * A[:, 0])
+    return big & flat
+
+
+def measured_noise(gh: np.ndarray, g0: float, n: int = 3) -> np.ndarray:
+    """Per direction, twice the largest second difference ``|S(h)|`` at the ``n`` smallest steps:
+    for a smooth forward computed in float64 that is ``≈ 2·4ⁿ⁻¹ h² |g''|``, negligible; for one
+    that rounds below float64 inside, it is the size of that rounding in ``g``."""
+    K = len(STEPS)
+    return 2 * np.max(np.abs(gh[:, :K] + gh[:, K:] - 2 * g0)[:, K - n:], axis=1)
 
 
 def fd_row(proj: np.ndarray, gh: np.ndarray, g0: float, gabs: float, eps: float, keep: Optional[np.ndarray]):

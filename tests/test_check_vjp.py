@@ -171,13 +171,38 @@ def test_a_drawn_point_within_a_step_of_a_kink_is_drawn_again():
         in str(again), again
 
 
+def _softplus_in_float32(right: bool):
+    """A forward that rounds to float32 inside: its float64 differences carry float32 noise."""
+
+    @jax.custom_vjp
+    def sp32(x):
+        return jnp.logaddexp(x.astype(jnp.float32), 0.0).astype(x.dtype)
+
+    def bwd(x, g):
+        s = jax.nn.sigmoid(x.astype(jnp.float32))
+        return ((g * (s if right else s * (s - 1))).astype(x.dtype),)
+
+    sp32.defvjp(lambda x: (sp32(x), x), bwd)
+    return sp32
+
+
+@pytest.mark.parametrize("shape", [(4, 8), (40, 80)], ids=["coordinates", "random-directions"])
+def test_rounding_noise_in_the_forward_is_not_a_kink(shape):
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    right = bp.check_vjp(_softplus_in_float32(True), x)
+    assert right.ok and right.kinks == {} and not right.notes, right
+    wrong = bp.check_vjp(_softplus_in_float32(False), x)
+    assert wrong.failing == ("dx",) and wrong.kinks == {}, wrong
+
+
 def test_kinked_directions_from_the_second_difference():
     from bpjax._gradcheck_fd import STEPS, kinked
     h = np.concatenate([STEPS, -STEPS])
     smooth = np.exp(0.3 * h) + h ** 2                                    # g(h), g(0) = 1
     at_kink = 1 + 2 * np.maximum(h, 0) - 0.5 * np.minimum(h, 0)          # slopes 2 and -0.5 meet at 0
     near = 1 + 2 * np.maximum(h - 2e-6, 0)                               # a kink at 2e-6
-    assert kinked(np.stack([smooth, at_kink, near]), 1.0, 1.0, 2.2e-16).tolist() == [False, True, True]
+    noisy = smooth + 1e-7 * np.random.default_rng(0).standard_normal(h.shape)   # float32-like rounding
+    assert kinked(np.stack([smooth, at_kink, near, noisy]), 1.0, 1.0, 2.2e-16).tolist() == [False, True, True, False]
 
 
 # ----------------------------------------------------------------------------- low precision
