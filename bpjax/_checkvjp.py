@@ -37,6 +37,7 @@ __all__ = ["check_vjp", "assert_vjp_close"]
 PyTree = Any
 _FLOATS = ("float64", "float32", "float16", "bfloat16")
 _NAME = "check_vjp"
+_SAMPLE = 16            # random coordinates of a leaf larger than ``coords``, beside its random directions
 
 
 def check_vjp(f: Callable, *args, reference: Optional[Callable] = None,
@@ -65,7 +66,8 @@ def check_vjp(f: Callable, *args, reference: Optional[Callable] = None,
         rtol, atol, min_order: as in :func:`bpjax.check_layer` (``rtol`` keys ``"fd"``,
             ``"vjp"`` for ``ref``, ``"floor"``).
         cotangent: ``dy``, shaped like y (default N(0, 1): ones hide bugs that cancel).
-        directions: random directions per leaf larger than ``coords`` elements.
+        directions: random directions per leaf larger than ``coords`` elements (beside 16 of
+            its coordinates, drawn at random).
         coords: leaves of at most this many elements are differentiated along every coordinate.
         resample: how many times a drawn point with a kink within a step is drawn again.
 
@@ -250,7 +252,7 @@ def _check_at(f, reference, values, argnums, names, dtype, **kw) -> GradientRepo
     methods = ("fd", "vjp") if reference is not None else ("fd",)
     return run(_NAME, f"check_vjp({_fn_name(f)})", fn, manual, groups, dynamic, dtype=low, methods=methods,
                jit=True, fd_dtype=jnp.float64, details=_details(low, values, argnums, y), reference=ref,
-               upcast_reference=True, per_output=True, kinks=True, labels={"vjp": "ref"},
+               upcast_reference=True, per_output=True, sample=_SAMPLE, kinks=True, labels={"vjp": "ref"},
                legend=_legend(reference is not None, kw["coords"]), show_where=True, **kw)
 
 
@@ -283,8 +285,8 @@ def _details(dtype, values, argnums, y) -> str:
 def _legend(with_reference: bool, coords: int) -> tuple:
     lines = ["checked: jax.vjp of f (its custom_vjp bwd rule) along dy, one output leaf at a time",
              "fd  = central differences of f in {fd} on upcast copies, along every coordinate of a leaf of "
-             f"≤ {coords} elements, else {{n}} random directions v0, v1…; order of the Taylor remainder: "
-             "≈2 right, ≈1 wrong, — linear, (…) not binding (kink)"]
+             f"≤ {coords} elements, else {{n}} random directions v0, v1… and {_SAMPLE} random coordinates; "
+             "order of the Taylor remainder: ≈2 right, ≈1 wrong, — linear, (…) not binding (kink)"]
     if with_reference:
         lines.append("ref = jax.vjp of reference, in float64 on upcast copies")
     lines.append("at  = where the largest disagreement sits: an element, or a random direction vK")

@@ -75,20 +75,26 @@ def leaf_scale(a) -> float:
     return min(max(s, 1e-3), 1e3) if np.isfinite(s) and s > 0 else 1.0
 
 
-def directions(gen: np.random.Generator, x0: list, n: int, coords: int = 0) -> tuple:
-    """Per leaf ``a`` an array ``(D, *a.shape)`` of directions scaled by the leaf's RMS, and
-    whether they are coordinate axes.
+def directions(gen: np.random.Generator, x0: list, n: int, coords: int = 0, sample: int = 0) -> tuple:
+    """Per leaf ``a`` an array ``(D, *a.shape)`` of directions scaled by the leaf's RMS, and per
+    direction the flat element it moves alone (−1 for a random direction).
 
-    ``D = n`` random N(0, 1) directions, or, for a leaf of at most ``coords`` elements, its
-    ``a.size`` coordinate axes: the finite differences then give every element's derivative,
-    and a disagreement names its element.
+    A leaf of at most ``coords`` elements gets its ``a.size`` coordinate axes: the finite
+    differences then give every element's derivative, and a disagreement names its element.
+    A larger one gets ``n`` random N(0, 1) directions, then ``sample`` of its coordinate axes
+    drawn at random (which still name an element, and still check the leaf where every
+    random direction crosses a kink).
     """
-    out, axes = [], []
+    out, elements = [], []
     for a in x0:
         s = leaf_scale(a)
-        axes.append(0 < a.size <= coords)
-        if axes[-1]:
+        if 0 < a.size <= coords:
+            elements.append(np.arange(a.size))
             out.append(s * np.eye(a.size).reshape(a.size, *a.shape))
-        else:
-            out.append(np.stack([s * gen.standard_normal(a.shape) for _ in range(n)]))
-    return out, axes
+            continue
+        dense = [s * gen.standard_normal(a.shape) for _ in range(n)]
+        picked = np.sort(gen.choice(a.size, min(sample, a.size), replace=False)) if sample and a.size else []
+        axes = [s * np.eye(1, a.size, int(e)).reshape(a.shape) for e in picked]
+        elements.append(np.concatenate([-np.ones(n, int), np.asarray(picked, int)]))
+        out.append(np.stack(dense + axes))
+    return out, elements

@@ -34,7 +34,8 @@ PyTree = Any
 def run(name: str, title: str, fn: Callable, manual: Callable, groups: Sequence[tuple], aux: PyTree, *,
         dtype, methods, rtol, atol, directions: int, seed: int, cotangent, jit: bool,
         fd_dtype, min_order: Optional[float], details: str, reference: Optional[Callable] = None,
-        upcast_reference: bool = False, per_output: bool = False, coords: int = 0, kinks: bool = False,
+        upcast_reference: bool = False, per_output: bool = False, coords: int = 0, sample: int = 0,
+        kinks: bool = False,
         labels: Optional[dict] = None, legend: tuple = (), show_where: bool = False) -> GradientReport:
     """Compare ``manual`` with the references for ``fn``.
 
@@ -46,7 +47,8 @@ def run(name: str, title: str, fn: Callable, manual: Callable, groups: Sequence[
     Options of :func:`bpjax.check_vjp`: ``reference(trees, aux)`` is differentiated by the
     ``vjp``/``jvp`` references instead of ``fn`` (in float64 on upcast copies with
     ``upcast_reference``); ``per_output`` pulls back one output leaf at a time; leaves of at
-    most ``coords`` elements are differentiated along their coordinate axes; ``kinks`` leaves
+    most ``coords`` elements are differentiated along their coordinate axes (larger ones along
+    ``sample`` random axes too, after the random directions); ``kinks`` leaves
     out directions with a kink within the smallest step and holds the Taylor remainder to the
     measured noise of the forward; ``labels`` renames references.
     """
@@ -66,7 +68,7 @@ def run(name: str, title: str, fn: Callable, manual: Callable, groups: Sequence[
     dy = draw.cotangent(name, y_struct, cotangent, gen)
     problem.validate(dy)
     blocks = _blocks(y_struct, dy, per_output)
-    V, axes = draw.directions(gen, problem.x0, directions, coords)
+    V, elements = draw.directions(gen, problem.x0, directions, coords, sample)
 
     # 2.–3. the hand-written gradient, the references and the finite differences, compiled
     out, skipped, fd_used = _compute(problem, [d for _, d in blocks], V, methods, dtype=dtype, jit=jit,
@@ -74,14 +76,14 @@ def run(name: str, title: str, fn: Callable, manual: Callable, groups: Sequence[
 
     # 4. compare, leaf by leaf, block by block, reference by reference
     fd_eps = float(jnp.finfo(fd_dtype).eps)
-    pairs, found = _pairs(problem, out, skipped, V, axes, len(blocks), methods, fd_eps, kinks)
+    pairs, found = _pairs(problem, out, skipped, V, elements, len(blocks), methods, fd_eps, kinks)
     noise = rounding_noise(dtype, jax.tree_util.tree_leaves(dy), out.get("y", []), pairs, methods)
     rows = list(problem.rows)
     for j, i in enumerate(problem.valid):
         for b, (output, _) in enumerate(blocks):
             for m in methods:
                 rows.append(_row(problem.names[i], tuple(problem.leaves[i].shape), output, m, pairs.get((j, b, m)),
-                                 skipped, found.get((j, b)), axes[j], tol, base_tol, atol, noise, out, b,
+                                 skipped, found.get((j, b)), elements[j], tol, base_tol, atol, noise, out, b,
                                  fd_eps, min_order, labels or {}))
 
     # 5. report
@@ -89,7 +91,8 @@ def run(name: str, title: str, fn: Callable, manual: Callable, groups: Sequence[
     rows.sort(key=lambda r: (order_of.get(r.gradient, -1), r.reference != "shape"))
     more = f" · {directions} directions" if ("fd" in methods or "jvp" in methods) else ""
     if coords and more:
-        more = f" · every coordinate of leaves ≤ {coords} elements, else {directions} random directions"
+        more = (f" · every coordinate of leaves ≤ {coords} elements, else {directions} random directions"
+                + (f" and {sample} random coordinates" if sample else ""))
     fd_name = min(fd_used, key=lambda d: jnp.finfo(d).bits) if fd_used else fd_dtype.name
     shown = tuple((labels or {}).get(m, m) for m in methods)
     return GradientReport(title, f"{details}{more}", tuple(rows), shown, directions, fd_name,
@@ -166,7 +169,7 @@ def _compute(problem: Problem, dys: list, V: list, methods, *, dtype, jit, fd_dt
     return out, skipped, fd_used
 
 
-def _pairs(problem, out, skipped, V, axes, n_blocks, methods, fd_eps, kinks) -> tuple:
+def _pairs(problem, out, skipped, V, elements, n_blocks, methods, fd_eps, kinks) -> tuple:
     """``(a, b, extra noise)`` per (leaf, block, reference), and the kinked directions found."""
     grads = out.get("manual", [])
     offsets = np.cumsum([0] + [v.shape[0] for v in V])
@@ -187,9 +190,10 @@ def _pairs(problem, out, skipped, V, axes, n_blocks, methods, fd_eps, kinks) -> 
                 pairs[j, b, "fd"] = (a, fd, err, plus, g0, gabs, noise)
             if "vjp" in methods and "vjp" not in skipped:
                 a, r = grads[j][b].reshape(-1), out["vjp"][j][b].reshape(-1)
-                if (j, b) in found and axes[j]:                           # elements at a kink
+                at_kink = _kinked_elements(found.get((j, b)), elements[j])
+                if at_kink.size:                                          # elements at a kink
                     keep = np.ones(a.size, bool)
-                    keep[found[j, b]] = False
+                    keep[at_kink] = False
                     a, r = a[keep], r[keep]
                 pairs[j, b, "vjp"] = (a, r, 0.0)
             if "jvp" in methods and "jvp" not in skipped:
@@ -197,7 +201,14 @@ def _pairs(problem, out, skipped, V, axes, n_blocks, methods, fd_eps, kinks) -> 
     return pairs, found
 
 
-def _row(name, shape, output, m, pair, skipped, bent, coordinate, tol, base_tol, atol, noise, out, b,
+def _kinked_elements(bent, elements) -> np.ndarray:
+    """The flat elements whose coordinate direction crosses a kink (random directions name none)."""
+    if bent is None:
+        return np.zeros(0, int)
+    return np.unique(elements[bent][elements[bent] >= 0])
+
+
+def _row(name, shape, output, m, pair, skipped, bent, elements, tol, base_tol, atol, noise, out, b,
          fd_eps, min_order, labels) -> Comparison:
     """One row of the report: leaf ``name`` (for ``output``) against reference ``m``."""
     ref = labels.get(m, m)
@@ -209,10 +220,14 @@ def _row(name, shape, output, m, pair, skipped, bent, coordinate, tol, base_tol,
     # rtol changes what counts as agreement, not what counts as rounding)
     floor_noise = np.maximum(extra, noise[m]) / base_tol[m]
     max_abs, max_rel, cosine, ok, worst = compare(a_, b_, tol[m], tol["floor"], atol, floor_noise)
-    filtered = m == "fd" or (m == "vjp" and coordinate)               # what _pairs left out at kinks
-    left_out = list(bent) if bent is not None and filtered else []
-    where = _where(worst, left_out, shape, coordinate or m == "vjp")
-    kinks = tuple(_where(d, [], shape, coordinate) for d in left_out)
+    if m == "vjp":                                                   # elements, some left out at kinks
+        left_out = _kinked_elements(bent, elements)
+        where = "" if worst is None else _element(_skip(worst, left_out), shape)
+        kinks = tuple(_element(e, shape) for e in left_out)
+    else:                                                            # directions, some left out at kinks
+        left_out = np.asarray([] if bent is None or m != "fd" else bent, int)
+        where = "" if worst is None else _direction(_skip(worst, left_out), elements, shape)
+        kinks = tuple(_direction(d, elements, shape) for d in left_out)
     common = dict(output=output, where=where, kinks=kinks)
     if m != "fd":
         return Comparison(name, shape, ref, max_abs, max_rel, cosine, tol[m], ok, **common)
@@ -226,14 +241,18 @@ def _row(name, shape, output, m, pair, skipped, bent, coordinate, tol, base_tol,
                       **common)
 
 
-def _where(k, left_out, shape, element: bool) -> str:
-    """The k-th compared point, counting past the ``left_out`` ones: an element index of a leaf
-    of ``shape``, or the direction ``v<k>``."""
-    if k is None:
-        return ""
-    for d in sorted(left_out):
+def _skip(k: int, left_out) -> int:
+    """The index of the k-th point kept, counting past the ``left_out`` ones."""
+    for d in sorted(int(x) for x in left_out):
         if d <= k:
             k += 1
-    if not element:
-        return f"v{k}"
-    return str(tuple(int(i) for i in np.unravel_index(k, shape))) if shape else "()"
+    return k
+
+
+def _element(flat: int, shape) -> str:
+    return str(tuple(int(i) for i in np.unravel_index(int(flat), shape))) if shape else "()"
+
+
+def _direction(d: int, elements, shape) -> str:
+    """Direction ``d`` of a leaf: the element it moves alone, or ``v<d>`` for a random one."""
+    return _element(elements[d], shape) if elements[d] >= 0 else f"v{d}"

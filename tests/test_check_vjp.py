@@ -150,6 +150,17 @@ def test_a_bug_beside_a_kink_at_the_given_input_is_still_caught():
     assert report.failing == ("dx",) and set(report.kinks["dx"]) == {"(0, 1)", "(1, 0)"}, report
 
 
+def test_a_large_leaf_at_kinks_is_still_checked_along_random_coordinates():
+    gen = np.random.default_rng(1)
+    x = np.where(gen.uniform(size=(20, 30)) < 0.5, 0.0, gen.uniform(0.5, 1.5, (20, 30)) * gen.choice([-1, 1], (20, 30)))
+    right = bp.check_vjp(corpus.jax_fn("relu"), x)                 # every random direction crosses a kink
+    assert right.ok and {"v0", "v1", "v2"} <= set(right.kinks["dx"]), right
+    wrong = bp.check_vjp(corpus.jax_fn("leaky_relu_slope"), x)
+    row = wrong.row("dx", "fd")
+    where = tuple(int(i) for i in row.where.strip("()").split(","))
+    assert wrong.failing == ("dx",) and x[where] < 0, wrong              # named: an element on the wrong slope
+
+
 def _relu(x):
     return jnp.where(x > 0, x, 0.0)
 
