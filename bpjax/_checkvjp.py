@@ -11,6 +11,13 @@ references are
 - ``ref``: ``jax.vjp`` of ``reference``, a plain JAX function computing the same primal, in
   float64 on upcast copies (when given).
 
+Low precision (float32, float16, bfloat16): the finite differences and ``ref`` run on float64
+copies, and ``f``'s VJP runs a second time on them; the difference between the two VJPs is
+its rounding, per element. Each element is then allowed three times its own rounding and the
+dtype's relative tolerance (see :func:`bpjax.check_layer`), above a floor of 10⁻³ of the leaf's
+scale, so a small bug is not lost in bfloat16's coarse grid. (A rule that cannot run in float64
+falls back to the dtype's tolerances and floor.)
+
 Kinks (relu at 0, ``abs``, ``max`` at a tie): a direction along which a kink lies within the
 smallest steps is found from the second difference (:func:`._gradcheck_fd.kinked`). At a drawn
 point, the point is drawn again; at a point the user gave, the report says where the kink is
@@ -37,6 +44,10 @@ __all__ = ["check_vjp", "assert_vjp_close"]
 PyTree = Any
 _FLOATS = ("float64", "float32", "float16", "bfloat16")
 _NAME = "check_vjp"
+#: Below float64, f's VJP also runs on float64 copies; the difference is its rounding, per element,
+#: so the floor of the relative error (see bpjax.check_layer) drops from 1e-2 (float32), 0.2
+#: (float16), 0.5 (bfloat16) to this.
+_LOW_FLOOR = 1e-3
 _SAMPLE = 16            # random coordinates of a leaf larger than ``coords``, beside its random directions
 
 
@@ -252,7 +263,8 @@ def _check_at(f, reference, values, argnums, names, dtype, **kw) -> GradientRepo
     methods = ("fd", "vjp") if reference is not None else ("fd",)
     return run(_NAME, f"check_vjp({_fn_name(f)})", fn, manual, groups, dynamic, dtype=low, methods=methods,
                jit=True, fd_dtype=jnp.float64, details=_details(low, values, argnums, y), reference=ref,
-               upcast_reference=True, per_output=True, sample=_SAMPLE, kinks=True, labels={"vjp": "ref"},
+               upcast_reference=True, per_output=True, sample=_SAMPLE, kinks=True, low_floor=_LOW_FLOOR,
+               labels={"vjp": "ref"},
                legend=_legend(reference is not None, kw["coords"]), show_where=True, **kw)
 
 

@@ -35,7 +35,7 @@ def run(name: str, title: str, fn: Callable, manual: Callable, groups: Sequence[
         dtype, methods, rtol, atol, directions: int, seed: int, cotangent, jit: bool,
         fd_dtype, min_order: Optional[float], details: str, reference: Optional[Callable] = None,
         upcast_reference: bool = False, per_output: bool = False, coords: int = 0, sample: int = 0,
-        kinks: bool = False,
+        kinks: bool = False, low_floor: Optional[float] = None,
         labels: Optional[dict] = None, legend: tuple = (), show_where: bool = False) -> GradientReport:
     """Compare ``manual`` with the references for ``fn``.
 
@@ -50,7 +50,9 @@ def run(name: str, title: str, fn: Callable, manual: Callable, groups: Sequence[
     most ``coords`` elements are differentiated along their coordinate axes (larger ones along
     ``sample`` random axes too, after the random directions); ``kinks`` leaves
     out directions with a kink within the smallest step and holds the Taylor remainder to the
-    measured noise of the forward; ``labels`` renames references.
+    measured noise of the forward; ``low_floor``: below float64, the hand-written gradient is
+    also run on upcast copies, the difference is taken as its rounding, per element, and the
+    floor drops to ``low_floor`` (unless ``rtol`` sets one); ``labels`` renames references.
     """
     methods, directions = _validated(name, methods, directions)
     tol, base_tol = tolerances(dtype, rtol, name), tolerances(dtype, None, name)
@@ -71,13 +73,20 @@ def run(name: str, title: str, fn: Callable, manual: Callable, groups: Sequence[
     V, elements = draw.directions(gen, problem.x0, directions, coords, sample)
 
     # 2.–3. the hand-written gradient, the references and the finite differences, compiled
+    twice = low_floor is not None and jnp.dtype(dtype) != jnp.float64
     out, skipped, fd_used = _compute(problem, [d for _, d in blocks], V, methods, dtype=dtype, jit=jit,
-                                     fd_dtype=fd_dtype, reference=reference, upcast=upcast_reference)
+                                     fd_dtype=fd_dtype, reference=reference, upcast=upcast_reference,
+                                     twice=twice)
+    if "manual_up" in out and not (isinstance(rtol, dict) and "floor" in rtol):
+        tol["floor"] = base_tol["floor"] = min(tol["floor"], low_floor)
 
     # 4. compare, leaf by leaf, block by block, reference by reference
     fd_eps = float(jnp.finfo(fd_dtype).eps)
     pairs, found = _pairs(problem, out, skipped, V, elements, len(blocks), methods, fd_eps, kinks)
-    noise = rounding_noise(dtype, jax.tree_util.tree_leaves(dy), out.get("y", []), pairs, methods)
+    # rounding of the hand-written gradient: measured per element when it also ran on float64
+    # copies, else modelled from the dtype's ε
+    noise = rounding_noise(fd_dtype if "manual_up" in out else dtype, jax.tree_util.tree_leaves(dy),
+                           out.get("y", []), pairs, methods)
     rows = list(problem.rows)
     for j, i in enumerate(problem.valid):
         for b, (output, _) in enumerate(blocks):
@@ -122,9 +131,12 @@ def _blocks(y_struct, dy, per_output: bool) -> list:
             for o, p in enumerate(paths)]
 
 
-def _compute(problem: Problem, dys: list, V: list, methods, *, dtype, jit, fd_dtype, reference, upcast):
+def _compute(problem: Problem, dys: list, V: list, methods, *, dtype, jit, fd_dtype, reference, upcast,
+             twice=False):
     """Run the hand-written gradient and the references: per leaf ``manual`` and ``vjp`` (B, *shape),
-    ``jvp`` (Σ D, B), ``fd`` = (g0 (B,), Σ|dy ⊙ y| (B,), g(±h) (Σ D, 2K, B)); and ``y``."""
+    ``jvp`` (Σ D, B), ``fd`` = (g0 (B,), Σ|dy ⊙ y| (B,), g(±h) (Σ D, 2K, B)); and ``y``. With
+    ``twice``, ``manual_up``: the hand-written gradient on float64 copies (its rounding is the
+    difference), skipped if it cannot run there."""
     x0, n_valid = problem.x0, len(problem.x0)
     psize = max(1, sum(int(a.size) for a in x0))
     ref = problem.fn_valid if reference is None else (lambda v, a: reference(problem.with_leaves(v), a))
@@ -151,10 +163,11 @@ def _compute(problem: Problem, dys: list, V: list, methods, *, dtype, jit, fd_dt
         "vjp": lambda x_, a_, c_, V_, Vfd: vjp(x_, a_, c_),
         "jvp": lambda x_, a_, c_, V_, Vfd: jvp_reference(lambda v: ref(v, a_), x_, c_, V_, psize),
         "fd": lambda x_, a_, c_, V_, Vfd: finite_differences(x_, a_, c_, Vfd),
+        "manual_up": lambda x_, a_, c_, V_, Vfd: manual(cast(x_), cast(a_), cast(c_)),
     }
-    todo = [m for m in methods if n_valid]
+    todo = [m for m in methods if n_valid] + (["manual_up"] if twice and n_valid else [])
     wide_apart = fd_dtype == jnp.float64 and not jax.config.jax_enable_x64
-    apart = [m for m in todo if wide_apart and (m == "fd" or (upcast and m == "vjp"))]
+    apart = [m for m in todo if wide_apart and (m in ("fd", "manual_up") or (upcast and m == "vjp"))]
     together = (["y"] if n_valid else []) + (["manual"] if jit else []) + [m for m in todo if m not in apart]
 
     def args(names):
@@ -171,7 +184,7 @@ def _compute(problem: Problem, dys: list, V: list, methods, *, dtype, jit, fd_dt
 
 def _pairs(problem, out, skipped, V, elements, n_blocks, methods, fd_eps, kinks) -> tuple:
     """``(a, b, extra noise)`` per (leaf, block, reference), and the kinked directions found."""
-    grads = out.get("manual", [])
+    grads, up = out.get("manual", []), out.get("manual_up")
     offsets = np.cumsum([0] + [v.shape[0] for v in V])
     seg = lambda arr, j: arr[offsets[j]:offsets[j + 1]]
     pairs, found = {}, {}
@@ -179,23 +192,27 @@ def _pairs(problem, out, skipped, V, elements, n_blocks, methods, fd_eps, kinks)
         flat_v = v.reshape(v.shape[0], -1)
         for b in range(n_blocks):
             proj = flat_v @ grads[j][b].reshape(-1)                       # ⟨manual gradient, v⟩
+            # its rounding, per element: 3 × |the gradient − the same rule on float64 copies|
+            rounding = 0.0 if up is None else 3 * np.abs(grads[j][b] - up[j][b]).reshape(-1)
             if "fd" in methods and "fd" not in skipped:
                 g0, gabs, gh = float(out["fd"][0][b]), float(out["fd"][1][b]), seg(out["fd"][2], j)[:, :, b]
                 bent = kinked(gh, g0, gabs, fd_eps) if kinks else np.zeros(gh.shape[0], bool)
                 if bent.any():
                     found[j, b] = np.flatnonzero(bent)
                 keep = ~bent if bent.any() else None
-                a, fd, err, plus = fd_row(proj, gh, g0, gabs, fd_eps, keep)
+                err_v = np.abs(flat_v) @ rounding if up is not None else 0.0
+                a, fd, err, plus = fd_row(proj, gh, g0, gabs, fd_eps, keep, err_v)
                 noise = (measured_noise(gh, g0) if keep is None else measured_noise(gh, g0)[keep]) if kinks else None
                 pairs[j, b, "fd"] = (a, fd, err, plus, g0, gabs, noise)
             if "vjp" in methods and "vjp" not in skipped:
                 a, r = grads[j][b].reshape(-1), out["vjp"][j][b].reshape(-1)
+                extra = np.broadcast_to(rounding, a.shape)
                 at_kink = _kinked_elements(found.get((j, b)), elements[j])
                 if at_kink.size:                                          # elements at a kink
                     keep = np.ones(a.size, bool)
                     keep[at_kink] = False
-                    a, r = a[keep], r[keep]
-                pairs[j, b, "vjp"] = (a, r, 0.0)
+                    a, r, extra = a[keep], r[keep], extra[keep]
+                pairs[j, b, "vjp"] = (a, r, extra if up is not None else 0.0)
             if "jvp" in methods and "jvp" not in skipped:
                 pairs[j, b, "jvp"] = (proj, seg(out["jvp"], j)[:, b], 0.0)
     return pairs, found

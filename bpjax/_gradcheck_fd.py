@@ -138,10 +138,13 @@ def measured_noise(gh: np.ndarray, g0: float, n: int = 3) -> np.ndarray:
     return 2 * np.max(np.abs(gh[:, :K] + gh[:, K:] - 2 * g0)[:, K - n:], axis=1)
 
 
-def fd_row(proj: np.ndarray, gh: np.ndarray, g0: float, gabs: float, eps: float, keep: Optional[np.ndarray]):
+def fd_row(proj: np.ndarray, gh: np.ndarray, g0: float, gabs: float, eps: float, keep: Optional[np.ndarray],
+           more_err=0.0):
     """``(a, b, err, plus)`` of one leaf and block: the hand-written ⟨grad, v⟩, the central
-    differences, their error and ``g(+h_k)``, over the directions in ``keep`` (all when None)."""
+    differences, their error (plus ``more_err``, the rounding of ⟨grad, v⟩) and ``g(+h_k)``,
+    over the directions in ``keep`` (all when None)."""
     fd, err = central_differences(gh, gabs, eps)
+    err = err + more_err
     plus = gh[:, :len(STEPS)]
     if keep is not None:
         proj, fd, err, plus = proj[keep], fd[keep], err[keep], plus[keep]

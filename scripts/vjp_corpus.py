@@ -1,6 +1,7 @@
 """Three gradient checkers on one corpus of hand-written VJPs: which bugs each catches.
 
-    python scripts/vjp_corpus.py            # prints two markdown tables: the summary, then per case
+    python scripts/vjp_corpus.py                    # prints two markdown tables: the summary, then per case
+    python scripts/vjp_corpus.py --dtype bfloat16   # the same functions and points, in bfloat16
 
 The corpus (``scripts/vjp_corpus_fns.py``) holds ``jax.custom_vjp`` functions, half correct
 (kinks and pytree inputs included) and half with a planted bug, and their PyTorch twins as
@@ -24,6 +25,7 @@ import pathlib
 import re
 import sys
 import time
+import warnings
 
 import jax
 
@@ -36,8 +38,17 @@ import vjp_corpus_fns as corpus  # noqa: E402
 import bpjax as bp  # noqa: E402
 
 
+DTYPE = {"name": "float64"}          # set by --dtype
+
+
+def _arguments(case):
+    import jax.numpy as jnp
+
+    return jax.tree_util.tree_map(lambda a: a.astype(DTYPE["name"]), corpus.arguments(case, jnp))
+
+
 def run_bpjax(name, case):
-    report = bp.check_vjp(corpus.jax_fn(name), *corpus.arguments(case))
+    report = bp.check_vjp(corpus.jax_fn(name), *_arguments(case))
     return (not report.ok), (set(report.failing) == set(case.wrong)) if case.wrong else None
 
 
@@ -45,7 +56,7 @@ def run_check_grads(name, case):
     from jax.test_util import check_grads
 
     try:
-        check_grads(corpus.jax_fn(name), corpus.arguments(case), order=1, modes=["rev"])
+        check_grads(corpus.jax_fn(name), _arguments(case), order=1, modes=["rev"])
     except AssertionError:
         return True, False                        # it fails the check, naming no input
     return False, (False if case.wrong else None)
@@ -55,9 +66,12 @@ def run_torch(name, case):
     import torch
     from torch.autograd.gradcheck import GradcheckError
 
-    inputs = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in corpus.leaves(case)]
+    dtype = getattr(torch, DTYPE["name"])
+    inputs = [torch.tensor(a, dtype=torch.float64).to(dtype).requires_grad_() for a in corpus.leaves(case)]
     try:
-        torch.autograd.gradcheck(corpus.torch_fn(name), tuple(inputs))
+        with warnings.catch_warnings():                 # below float64 it warns, then checks anyway
+            warnings.simplefilter("ignore")
+            torch.autograd.gradcheck(corpus.torch_fn(name), tuple(inputs))
     except GradcheckError as e:
         m = re.search(r"with respect to input (\d+)", str(e))
         named = m is not None and int(m.group(1)) in corpus.wrong_leaves(case)
@@ -73,7 +87,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-torch", action="store_true", help="leave torch.autograd.gradcheck out")
     parser.add_argument("--cases", nargs="*", default=None, help="a subset of the corpus, by name")
+    parser.add_argument("--dtype", default="float64", choices=("float64", "float32", "bfloat16"),
+                        help="the inputs' dtype for every checker (default float64)")
     args = parser.parse_args(argv)
+    DTYPE["name"] = args.dtype
     checkers = dict(CHECKERS)
     if args.no_torch:
         checkers.pop("torch gradcheck")

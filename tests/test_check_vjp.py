@@ -229,6 +229,16 @@ def test_low_precision_passes_right_rules_and_catches_wrong_ones(dtype):
     assert bp.check_vjp(corpus.jax_fn("sigmoid_sign"), (3, 4), dtype=dtype).failing == ("dx",)
 
 
+@pytest.mark.parametrize("name", ["leaky_relu_slope", "matmul_transposed", "exp_g_abs_g", "layer_norm", "logsumexp"])
+def test_bfloat16_holds_each_element_to_its_measured_rounding(name):
+    """Below float64 f's VJP also runs on float64 copies: the difference is its rounding, per
+    element, so a small bug (a slope of 0.01 for 0.1) is not lost in bfloat16's loose floor."""
+    case = corpus.CASES[name]
+    args = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), corpus.arguments(case))
+    report = bp.check_vjp(corpus.jax_fn(name), *args)
+    assert report.failing == case.wrong, report
+
+
 def test_float32_with_x64_off_still_differences_in_float64():
     with jax.enable_x64(False):
         report = bp.check_vjp(corpus.jax_fn("square_sum_missing_2"), (3, 4))
