@@ -148,26 +148,54 @@ MIXING = {("bpjax._norm", "batch_norm")}
 
 def _from_residuals(v: View, n: int):
     """‖one example's gradient of this layer alone‖², for every example: the layer's own
-    backward on example n's residuals and dy_n (a batch of one), vmapped over the examples.
-    Only for layers whose every residual has the batch axis first (``BATCH_LEADING``); their dx
-    is unused, and XLA drops it."""
-    def axis(a):
-        if a.ndim and a.shape[0] == n:
-            return 0
-        if a.ndim and a.shape[0] == 0:
-            return None                                                              # a shape record
+    backward on example n's residuals and dy_n (a batch of one), mapped over the examples
+    (vmapped in chunks, ``CHUNK_BYTES``). Only for layers whose every residual has the batch
+    axis first (``BATCH_LEADING``); their dx is unused, and XLA drops it."""
+    leaves, treedef = jax.tree_util.tree_flatten(v.res)
+
+    def batch_leading(a):
+        if a.ndim and a.shape[0] in (n, 0):
+            return a.shape[0] == n                                                   # 0: a shape record
         raise ValueError(f"per_example_grad_norms: {v.label}: expected every residual to have the "
                          f"batch axis ({n}) first, got one of shape {tuple(a.shape)}")
 
-    axes = jax.tree_util.tree_map(axis, v.res)
+    mapped = [batch_leading(a) for a in leaves]
     one = lambda a: a[None]                                                          # noqa: E731
 
-    def example(r1, dy1):
-        r = jax.tree_util.tree_map(lambda a, ax: a if ax is None else a[None], r1, axes)
-        dparams, _ = v.backward(v.params, r, jax.tree_util.tree_map(one, dy1))
+    def example(inputs):
+        rows, dy1 = inputs                                                           # example n's
+        rows = iter(rows)
+        res = treedef.unflatten([next(rows)[None] if m else a for a, m in zip(leaves, mapped)])
+        dparams, _ = v.backward(v.params, res, jax.tree_util.tree_map(one, dy1))
         return sq_norm(dparams)
 
-    return jax.vmap(example, in_axes=(axes, 0))(v.res, v.dy)                         # (N,)
+    per_example = sum(a.nbytes // n for a, m in zip(leaves, mapped) if m)
+    chunk = _divisor_at_most(n, CHUNK_BYTES // max(per_example, 1))
+    rows = [a for a, m in zip(leaves, mapped) if m]
+    if chunk == n:
+        return jax.vmap(example)((rows, v.dy))                                      # (N,)
+
+    def chunk_of(a, start):
+        return None if a is None else jax.lax.dynamic_slice_in_dim(a, start, chunk)
+
+    def body(i, out):                                 # examples [i·chunk, (i+1)·chunk), sliced in place
+        start = i * chunk
+        part = ([chunk_of(a, start) for a in rows], jax.tree_util.tree_map(lambda a: chunk_of(a, start), v.dy))
+        return jax.lax.dynamic_update_slice_in_dim(out, jax.vmap(example)(part), start, 0)
+
+    dtype = _core.accumulation_dtype(*(a.dtype for a in jax.tree_util.tree_leaves(v.params)))
+    return jax.lax.fori_loop(0, n // chunk, body, jnp.zeros((n,), dtype))           # (N,)
+
+
+def _divisor_at_most(n: int, most: int) -> int:
+    """The largest divisor of n that is at most ``most`` (at least 1)."""
+    return max(d for d in range(1, max(1, min(n, most)) + 1) if n % d == 0)
+
+
+#: Bytes of residuals vmapped at once by ``_from_residuals``: a loop takes the examples in
+#: chunks of at most this much (a divisor of N), so that what one example's backward builds (a convolution's
+#: columns, attention's probabilities) exists for a chunk of examples at a time, not all N.
+CHUNK_BYTES = 2**22
 
 
 def _explicit(v: View, n: int):

@@ -87,6 +87,19 @@ def test_models(name):
     _assert_norms(model, bp.softmax_cross_entropy(), params, state, x, y, what=name)
 
 
+def test_chunked_loop_over_examples(monkeypatch):
+    """conv and attention take their examples in chunks when the residuals are large: the loop
+    (here one example at a time, then two at a time) gives the same norms."""
+    from bpjax import _per_example
+    model = bp.sequential(bp.conv(3, 3, activation="relu"), bp.conv(2, 3, strides=2), bp.flatten(), bp.dense(3))
+    gen = np.random.default_rng(5)
+    x, y = jnp.asarray(gen.standard_normal((4, 6, 6, 2))), jnp.asarray(gen.integers(0, 3, 4))
+    params, state, _ = model.init(jax.random.PRNGKey(0), x.shape[1:])
+    for budget in (1, 2 * 6 * 6 * 3 * 8 * 2):
+        monkeypatch.setattr(_per_example, "CHUNK_BYTES", budget)
+        _assert_norms(model, bp.softmax_cross_entropy(), _f64(params), state, x, y, what=f"chunk budget {budget}")
+
+
 def _dot_loss():
     """value = (1/N) Σ_n ⟨y_n, c_n⟩ for a fixed random c: a mean over examples with a random
     error dy = c/N at the output (never ones)."""
@@ -154,7 +167,7 @@ def test_table(case):
 def test_a_layer_without_params_adds_nothing():
     model = bp.sequential(bp.dropout(0.5), bp.relu(), bp.max_pool(2), bp.flatten())
     x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4, 2)))
-    (_, _), grads, norms = bp.per_example_grad_norms(model, _dot_loss())(
+    (_, _), grads, norms = jax.jit(bp.per_example_grad_norms(model, _dot_loss()))(
         ((), (), (), ()), ((), (), (), ()), x, jnp.ones((3, 4)), key=jax.random.PRNGKey(0))
     np.testing.assert_array_equal(norms, np.zeros(3))
 
