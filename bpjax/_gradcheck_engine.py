@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +77,7 @@ def run(name: str, title: str, fn: Callable, manual: Callable, groups: Sequence[
     out, skipped, fd_used = _compute(problem, [d for _, d in blocks], V, methods, dtype=dtype, jit=jit,
                                      fd_dtype=fd_dtype, reference=reference, upcast=upcast_reference,
                                      twice=twice)
-    if "manual_up" in out and not (isinstance(rtol, dict) and "floor" in rtol):
+    if "manual_up" in out and not (isinstance(rtol, Mapping) and "floor" in rtol):
         tol["floor"] = base_tol["floor"] = min(tol["floor"], low_floor)
 
     # 4. compare, leaf by leaf, block by block, reference by reference
@@ -98,14 +98,19 @@ def run(name: str, title: str, fn: Callable, manual: Callable, groups: Sequence[
     # 5. report
     order_of = {n: k for k, n in enumerate(problem.names)}
     rows.sort(key=lambda r: (order_of.get(r.gradient, -1), r.reference != "shape"))
-    more = f" · {directions} directions" if ("fd" in methods or "jvp" in methods) else ""
-    if coords and more:
-        more = (f" · every coordinate of leaves ≤ {coords} elements, else {directions} random directions"
-                + (f" and {sample} random coordinates" if sample else ""))
     fd_name = min(fd_used, key=lambda d: jnp.finfo(d).bits) if fd_used else fd_dtype.name
     shown = tuple((labels or {}).get(m, m) for m in methods)
-    return GradientReport(title, f"{details}{more}", tuple(rows), shown, directions, fd_name,
-                          legend=legend, show_where=show_where)
+    return GradientReport(title, details + _directions_text(methods, directions, coords, sample), tuple(rows),
+                          shown, directions, fd_name, legend=legend, show_where=show_where)
+
+
+def _directions_text(methods, directions: int, coords: int, sample: int) -> str:
+    if "fd" not in methods and "jvp" not in methods:
+        return ""
+    if not coords:
+        return f" · {directions} directions"
+    return (f" · every coordinate of leaves ≤ {coords} elements, else {directions} random directions"
+            + (f" and {sample} random coordinates" if sample else ""))
 
 
 def _validated(name: str, methods, directions) -> tuple:
