@@ -28,7 +28,7 @@ from ._core import Layer, Loss, make_layer, make_loss
 from ._finite import check_finite, debug_nans
 from ._grad import cast_floating, value_and_grad
 from ._observe import gradient_flow
-from ._per_example import per_example_grad_norms
+from ._per_example import clipped_grad, per_example_grad_norms
 from ._gradcheck import (GradientReport, assert_gradients_close, check_layer, check_loss, check_model,
                          per_example_grads)
 from ._losses import *  # noqa: F401,F403

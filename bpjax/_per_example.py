@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from . import _core
 from ._observe import Client, View, flatten_entries, observe, param_size, paused, sq_norm
 
-__all__ = ["per_example_grad_norms"]
+__all__ = ["per_example_grad_norms", "clipped_grad"]
 
 
 def _acc(*arrays):
@@ -287,3 +287,47 @@ def per_layer_norms(entries, n: int) -> dict:
     """Each leaf layer's part of the per-example norms, ``{label: (N,)}`` (N·√part)."""
     return {e.label: n * jnp.sqrt(e.values["sq"]) for e in flatten_entries(entries) if "sq" in e.values}
 
+
+
+# ----------------------------------------------------------------------------- clipping
+
+
+def clipped_grad(model, loss, clip_norm: float):
+    """The mean of the per-example gradients, each clipped to norm at most C = ``clip_norm``
+    (DP-SGD's gradient, before the noise), without per-example gradients.
+
+    Returns ``f(params, state, x, target, *, key=None) -> ((value, new_state), grads, norms)``::
+
+        norms_n = ‖g_n‖                                   (N,)  as per_example_grad_norms
+        grads   = (1/N) Σ_n min(1, C/‖g_n‖) g_n           the params' tree
+
+    One forward, then two backwards: the first, observed, gives the norms (its weight
+    gradients are unused and XLA drops them); the second runs the model's backward again with
+    the error at the output scaled row by row, dy_n ← min(1, C/‖g_n‖)·dy_n, so that every
+    layer's dθ = Σ_n (scaled dy_n's share) is the clipped mean. Right for any model that does
+    not mix examples (``batch_norm`` in training is refused, naming it).
+    """
+    from ._observe import Client
+    _core.check_model_and_loss("clipped_grad", model, loss)
+    c = _core.check_real("clipped_grad", "clip_norm", clip_norm)
+    if c <= 0:
+        raise ValueError(f"clipped_grad: expected clip_norm > 0, got {clip_norm!r}")
+
+    def passes(params, state, x, target, key):
+        y, new_state, res = model.forward(params, state, x, key=key, train=True)       # forward
+        value, loss_res = loss.forward(y, target)
+        dy = loss.backward(loss_res)                                                   # (N, ...) = ∂ℓ_n/∂y / N
+        model.backward(params, res, dy)                                                # observed: the norms
+        return value, new_state, res, dy
+
+    def f(params, state, x, target, *, key=None):
+        n = jax.tree_util.tree_leaves(x)[0].shape[0]
+        (value, new_state, res, dy), entries = observe(passes, _PerExample(n))(params, state, x, target, key)
+        sq = sum((e.values["sq"] for e in entries if "sq" in e.values), jnp.zeros((n,), jnp.float32))
+        norms = n * jnp.sqrt(sq)                                                       # (N,)
+        scale = jnp.minimum(1.0, c / jnp.maximum(norms, jnp.finfo(norms.dtype).tiny))  # (N,)
+        dy = dy * scale.reshape((n,) + (1,) * (dy.ndim - 1)).astype(dy.dtype)         # rows scaled
+        (grads, _), _ = observe(model.backward, Client())(params, res, dy)             # tapes unwrapped
+        return (value, new_state), grads, norms
+
+    return f

@@ -208,6 +208,28 @@ def test_bad_arguments_name_the_function():
         bp.gradient_flow(bp.dense(3), bp.softmax_cross_entropy)
 
 
+@pytest.mark.parametrize("name", ["mlp", "mnist1d_cnn"])
+def test_clipped_grad_equals_the_vmapped_reference(name):
+    """(1/N) Σ_n min(1, C/‖g_n‖) g_n from the rows of dy scaled, against per_example_grads."""
+    model, params, state, x, y = _model_case(name)
+    loss = bp.softmax_cross_entropy()
+    pe = jax.jit(bp.per_example_grads(model, loss))(params, state, x, y)
+    ref_norms = _reference_norms(pe)
+    clip = float(np.median(ref_norms))                     # about half the examples are clipped
+    scale = np.minimum(1.0, clip / np.asarray(ref_norms))
+    ref = jax.tree_util.tree_map(lambda a: np.mean(a * scale.reshape((-1,) + (1,) * (a.ndim - 1)), 0), pe)
+    (_, _), grads, norms = jax.jit(bp.clipped_grad(model, loss, clip))(params, state, x, y)
+    np.testing.assert_allclose(norms, ref_norms, rtol=1e-10)
+    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12 * float(np.max(np.abs(b))))
+
+
+@pytest.mark.parametrize("clip", [0.0, -1.0, float("nan")])
+def test_clipped_grad_refuses_a_bad_clip_norm(clip):
+    with pytest.raises(ValueError, match="clipped_grad: expected"):
+        bp.clipped_grad(bp.dense(2), bp.squared_error(), clip)
+
+
 SHARDED = r"""
 import jax, jax.numpy as jnp, numpy as np
 jax.config.update("jax_enable_x64", True)
