@@ -64,7 +64,8 @@ def check_vjp(f: Callable, *args, reference: Optional[Callable] = None,
         f: any JAX function of pytrees returning floating-point arrays (a pytree of them).
         *args: its positional arguments. A leaf may be an array (checked there), or a shape to
             draw a random non-degenerate value for: a ``jax.ShapeDtypeStruct`` or a tuple of
-            ints (N(0, 1) entries; a scalar ±U(0.5, 1.5)).
+            ints (N(0, 1) entries; a scalar ±U(0.5, 1.5)). To pass a tuple of ints as itself
+            (axes), close over it: ``functools.partial(f, axes=(0, 1))``.
         reference: a plain JAX function computing the same primal (same arguments, same
             outputs); its autodiff becomes a second reference, ``ref``.
         argnums: the arguments differentiated (default: every argument with a floating-point
