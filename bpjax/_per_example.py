@@ -307,27 +307,104 @@ def clipped_grad(model, loss, clip_norm: float):
     layer's dθ = Σ_n (scaled dy_n's share) is the clipped mean. Right for any model that does
     not mix examples (``batch_norm`` in training is refused, naming it).
     """
-    from ._observe import Client
     _core.check_model_and_loss("clipped_grad", model, loss)
     c = _core.check_real("clipped_grad", "clip_norm", clip_norm)
     if c <= 0:
         raise ValueError(f"clipped_grad: expected clip_norm > 0, got {clip_norm!r}")
+
+    clipped = _clipped(model, loss, c)
+
+    def f(params, state, x, target, *, key=None):
+        value, new_state, _, grads, norms = clipped(params, state, x, target, key)
+        return (value, new_state), grads, norms
+
+    return f
+
+
+def _clipped(model, loss, c: float):
+    """``f(params, state, x, target, key) -> (value, new_state, y, clipped grads, norms)``."""
+    from ._observe import Client
 
     def passes(params, state, x, target, key):
         y, new_state, res = model.forward(params, state, x, key=key, train=True)       # forward
         value, loss_res = loss.forward(y, target)
         dy = loss.backward(loss_res)                                                   # (N, ...) = ∂ℓ_n/∂y / N
         model.backward(params, res, dy)                                                # observed: the norms
-        return value, new_state, res, dy
+        return value, new_state, y, res, dy
 
-    def f(params, state, x, target, *, key=None):
+    def f(params, state, x, target, key):
         n = jax.tree_util.tree_leaves(x)[0].shape[0]
-        (value, new_state, res, dy), entries = observe(passes, _PerExample(n))(params, state, x, target, key)
+        (value, new_state, y, res, dy), entries = observe(passes, _PerExample(n))(params, state, x, target, key)
         sq = sum((e.values["sq"] for e in entries if "sq" in e.values), jnp.zeros((n,), jnp.float32))
         norms = n * jnp.sqrt(sq)                                                       # (N,)
         scale = jnp.minimum(1.0, c / jnp.maximum(norms, jnp.finfo(norms.dtype).tiny))  # (N,)
         dy = dy * scale.reshape((n,) + (1,) * (dy.ndim - 1)).astype(dy.dtype)         # rows scaled
         (grads, _), _ = observe(model.backward, Client())(params, res, dy)             # tapes unwrapped
-        return (value, new_state), grads, norms
+        return value, new_state, y, _core.cast_like(grads, params), norms
 
     return f
+
+
+# ----------------------------------------------------------------------------- DP-SGD
+
+
+def check_dp(clip: float, noise: float, delta: float) -> tuple:
+    """The DP-SGD options as floats, or ``ValueError`` naming the one that is wrong."""
+    clip = _core.check_real("dp-sgd", "--dp-clip", clip)
+    noise = _core.check_real("dp-sgd", "--dp-noise", noise)
+    delta = _core.check_real("dp-sgd", "--dp-delta", delta)
+    if clip <= 0:
+        raise ValueError(f"dp-sgd: expected --dp-clip > 0, got {clip:g}")
+    if noise < 0:
+        raise ValueError(f"dp-sgd: expected --dp-noise >= 0, got {noise:g}")
+    if not 0 < delta < 1:
+        raise ValueError(f"dp-sgd: expected --dp-delta in (0, 1), got {delta:g}")
+    return clip, noise, delta
+
+
+def dp_forward_backward(model, loss, clip: float, noise: float):
+    """DP-SGD's gradient, with :func:`bpjax._grad.forward_backward`'s signature (for the training
+    step): ``f(params, state, x, target, *, key) -> (value, new_state, y, grads)`` with::
+
+        grads = (1/B) Σ_n min(1, C/‖g_n‖) g_n  +  (σ·C/B) · z,   z ~ N(0, I)
+
+    (B the batch, C = ``clip``, σ = ``noise``; :func:`clipped_grad`). The noise has its own
+    key, ``fold_in(key, NOISE_STREAM)``, apart from the layers' (dropout) key."""
+    clipped = _clipped(model, loss, clip)
+
+    def f(params, state, x, target, *, key=None):
+        value, new_state, y, grads, _ = clipped(params, state, x, target, key)
+        n = jax.tree_util.tree_leaves(x)[0].shape[0]
+        leaves, treedef = jax.tree_util.tree_flatten(grads)
+        k = jax.random.fold_in(key if key is not None else jax.random.PRNGKey(0), NOISE_STREAM)
+        zs = [jax.random.normal(kk, g.shape, g.dtype) for kk, g in zip(jax.random.split(k, len(leaves)), leaves)]
+        std = noise * clip / n
+        return value, new_state, y, treedef.unflatten([g + std * z for g, z in zip(leaves, zs)])
+
+    return f
+
+
+#: The ``fold_in`` constant of DP-SGD's noise key (the layers' dropout key is the step key itself).
+NOISE_STREAM = 0x6E6F6973
+
+
+def dp_epsilon(noise: float, sampling_rate: float, steps: int, delta: float) -> float:
+    """ε spent at δ after ``steps`` steps of the Gaussian mechanism with noise multiplier σ =
+    ``noise`` on batches sampled with probability q = ``sampling_rate`` (Poisson), by Google's
+    ``dp-accounting`` (its RDP accountant). ``inf`` for σ = 0."""
+    import logging
+
+    import dp_accounting
+    from dp_accounting import rdp
+    if noise == 0:
+        return float("inf")
+    acc = rdp.RdpAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(sampling_rate, dp_accounting.GaussianDpEvent(noise))
+    acc.compose(dp_accounting.SelfComposedDpEvent(event, int(steps)))
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)        # its notes on RDP orders left out of the bound
+    try:
+        return float(acc.get_epsilon(delta))
+    finally:
+        absl.setLevel(level)

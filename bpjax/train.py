@@ -59,15 +59,21 @@ class FitResult:
 
 
 def _step_fn(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, *,
-             classification: bool = True, compute_dtype=None):
+             classification: bool = True, compute_dtype=None, dp=None):
     """The pure training step: the hand-written forward and backward, then an optax update.
 
     ``step(params, state, opt_state, x, y, key, step_num) -> (params, state, opt_state, loss,
     correct)``; the layers' randomness (dropout) uses ``fold_in(key, step_num)``. With
     ``compute_dtype`` the forward and backward run in it on cast copies and ``params`` stay the
-    (float32) master weights (:func:`bpjax._grad.forward_backward`).
+    (float32) master weights (:func:`bpjax._grad.forward_backward`). With ``dp = (C, σ)`` the
+    gradient is DP-SGD's: per-example clipped to C, averaged, plus Gaussian noise of standard
+    deviation σ·C/B (:func:`bpjax._per_example.dp_forward_backward`).
     """
-    fb = forward_backward(model, loss, compute_dtype=compute_dtype)
+    if dp is None:
+        fb = forward_backward(model, loss, compute_dtype=compute_dtype)
+    else:
+        from ._per_example import dp_forward_backward
+        fb = dp_forward_backward(model, loss, *dp)
 
     def step(params, state, opt_state, x, y, key, step_num):
         value, state, out, grads = fb(params, state, x, y, key=jax.random.fold_in(key, step_num))
@@ -101,7 +107,7 @@ def make_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransform
 @functools.lru_cache(maxsize=16)
 def make_train_chunk(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, *,
                      batch_size: int, max_steps: int, classification: bool = True, mesh=None,
-                     fsdp: bool = False, compute_dtype=None):
+                     fsdp: bool = False, compute_dtype=None, dp=None):
     """Many training steps in one dispatch: the loop :func:`fit` runs, on the device.
 
     ``chunk(carry, x_all, y_all, order, first, count, key, step0) -> (carry, losses, corrects)``
@@ -114,9 +120,9 @@ def make_train_chunk(model: Layer, loss: Loss, optimizer: optax.GradientTransfor
 
     On a ``mesh`` each batch is split over ``"data"`` and params/opt_state stay replicated or
     FSDP-sharded. The result is cached: ``fit`` calls with the same model, loss, optimizer and
-    configuration share one compiled loop.
+    configuration share one compiled loop. ``dp = (C, σ)``: DP-SGD steps (:func:`_step_fn`).
     """
-    step = _step_fn(model, loss, optimizer, classification=classification, compute_dtype=compute_dtype)
+    step = _step_fn(model, loss, optimizer, classification=classification, compute_dtype=compute_dtype, dp=dp)
     if mesh is None:
         constrain = lambda tree, kind: tree                           # noqa: E731
     else:
@@ -343,7 +349,8 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
         log: Callable[[str], None] = print, stop_after_epoch: Optional[int] = None,
         mesh=None, fsdp: bool = False, compute_dtype=None,
         steps_per_dispatch: Optional[int] = None,
-        epoch_hook: Optional[Callable[..., Dict[str, float]]] = None) -> FitResult:
+        epoch_hook: Optional[Callable[..., Dict[str, float]]] = None,
+        dp: Optional[tuple] = None) -> FitResult:
     """Train ``model`` under ``loss`` on ``data`` with the hand-written backward.
 
     The training split goes onto the device once; each epoch's order is drawn there, and many
@@ -386,6 +393,13 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
       epoch_hook: ``epoch_hook(epoch, params, state) -> dict``, called once before training
         (its result ignored) and after every epoch; what it returns joins that epoch's metrics
         row (``bpjax train --grad-flow``: :class:`bpjax._observe.FlowRecorder`).
+      dp: ``(C, σ, δ)``: DP-SGD. Each step's gradient is the mean of the per-example gradients
+        clipped to norm C plus Gaussian noise of standard deviation σ·C/B, from its own key
+        (``bpjax train --dp-clip C --dp-noise σ --dp-delta δ``). Batches are the epoch's
+        shuffled order cut into B examples (each example once per epoch); the privacy spent,
+        ``epsilon`` at δ in every metrics row, is accounted as if each batch were Poisson-sampled
+        with rate B/n (the usual approximation for shuffled batches), by ``dp-accounting``'s RDP
+        accountant over the steps so far.
 
     Returns:
       A :class:`FitResult` with the final (or best) params and state, the history, the test
@@ -415,7 +429,8 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
     x_dev, y_dev = _place_data(mesh, x_tr), _place_data(mesh, y_tr)
     chunk = make_train_chunk(model, loss, optimizer, batch_size=batch_size,
                              max_steps=min(steps_per_epoch, MAX_STEPS_PER_DISPATCH),
-                             classification=classification, mesh=mesh, fsdp=fsdp, compute_dtype=compute_dtype)
+                             classification=classification, mesh=mesh, fsdp=fsdp, compute_dtype=compute_dtype,
+                             dp=None if dp is None else tuple(dp[:2]))
     order_fn = _order_fn(n, mesh)
     eval_step = make_eval_step(model, loss, classification=classification)
     pacer = _Pacer(steps_per_dispatch, min(steps_per_epoch, MAX_STEPS_PER_DISPATCH))
@@ -443,6 +458,9 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
                              epoch, steps_per_epoch, batch_size, losses, corrects, t0)
             if epoch_hook is not None:
                 row.update(epoch_hook(epoch, params, state))
+            if dp is not None:
+                from ._per_example import dp_epsilon
+                row["epsilon"] = dp_epsilon(dp[1], batch_size / n, epoch * steps_per_epoch, dp[2])
             history.append(row)
             if metrics_path:
                 _write_row(metrics_path, row)
@@ -750,6 +768,12 @@ def add_arguments(p) -> None:
     p.add_argument("--grad-flow", action="store_true",
                    help="every epoch, each layer's ‖dy‖, ‖dx‖, ‖dθ‖, ‖θ‖ and update-to-weight ratio on a fixed "
                         "batch, in the metrics and in gradflow.png")
+    p.add_argument("--dp-clip", type=float, default=None, metavar="C",
+                   help="DP-SGD: clip each example's gradient to norm C (needs --dp-noise)")
+    p.add_argument("--dp-noise", type=float, default=None, metavar="SIGMA",
+                   help="DP-SGD: Gaussian noise of std SIGMA*C/batch on the clipped mean gradient")
+    p.add_argument("--dp-delta", type=float, default=None, metavar="DELTA",
+                   help="DP-SGD: report epsilon at this delta every epoch (default 1e-5)")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="train over several processes: process 0's address and a free port (every process "
                         "gets the same); then only process 0 prints and writes metrics, plot and summary")
@@ -813,6 +837,11 @@ def command(args) -> int:
         print(e if str(e).startswith("bpjax train:") else f"bpjax train: {e}", file=sys.stderr)
         return 2
     say = print if main else (lambda *a, **k: None)                            # noqa: E731
+    try:
+        dp = _dp_from_args(args)
+    except ValueError as e:
+        print(f"bpjax train: {e}", file=sys.stderr)
+        return 2
     out = pathlib.Path(args.out or f"runs/{args.model}-{args.dataset}-s{args.seed}")
     try:
         data = load(args.dataset)
@@ -846,6 +875,10 @@ def command(args) -> int:
         f"{data.x_test.shape[0]} test), {args.epochs} epochs of batch {args.batch_size}, "
         f"{args.optimizer} lr {args.lr:g} ({args.schedule}), {args.dtype}, device {jax.devices()[0].platform}"
         f"{processes}, writing to {out}")
+    if dp is not None:
+        say(f"bpjax train: DP-SGD: each example's gradient clipped to {dp[0]:g}, noise std {dp[1]:g}·{dp[0]:g}/"
+            f"{args.batch_size}; batches: each epoch's shuffled order cut into {args.batch_size}; epsilon at "
+            f"delta {dp[2]:g} by dp-accounting (RDP), as Poisson sampling at rate batch/n")
     metrics = out / f"metrics.{args.metrics_format}"
     try:
         result = fit(model, loss, data, optimizer=optimizer, epochs=args.epochs,
@@ -856,7 +889,7 @@ def command(args) -> int:
                      plot_path=None if args.no_plot or not main else out / "curves.png",
                      progress=main and not args.no_progress, log=say, mesh=mesh, fsdp=args.fsdp,
                      compute_dtype=None if args.dtype == "float32" else jnp.dtype(args.dtype),
-                     epoch_hook=_grad_flow_hook(args, model, loss, data, out, main))
+                     epoch_hook=_grad_flow_hook(args, model, loss, data, out, main), dp=dp)
     except TrainingError as e:
         print(f"bpjax train: {e}", file=sys.stderr)
         return 1
@@ -878,6 +911,21 @@ def command(args) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(final_line(args, result, out, time.perf_counter() - started))
     return 0
+
+
+def _dp_from_args(args):
+    """``--dp-clip/--dp-noise/--dp-delta`` as ``(C, σ, δ)``, None without them, or ValueError."""
+    clip, noise, delta = (getattr(args, k, None) for k in ("dp_clip", "dp_noise", "dp_delta"))
+    if clip is None:
+        if noise is not None or delta is not None:
+            raise ValueError("expected --dp-clip with --dp-noise and --dp-delta (DP-SGD), got no --dp-clip")
+        return None
+    if noise is None:
+        raise ValueError("expected --dp-noise with --dp-clip (DP-SGD), got no --dp-noise")
+    if args.dtype != "float32":
+        raise ValueError(f"expected --dtype float32 with --dp-clip (DP-SGD runs in float32), got --dtype {args.dtype}")
+    from ._per_example import check_dp
+    return check_dp(clip, noise, 1e-5 if delta is None else delta)
 
 
 def _grad_flow_hook(args, model, loss, data, out, main):
@@ -910,14 +958,16 @@ def final_line(args, result: FitResult, out: pathlib.Path, seconds: float) -> st
 DEFINING = {"model": "--model", "dataset": "--dataset", "seed": "--seed", "dtype": "--dtype",
             "batch_size": "--batch-size", "optimizer": "--optimizer", "lr": "--lr", "schedule": "--schedule",
             "weight_decay": "--weight-decay", "val_fraction": "--val-fraction", "epochs": "--epochs",
-            "metrics_format": "--metrics-format", "bpjax_version": "the bpjax version"}
+            "metrics_format": "--metrics-format", "bpjax_version": "the bpjax version",
+            "dp_clip": "--dp-clip", "dp_noise": "--dp-noise", "dp_delta": "--dp-delta"}
 
 
 def run_arguments(args) -> Dict[str, Any]:
     """The arguments that define the run of ``bpjax train`` ``args`` (keys of :data:`DEFINING`)."""
     from . import __version__
 
-    defining = {k: getattr(args, k) for k in DEFINING if k not in ("epochs", "bpjax_version")}
+    defining = {k: getattr(args, k, None) for k in DEFINING if k not in ("epochs", "bpjax_version")
+                and not (k.startswith("dp_") and getattr(args, k, None) is None)}   # DP-SGD only when on
     if args.schedule == "cosine":                    # the learning rate decays to 0 over --epochs
         defining["epochs"] = args.epochs
     defining["bpjax_version"] = __version__

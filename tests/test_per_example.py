@@ -118,8 +118,8 @@ def _dot_loss():
 MIXING = {"batch_norm-train-4d", "batch_norm-eval", "add-resnet-projection"}
 
 
-#: Checked, inside a model, by test_models (and slow to compile twice more).
-COVERED = {"dense", "conv", "gru", "gpt"}
+#: Checked, inside a model, by test_models and the tests below (and slow to compile again).
+COVERED = {"dense", "conv", "gru", "gpt", "sequential", "residual", "dense-width10-padded"}
 
 
 def _has_params(case):
