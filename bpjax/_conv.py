@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -175,9 +176,12 @@ def _place(v, kappa, dilation, strides, padded_spatial):
 # Eigen falls behind with few channels, so the extra row is added only when C_in and C_out
 # are both at least _EIGEN_MIN_CHANNELS. Eigen has no float64 convolution (XLA then emits a
 # plain loop), nor one for base (input) dilation, kernel dilation or a kernel larger than
-# the input, so those keep their usual path. Autodiff of such a forward cannot drop the extra
-# row: its kernel gradient becomes a convolution with a kernel taller than its input, which
-# neither library takes (seconds, not milliseconds, on the 2-D CNN).
+# the input, so those keep their usual path. Autodiff of the routed convolution as written
+# could not drop the extra row: its kernel gradient would be a convolution with a kernel taller
+# than its input, which neither library takes (4.7 s, not 0.3, for the 2-D CNN's step). So the
+# routed convolution carries a ``jax.custom_jvp`` whose tangent is the plain convolution's (see
+# "what autodiff sees" below): jax.grad of a forward differentiates the plain convolution,
+# while the forward itself, and the hand-written dx that also calls ``_lax_conv``, run routed.
 
 _EIGEN_MIN_CHANNELS = 16
 
@@ -207,11 +211,77 @@ def _lax_conv(lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilation, 
     if extra is None:
         extra = _eigen_rows(lhs.shape, rhs.shape[-1], lhs.dtype, out, window_strides=window_strides,
                             lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, groups=groups)
-    padding = [(padding[0][0], padding[0][1] + extra), *padding[1:]]  # stride 1: a row out per row
-    y = lax.conv_general_dilated(lhs, rhs, window_strides=window_strides, padding=padding,
-                                 lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-                                 dimension_numbers=_DIMENSION_NUMBERS[r], feature_group_count=groups)
-    return y[:, :out[0]] if extra else y
+    geometry = _Geometry(tuple(window_strides), tuple(map(tuple, padding)), tuple(lhs_dilation),
+                         tuple(rhs_dilation), groups)
+    return _routed_conv(lhs, rhs, geometry, extra) if extra else _plain_conv(lhs, rhs, geometry)
+
+
+class _Geometry(NamedTuple):
+    """A convolution's per-axis strides s, (lo, hi) padding, input dilation u, kernel dilation d,
+    and its feature groups: the arguments of ``lax.conv_general_dilated`` but for the layouts."""
+    strides: tuple
+    pads: tuple
+    in_dilation: tuple
+    dilation: tuple
+    groups: int
+
+
+def _plain_conv(x, w, g: _Geometry):
+    """The generalised convolution as one ``lax.conv_general_dilated``.    (N, *O, C_out)"""
+    return lax.conv_general_dilated(x, w, window_strides=g.strides, padding=g.pads,
+                                    lhs_dilation=g.in_dilation, rhs_dilation=g.dilation,
+                                    dimension_numbers=_DIMENSION_NUMBERS[x.ndim - 2],
+                                    feature_group_count=g.groups)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _routed_conv(x, w, g: _Geometry, extra: int):
+    """``_plain_conv`` with ``extra`` more rows of zero padding at the high end of the first
+    spatial axis, whose output rows are dropped (stride 1 there: one output row per row).
+    Differentiated as ``_plain_conv`` (``_plain_conv_jvp``)."""
+    pads = ((g.pads[0][0], g.pads[0][1] + extra), *g.pads[1:])
+    y = _plain_conv(x, w, g._replace(pads=pads))                           # (N, O + extra, ..., C_out)
+    return y[:, :y.shape[1] - extra]                                       # (N, *O, C_out)
+
+
+# ----------------------------------------------------------------------------- what autodiff sees
+#
+# The routed convolution and the forward by columns (below) compute the plain convolution
+# another way, for speed on one backend. ``jax.grad`` of a forward (``bp.reference_value_and_grad``,
+# ``bp.check_model``) must cost what it costs on the plain network, not what autodiff of the
+# other formulation costs: the extra row (above) turns its kernel gradient into a naive loop, and
+# the chunked columns into a reverse scan over chunks. Both therefore carry a ``jax.custom_jvp``
+# whose tangent is the plain convolution's, linear in the tangents (dx, dW) of x and W::
+#
+#     ẏ = conv(ẋ, W) + conv(x, Ẇ)                                        (N, *O, C_out)
+#
+# (plus ḃ and the activation's f'(z) ⊙ for the columns); reverse mode transposes it into
+# XLA's usual dx and dW convolutions, exactly what autodiff of the plain ``lax`` network runs.
+# A tangent that is a symbolic zero (an input x that is data, not a parameter) drops its term,
+# so no convolution of zeros is computed. The hand-written backward is unaffected: it never
+# differentiates the forward, and the primal computation is the same program as before.
+
+
+def _conv_tangent(x, w, dx, dw, g: _Geometry):
+    """ẏ = conv(ẋ, W) + conv(x, Ẇ), leaving out the terms whose tangent is a symbolic zero;
+    None when both are.                                                    (N, *O, C_out)"""
+    terms = [_plain_conv(a, b, g) for a, b, t in ((dx, w, dx), (x, dw, dw)) if not _is_zero(t)]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+def _is_zero(t) -> bool:
+    return t is None or isinstance(t, jax.custom_derivatives.SymbolicZero)
+
+
+def _plain_conv_jvp(g, extra, primals, tangents):
+    """The tangent rule of ``_routed_conv``: the plain convolution's."""
+    x, w = primals
+    y = _routed_conv(x, w, g, extra)
+    dy = _conv_tangent(x, w, *tangents, g)
+    return y, jnp.zeros_like(y) if dy is None else dy
+
+
+_routed_conv.defjvp(_plain_conv_jvp, symbolic_zeros=True)
 
 
 # ----------------------------------------------------------------------------- the two gradients
@@ -397,6 +467,32 @@ def _conv_columns(x, w, bias, *, out, activation, strides, pads, in_dilation, di
     return _chunked(one, b, x)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
+def _conv_by_columns(x, w, bias, out, activation, g: _Geometry):
+    """``_conv_columns``, differentiated as the plain convolution (see "what autodiff sees")::
+
+        ż = conv(ẋ, W) + conv(x, Ẇ) + ḃ,   ẏ = f'(z) ⊙ ż  with f'(z) from y (the backward's)
+                                                                           (N, *O, C_out)"""
+    return _conv_columns(x, w, bias, out=out, activation=activation, strides=g.strides, pads=g.pads,
+                         in_dilation=g.in_dilation, dilation=g.dilation)
+
+
+def _columns_jvp(out, activation, g, primals, tangents):
+    x, w, bias = primals
+    dx, dw, db = tangents
+    y = _conv_by_columns(x, w, bias, out, activation, g)
+    dz = _conv_tangent(x, w, dx, dw, g)
+    if bias is not None and not _is_zero(db):
+        dz = jnp.broadcast_to(db, y.shape) if dz is None else dz + db
+    if dz is None:
+        return y, jnp.zeros_like(y)
+    df = _ACTIVATIONS[activation][1]
+    return y, dz if df is None else dz * df(y)
+
+
+_conv_by_columns.defjvp(_columns_jvp, symbolic_zeros=True)
+
+
 def _error(dyb, yb, activation):
     """dz = dy ⊙ f'(z) for one chunk, f'(z) from the chunk yb = (y,) of the layer's output
     (yb = () and dz = dy without an activation): formed inside the column loops, so dz is
@@ -534,8 +630,8 @@ def _conv_layer(name, out_channels, kernel_size, strides, padding, dilation, gro
         xc, w = _promote(x, params["w"])                                      # lax wants one dtype
         bias = params["b"] if use_bias else None
         if _by_columns(impl, x.shape, out_channels, xc.dtype, g, out, groups)[0]:
-            y = _conv_columns(xc, w, bias, out=out, activation=activation, strides=g["strides"],
-                              pads=g["pads"], in_dilation=g["in_dilation"], dilation=g["dilation"])
+            y = _conv_by_columns(xc, w, bias, out, activation,
+                                 _Geometry(g["strides"], g["pads"], g["in_dilation"], g["dilation"], 1))
         else:
             z = _lax_conv(xc, w, window_strides=g["strides"], padding=g["pads"],
                           lhs_dilation=g["in_dilation"], rhs_dilation=g["dilation"],
