@@ -7,7 +7,10 @@ For each model (``scripts/bench.py``'s definitions: the MLP 784-1024-1024-10 at 
 * ``value_and_grad``: ``bp.value_and_grad``, the plain training gradient;
 * ``norms+grads``: ``bp.per_example_grad_norms``, the same gradient and every example's norm;
 * ``vmapped``: ``bp.per_example_grads`` (each example's whole gradient, vmapped) and the norms
-  of those, as jax_privacy computes them.
+  of those, as jax_privacy computes them;
+* ``clipped_grad (DP-SGD)``: ``bp.clipped_grad`` (C = 1), DP-SGD's clipped mean gradient (the
+  noise, one normal draw per parameter, left out): an observed backward for the norms, then
+  a second backward with the rows of dy scaled.
 
 Time: the median of ``--rounds`` rounds, each the mean of ``--reps`` calls, the three variants
 interleaved round by round (a busy machine slows them alike). Memory: the XLA temporary
@@ -50,7 +53,9 @@ def variants(model, loss):
         sq = sum(jnp.sum(a.reshape(a.shape[0], -1) ** 2, axis=1) for a in jax.tree_util.tree_leaves(g))
         return (value, new_state), grads, jnp.sqrt(sq)
 
-    return {"value_and_grad": plain, "norms+grads": ours, "vmapped per_example_grads": vmapped}
+    clipped = bp.clipped_grad(model, loss, 1.0)
+    return {"value_and_grad": plain, "norms+grads": ours, "vmapped per_example_grads": vmapped,
+            "clipped_grad (DP-SGD)": clipped}
 
 
 def measure(name, rounds, reps):
