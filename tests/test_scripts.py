@@ -109,3 +109,10 @@ def test_paper_cnn_variants_train_and_use_pytorchs_init_scale():
     from bpjax import datasets
     final, best = script.train(datasets.mnist1d(), torch_init=True, in_order=True, steps=250, seed=0)
     assert 0.5 < final <= best <= 1.0                          # 250 steps already learn a lot
+
+
+def test_autodiff_speed_quick_prints_the_table(capsys):
+    rows = _load("autodiff_speed").main(["--quick", "--models", "cnn2d"])
+    out = capsys.readouterr().out
+    assert "| network | batch | (a) jax.grad of bpjax forward, ms |" in out and "| 2-D CNN 3×3 32-64, 28×28 | 2 |" in out
+    assert [set(ms) for _, _, ms in rows] == [{"a", "b", "c"}]
