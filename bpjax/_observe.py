@@ -139,11 +139,11 @@ class View:
 
 
 class Client:
-    """What to record. ``tape(name, module, params)`` says, after a leaf layer's forward, whether
-    its backward will need x (a :class:`_Tape`); ``measure(view)`` returns the dict of arrays to
-    record for that layer (it may raise, naming ``view.label``)."""
+    """What to record. ``tape(name, module, params, leaf)`` says, after a layer's forward,
+    whether its backward will need x (a :class:`_Tape`); ``measure(view)`` returns the dict of
+    arrays to record for that layer (it may raise, naming ``view.label``)."""
 
-    def tape(self, name: str, module: str, params) -> bool:
+    def tape(self, name: str, module: str, params, leaf: bool) -> bool:
         return False
 
     def measure(self, view: View) -> dict:
@@ -197,7 +197,7 @@ class _Observer:
             y, new_state, res = forward(params, state, x, key=key, train=train)
         finally:
             self.forward_stack.pop()
-        if not frame.children and self.client.tape(name, forward.__module__, params):
+        if self.client.tape(name, forward.__module__, params, leaf=not frame.children):
             res = _Tape(res, x, state, key, forward, train)
         return y, new_state, res
 

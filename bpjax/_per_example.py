@@ -222,9 +222,11 @@ class _PerExample(Client):
     def __init__(self, n: int):
         self.n = n
 
-    def tape(self, name, module, params):
+    def tape(self, name, module, params, leaf):
         if not jax.tree_util.tree_leaves(params):
             return False
+        if not leaf:                    # a user's combinator may have params of its own: rerun it
+            return not module.startswith("bpjax.")
         return (module, name) not in LEAF_RULES and (module, name) not in BATCH_LEADING
 
     def measure(self, v: View) -> dict:

@@ -193,6 +193,31 @@ def test_a_users_layer_takes_part():
     _assert_norms(model, bp.softmax_cross_entropy(), _f64(params), state, x, y, what="user layer")
 
 
+def test_a_users_combinator_with_params_of_its_own():
+    """A make_layer layer that calls a dense layer and scales its output by a param of its own:
+    its params are not just its layer's, so it is rerun per example as a whole."""
+    inner = bp.dense(3)
+
+    def init(key, in_shape):
+        p, _, out = inner.init(key, in_shape)
+        return {"inner": p, "g": jnp.asarray(1.5)}, (), out
+
+    def forward(params, state, x, *, key=None, train=True):
+        y, _, r = inner.forward(params["inner"], (), x)
+        return params["g"] * y, state, (y, r)
+
+    def backward(params, res, dy):
+        y, r = res
+        d_inner, dx = inner.backward(params["inner"], r, params["g"] * dy)
+        return {"inner": d_inner, "g": jnp.sum(dy * y)}, dx
+
+    model = bp.sequential(bp.dense(4), bp.tanh(), bp.make_layer("gain", init, forward, backward))
+    params, state, _ = model.init(jax.random.PRNGKey(0), (5,))
+    gen = np.random.default_rng(2)
+    x, y = jnp.asarray(gen.standard_normal((5, 5))), jnp.asarray(gen.integers(0, 3, 5))
+    _assert_norms(model, bp.softmax_cross_entropy(), _f64(params), state, x, y, what="user combinator")
+
+
 def test_batch_norm_in_training_is_refused_by_name():
     model = bp.sequential(bp.dense(4), bp.batch_norm(), bp.relu(), bp.dense(2))
     params, state, _ = model.init(jax.random.PRNGKey(0), (3,))
