@@ -719,6 +719,9 @@ def conv(out_channels: int, kernel_size, *, strides=1, padding="SAME", dilation=
     On CPU, a float32 2-D lax convolution at stride 1 with at least 16 channels in and out
     gets one extra output row, dropped again, which makes XLA run it with Eigen rather than
     YNNPACK, about twice as fast (see this module's "lax on CPU" section).
+    Whatever ``impl`` picks, ``jax.grad`` of the forward differentiates the plain
+    convolution: the routed and column forwards carry a ``jax.custom_jvp`` with its tangent
+    (see "what autodiff sees").
     ``'columns'`` (groups = 1 only): all three as matrix products over im2col columns
     (b·∏O, ∏K·C_in), a few examples at a time: y = cols·W, dW = Σ colsᵀ·dy, and dx the
     columns dy·Wᵀ added back where they were read. ``'auto'`` (the default), on CPU for 2 or
