@@ -180,6 +180,8 @@ class _Observer:
         self.scopes: list = []          # running backwards
         self.entries: list = []         # entries of the outermost layers, in backward order
         self.calls = 0                  # forward calls so far (the order of the entries)
+        self.log: list = []             # every backward, in the order they began: token, leaf, dy, dx
+        self.carried = False            # an entry left a scan's body through the data
 
     # -- forward: name every call by its path; tape a leaf's input when the client asks
     def layer_forward(self, name, token, forward, params, state, x, *, key, train):
@@ -217,6 +219,8 @@ class _Observer:
         tape = res if isinstance(res, _Tape) else None
         res = tape.res if tape is not None else res
         scope = _Scope(frame, _trace_state())
+        record = {"token": token, "dy": dy}
+        self.log.append(record)
         self.scopes.append(scope)
         try:
             out = backward(params, res, dy)
@@ -228,6 +232,7 @@ class _Observer:
         view = View(name=name, module=getattr(backward, "__module__", ""), label=frame.label,
                     params=params, res=res, dy=dy, dparams=dparams, dx=dx, tape=tape,
                     subs=tuple(scope.entries), backward=backward, called=bool(frame.children or scope.entries))
+        record.update(leaf=view.leaf, dx=dx)
         entry = Entry(frame.label, self.client.measure(view), tuple(scope.entries), view.leaf,
                       param_size(params), frame.order)
         parent = self.scopes[-1] if self.scopes else None
@@ -238,6 +243,7 @@ class _Observer:
         else:                           # in a scan's (or vmap's) body: out through the data
             prefix = frame.chain[:-len(name) - 1] if frame.chain != name else name    # gpt[1]
             dparams = _Carried(dparams, entry, jnp.zeros((), jnp.int8), prefix)
+            self.carried = True
         return dparams, dx
 
     def _unwrap(self, dparams, scope):
@@ -286,15 +292,22 @@ def observe(fn: Callable, client: Client) -> Callable:
     inside ``jit`` or not: it only adds traced operations."""
 
     def g(*args, **kwargs):
-        hook = _Observer(client)
-        _core._HOOKS.append(hook)
-        try:
-            out = fn(*args, **kwargs)
-        finally:
-            _core._HOOKS.remove(hook)
+        out, hook = run_observed(fn, client, *args, **kwargs)
         return out, hook.entries
 
     return g
+
+
+def run_observed(fn: Callable, client: Client, *args, **kwargs):
+    """``fn(*args, **kwargs)`` observed by ``client``: ``(its result, the hook)`` (the hook's
+    ``entries``, and its ``log`` of every backward: token, leaf, dy, dx)."""
+    hook = _Observer(client)
+    _core._HOOKS.append(hook)
+    try:
+        out = fn(*args, **kwargs)
+    finally:
+        _core._HOOKS.remove(hook)
+    return out, hook
 
 
 def flatten_entries(entries, *, leaves_only: bool = True) -> list:

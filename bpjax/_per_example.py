@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _core
-from ._observe import Client, View, flatten_entries, observe, param_size, paused, sq_norm
+from ._observe import Client, View, _Tape, flatten_entries, observe, param_size, paused, run_observed, sq_norm
 
 __all__ = ["per_example_grad_norms", "clipped_grad"]
 
@@ -221,6 +221,7 @@ class _PerExample(Client):
 
     def __init__(self, n: int):
         self.n = n
+        self.pure = True                # every layer with params is a leaf used once (clipped_grad)
 
     def tape(self, name, module, params, leaf):
         if not jax.tree_util.tree_leaves(params):
@@ -249,6 +250,8 @@ class _PerExample(Client):
                 out.update(_ids=v.res[0], _dy=v.dy)   # for a composite that also uses the table (gpt)
             return out
         subs_sq = sum((e.values["sq"] for e in v.subs if "sq" in e.values), jnp.zeros((self.n,), jnp.float32))
+        if param_size(v.params) != sum(e.size for e in v.subs):
+            self.pure = False
         if key in COMPOSITE_RULES:
             sq = COMPOSITE_RULES[key](v, self.n, subs_sq)
             if sq is not None:
@@ -336,15 +339,61 @@ def _clipped(model, loss, c: float):
 
     def f(params, state, x, target, key):
         n = jax.tree_util.tree_leaves(x)[0].shape[0]
-        (value, new_state, y, res, dy), entries = observe(passes, _PerExample(n))(params, state, x, target, key)
-        sq = sum((e.values["sq"] for e in entries if "sq" in e.values), jnp.zeros((n,), jnp.float32))
+        client = _PerExample(n)
+        (value, new_state, y, res, dy), hook = run_observed(passes, client, params, state, x, target, key)
+        sq = sum((e.values["sq"] for e in hook.entries if "sq" in e.values), jnp.zeros((n,), jnp.float32))
         norms = n * jnp.sqrt(sq)                                                       # (N,)
         scale = jnp.minimum(1.0, c / jnp.maximum(norms, jnp.finfo(norms.dtype).tiny))  # (N,)
-        dy = dy * scale.reshape((n,) + (1,) * (dy.ndim - 1)).astype(dy.dtype)         # rows scaled
-        (grads, _), _ = observe(model.backward, Client())(params, res, dy)             # tapes unwrapped
+        if client.pure and not hook.carried:          # only the weight products, redone
+            _core._HOOKS.append(_Replay(hook.log, scale))
+            try:
+                grads, _ = model.backward(params, res, dy)
+            finally:
+                _core._HOOKS.pop()
+        else:                                         # the whole backward again, dy's rows scaled
+            (grads, _), _ = observe(model.backward, Client())(params, res, _rows_scaled(dy, scale))
         return value, new_state, y, _core.cast_like(grads, params), norms
 
     return f
+
+
+def _rows_scaled(tree, scale):
+    """Every array of ``tree`` (N, ...) with row n multiplied by scale[n]."""
+    return jax.tree_util.tree_map(
+        lambda a: a * scale.reshape((-1,) + (1,) * (a.ndim - 1)).astype(a.dtype), tree)
+
+
+class _Replay:
+    """The hook of clipped_grad's second pass, when every layer with params is a leaf used once
+    and none ran in a scan: each leaf's backward gets the dy it got in the first pass, rows
+    scaled, and only its dparams are kept; the dx it returns is the first pass's, so the dx
+    chain is not computed again (XLA drops the unused dx products). Combinators run their own
+    backward (additions, slices) on those."""
+
+    def __init__(self, log, scale):
+        self.log, self.scale, self.i = log, scale, 0
+
+    def layer_forward(self, name, token, forward, params, state, x, *, key, train):
+        return forward(params, state, x, key=key, train=train)
+
+    def layer_backward_checked(self, name, token, backward, finish, params, res, dy):
+        record = self.log[self.i]
+        self.i += 1
+        if record["token"] is not token:
+            raise RuntimeError(f"clipped_grad: the second backward reached {name} out of the first's order")
+        res = res.res if isinstance(res, _Tape) else res
+        if not record["leaf"]:
+            return finish(params, backward(params, res, dy))
+        if not jax.tree_util.tree_leaves(params):
+            return finish(params, (params, record["dx"]))
+        dparams, _ = backward(params, res, _rows_scaled(record["dy"], self.scale))
+        return finish(params, (dparams, record["dx"]))
+
+    def loss_forward(self, name, forward, pred, target):
+        return forward(pred, target)
+
+    def loss_backward(self, name, backward, res, dvalue):
+        return backward(res, dvalue)
 
 
 # ----------------------------------------------------------------------------- DP-SGD

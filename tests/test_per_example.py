@@ -71,6 +71,13 @@ def _model_case(name):
     elif name == "gru":
         model = models.gru(hidden=6)
         x, y = gen.standard_normal((4, 7, 1)), gen.integers(0, 10, 4)
+    elif name == "branches":                                 # combinators: residual, parallel, concat
+        block = bp.residual(bp.sequential(bp.layer_norm(), bp.dense(6), bp.relu()))
+        model = bp.sequential(bp.dense(6), block, bp.parallel(bp.dense(4), bp.dense(2)), bp.concat(), bp.dense(3))
+        x, y = gen.standard_normal((5, 4)), gen.integers(0, 3, 5)
+    elif name == "combinator":                               # a user's layer with params of its own
+        model = bp.sequential(bp.dense(4), bp.tanh(), _gain(bp.dense(3)))
+        x, y = gen.standard_normal((5, 5)), gen.integers(0, 3, 5)
     else:                                                    # GPT: tied embedding, attention, layer_norm
         model = bp.gpt(11, dim=8, num_heads=2, num_layers=2, max_len=6)
         ids = gen.integers(0, 11, (3, 6))
@@ -193,10 +200,8 @@ def test_a_users_layer_takes_part():
     _assert_norms(model, bp.softmax_cross_entropy(), _f64(params), state, x, y, what="user layer")
 
 
-def test_a_users_combinator_with_params_of_its_own():
-    """A make_layer layer that calls a dense layer and scales its output by a param of its own:
-    its params are not just its layer's, so it is rerun per example as a whole."""
-    inner = bp.dense(3)
+def _gain(inner):
+    """A make_layer layer that calls ``inner`` and scales its output by a param of its own."""
 
     def init(key, in_shape):
         p, _, out = inner.init(key, in_shape)
@@ -211,11 +216,13 @@ def test_a_users_combinator_with_params_of_its_own():
         d_inner, dx = inner.backward(params["inner"], r, params["g"] * dy)
         return {"inner": d_inner, "g": jnp.sum(dy * y)}, dx
 
-    model = bp.sequential(bp.dense(4), bp.tanh(), bp.make_layer("gain", init, forward, backward))
-    params, state, _ = model.init(jax.random.PRNGKey(0), (5,))
-    gen = np.random.default_rng(2)
-    x, y = jnp.asarray(gen.standard_normal((5, 5))), jnp.asarray(gen.integers(0, 3, 5))
-    _assert_norms(model, bp.softmax_cross_entropy(), _f64(params), state, x, y, what="user combinator")
+    return bp.make_layer("gain", init, forward, backward)
+
+
+def test_a_users_combinator_with_params_of_its_own():
+    """Its params are not just its layer's, so it is rerun per example as a whole."""
+    model, params, state, x, y = _model_case("combinator")
+    _assert_norms(model, bp.softmax_cross_entropy(), params, state, x, y, what="user combinator")
 
 
 def test_batch_norm_in_training_is_refused_by_name():
@@ -233,9 +240,11 @@ def test_bad_arguments_name_the_function():
         bp.gradient_flow(bp.dense(3), bp.softmax_cross_entropy)
 
 
-@pytest.mark.parametrize("name", ["mlp", "mnist1d_cnn"])
+@pytest.mark.parametrize("name", ["mlp", "mnist1d_cnn", "branches", "combinator"])
 def test_clipped_grad_equals_the_vmapped_reference(name):
-    """(1/N) Σ_n min(1, C/‖g_n‖) g_n from the rows of dy scaled, against per_example_grads."""
+    """(1/N) Σ_n min(1, C/‖g_n‖) g_n from the rows of dy scaled, against per_example_grads: the
+    weight products redone (mlp, cnn, branches) or, for a layer with params of its own beside
+    its sub-layer's, the whole backward again (combinator)."""
     model, params, state, x, y = _model_case(name)
     loss = bp.softmax_cross_entropy()
     pe = jax.jit(bp.per_example_grads(model, loss))(params, state, x, y)
