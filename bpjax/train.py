@@ -430,7 +430,7 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
     chunk = make_train_chunk(model, loss, optimizer, batch_size=batch_size,
                              max_steps=min(steps_per_epoch, MAX_STEPS_PER_DISPATCH),
                              classification=classification, mesh=mesh, fsdp=fsdp, compute_dtype=compute_dtype,
-                             dp=None if dp is None else tuple(dp[:2]))
+                             **({} if dp is None else {"dp": tuple(dp[:2])}))    # the cache key as before without DP
     order_fn = _order_fn(n, mesh)
     eval_step = make_eval_step(model, loss, classification=classification)
     pacer = _Pacer(steps_per_dispatch, min(steps_per_epoch, MAX_STEPS_PER_DISPATCH))
