@@ -98,8 +98,13 @@ def max_pool(window, strides=None, padding="VALID") -> Layer:
 
     Backward: each dy goes, whole, to the cell that won its window; overlapping windows add::
 
-        κ*(n, o, c) = the first κ in row-major window order with xp[n, o·s + κ, c] = y[n, o, c]
+        κ*(n, o, c) = the first κ in row-major window order with the largest xp[n, o·s + κ, c]
         dxp[n, o·s + κ*, c] += dy[n, o, c],    dx = dxp cropped to x           (N, *spatial, C)
+
+    κ* is found by a running maximum over the offsets of the saved x, not by comparing cells
+    with the saved y: under ``jit`` XLA may recompute x inside the backward (e.g. a batch_norm
+    before the pool) with other rounding than the forward's copy, and a cell that won by
+    equality there could then fail to equal y, losing its window's gradient.
 
     Ties are broken deterministically: of several equal maxima in a window the first in
     row-major order (the lowest index along the first spatial axis, then the next, …) gets all
@@ -118,19 +123,22 @@ def max_pool(window, strides=None, padding="VALID") -> Layer:
         # (a constant init value, so that jax sees the max-pool primitive and can differentiate it)
         y = lax.reduce_window(x, np.array(-np.inf, x.dtype), lax.max, (1, *w, 1), (1, *s, 1),
                               ((0, 0), *pads, (0, 0)))                        # (N, *O, C)
-        return y, state, (x, y)
+        return y, state, (x,)
 
     def backward(params, res, dy):
-        x, y = res                                                            # (N, *spatial, C), (N, *O, C)
+        (x,) = res                                                            # (N, *spatial, C)
         w, s, pads, out = geometry(x.shape[1:])
-        ones = (1,) * len(w)
+        ones, offsets = (1,) * len(w), list(_offsets(w))
         xp = _pad(x, pads, -jnp.inf)                                          # (N, *padded, C)
+        best = jnp.full(dy.shape, -jnp.inf, x.dtype)                          # (N, *O, C)
+        winner = jnp.zeros(dy.shape, jnp.int32)                               # κ*'s index
+        for i, kappa in enumerate(offsets):                                   # row-major order
+            v = _view(xp, kappa, ones, s, out)
+            better = v > best                                                 # a tie keeps the first
+            best, winner = jnp.where(better, v, best), jnp.where(better, i, winner)
         dxp = jnp.zeros_like(xp)
-        taken = jnp.zeros(y.shape, bool)                                      # window already routed
-        for kappa in _offsets(w):                                             # row-major order
-            wins = (_view(xp, kappa, ones, s, out) == y) & ~taken             # (N, *O, C)
-            taken = taken | wins
-            dxp = dxp + _place(jnp.where(wins, dy, 0), kappa, ones, s, xp.shape[1:-1])
+        for i, kappa in enumerate(offsets):
+            dxp = dxp + _place(jnp.where(winner == i, dy, 0), kappa, ones, s, xp.shape[1:-1])
         return (), _crop(dxp, pads, x.shape[1:-1])                            # (N, *spatial, C)
 
     return _make_pool(name, rank, init, forward, jax.jit(backward))   # jit: one compile when eager

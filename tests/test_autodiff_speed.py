@@ -62,7 +62,7 @@ def test_twins_compute_the_bpjax_forwards():
 # the networks whose forwards use a formulation for one backend (routed and column 2-D convs),
 # and two without; the GRU and GPT forwards have none (their gradients are cross-checked in
 # test_recurrent.py and test_attention.py)
-@pytest.mark.parametrize("name", ["cnn2d", "digits_cnn", "cnn", "mlp"])
+@pytest.mark.parametrize("name", ["cnn2d", "digits_cnn", "cnn", "mlp", "resnet1d"])
 def test_autodiff_of_the_forward_equals_the_twin_and_the_hand_written_backward(name):
     net, params, state, x, y = _setup(name)
     v = S.variants(net)

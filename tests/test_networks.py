@@ -26,6 +26,15 @@ NETWORKS = {
                                          bp.dense(2)), (3,), bp.sigmoid_binary_cross_entropy, "binary"),
     "log-softmax-head": (lambda: bp.sequential(bp.dense(5), bp.log_softmax(), bp.dense(3)),
                          (4,), bp.squared_error, "float"),
+    # a norm before a max pool: under jit XLA recomputes the normalised x inside the pool's
+    # backward, with other rounding than the forward's copy (a backward that compared cells with
+    # the saved y lost windows here, 54% off in float64 for resnet1d)
+    "norm-maxpool": (lambda: bp.sequential(bp.conv(6, 3, use_bias=False), bp.batch_norm(), bp.relu(), bp.max_pool(2),
+                                           bp.layer_norm(), bp.max_pool(3, strides=2, padding=1),
+                                           bp.flatten(), bp.dense(3)),
+                     (24, 2), bp.softmax_cross_entropy, "labels"),
+    "resnet1d": (lambda: __import__("bpjax.models").models.resnet1d(4, channels=6), (40, 1),
+                 bp.softmax_cross_entropy, "labels"),
 }
 
 
