@@ -9,11 +9,13 @@ seed; the table gives mean ± std of the test accuracy and the wall-clock traini
     python scripts/mnist1d_table.py                          # all models, seeds 0 1 2
     python scripts/mnist1d_table.py --models cnn --seeds 0   # one model, one seed
     python scripts/mnist1d_table.py --write RESULTS.md       # also write the table there
+    python scripts/mnist1d_table.py --models resnet1d --write RESULTS.md   # replace that row only
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import pathlib
 import platform
 import sys
 import time
@@ -74,12 +76,25 @@ def main(argv=None):
     table = "\n".join(lines)
     print(table)
     if args.write:
-        cmd = "python scripts/mnist1d_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        info = (f"Seeds {args.seeds}; JAX {jax.__version__}, optax {optax.__version__}, "
-                f"Python {platform.python_version()}, device {jax.devices()[0].device_kind} "
-                f"({platform.machine()}, {jax.device_count()} device), {datetime.date.today()}.")
-        with open(args.write, "w") as f:
-            f.write(f"# MNIST-1D with hand-written backprop\n\nCommand: `{cmd.strip()}`\n\n{info}\n\n{table}\n")
+        write(pathlib.Path(args.write), table, lines[2:], args.seeds, argv)
+
+
+def write(path: pathlib.Path, table: str, rows, seeds, argv) -> None:
+    """A new file with the table, or, in a file that has one, only the rows of the models run
+    replaced (the rest of the file, notes included, stays)."""
+    if path.exists() and "| model | paper |" in path.read_text():
+        text = path.read_text()
+        for row in rows:
+            name = row.split("|")[1].strip()
+            old = [line for line in text.splitlines() if line.startswith(f"| {name} |")]
+            text = text.replace(old[0], row) if old else text
+        path.write_text(text)
+        return
+    cmd = "python scripts/mnist1d_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    info = (f"Seeds {seeds}; JAX {jax.__version__}, optax {optax.__version__}, "
+            f"Python {platform.python_version()}, device {jax.devices()[0].device_kind} "
+            f"({platform.machine()}, {jax.device_count()} device), {datetime.date.today()}.")
+    path.write_text(f"# MNIST-1D with hand-written backprop\n\nCommand: `{cmd.strip()}`\n\n{info}\n\n{table}\n")
 
 
 if __name__ == "__main__":

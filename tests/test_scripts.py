@@ -116,3 +116,14 @@ def test_autodiff_speed_quick_prints_the_table(capsys):
     out = capsys.readouterr().out
     assert "| network | batch | (a) jax.grad of bpjax forward, ms |" in out and "| 2-D CNN 3×3 32-64, 28×28 | 2 |" in out
     assert [set(ms) for _, _, ms in rows] == [{"a", "b", "c"}]
+
+
+def test_mnist1d_table_write_replaces_only_the_rows_it_ran(tmp_path):
+    script = _load("mnist1d_table")
+    path = tmp_path / "RESULTS.md"
+    script.write(path, "| model | paper |\n| cnn | 94% | 1% |", ["| cnn | 94% | 1% |"], [0], ["--models", "cnn"])
+    assert path.read_text().startswith("# MNIST-1D with hand-written backprop\n\nCommand: `python scripts/"
+                                       "mnist1d_table.py --models cnn`")
+    path.write_text("# R\n\n| model | paper |\n| --- | --- |\n| mlp | 68% | 66% |\n| cnn | 94% | 1% |\n\nNotes.\n")
+    script.write(path, "ignored", ["| cnn | 94% | 93% |"], [0], [])
+    assert path.read_text() == "# R\n\n| model | paper |\n| --- | --- |\n| mlp | 68% | 66% |\n| cnn | 94% | 93% |\n\nNotes.\n"
