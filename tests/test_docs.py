@@ -109,3 +109,13 @@ def test_the_readme_train_evaluate_predict_commands_run(tmp_path, monkeypatch, c
         assert cli.main(argv[1:] + (["--no-progress"] if argv[1] == "train" else [])) == 0, line
     assert np.load("outputs.npy").shape == (4, 2)
     assert "test acc" in capsys.readouterr().out
+
+
+def test_the_readme_layout_names_every_module_and_script():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("bpjax/_core.py"):]
+    layout = layout[:layout.index("```")]
+    files = [p.name for p in sorted(PACKAGE.glob("*.py")) if p.stem not in ("__init__", "__main__")]
+    files += [p.name for p in sorted((ROOT / "scripts").iterdir()) if p.suffix in (".py", ".sh")]
+    missing = [f for f in files if not re.search(rf"(?<![\w.]){re.escape(f)}", layout)]
+    assert not missing, f"README's layout does not name {missing}"
