@@ -263,7 +263,7 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, masked: bool =
     loop over query blocks and dQ over key blocks), compiled on a GPU and interpreted elsewhere;
     it takes a key mask (N, T) but not a (query, key) one. ``"auto"``: Pallas on a GPU where it
     applies, jnp elsewhere. ``pallas_interpret=True`` interprets the kernels on a GPU too (what
-    the checks do). ``jax.vjp`` of the Pallas forward differentiates the plain one.
+    the checks do). Reverse-mode autodiff of the Pallas forward differentiates the plain one.
     """
     name = "multi_head_attention"
     heads = check_positive_int(name, "num_heads", num_heads)

@@ -180,7 +180,7 @@ def _place(v, kappa, dilation, strides, padded_spatial):
 # could not drop the extra row: its kernel gradient would be a convolution with a kernel taller
 # than its input, which neither library takes (4.7 s, not 0.3, for the 2-D CNN's step). So the
 # routed convolution carries a ``jax.custom_jvp`` whose tangent is the plain convolution's (see
-# "what autodiff sees" below): jax.grad of a forward differentiates the plain convolution,
+# "what autodiff sees" below): autodiff of a forward differentiates the plain convolution,
 # while the forward itself, and the hand-written dx that also calls ``_lax_conv``, run routed.
 
 _EIGEN_MIN_CHANNELS = 16
@@ -247,7 +247,7 @@ def _routed_conv(x, w, g: _Geometry, extra: int):
 # ----------------------------------------------------------------------------- what autodiff sees
 #
 # The routed convolution and the forward by columns (below) compute the plain convolution
-# another way, for speed on one backend. ``jax.grad`` of a forward (``bp.reference_value_and_grad``,
+# another way, for speed on one backend. Reverse-mode autodiff of a forward (``bp.reference_value_and_grad``,
 # ``bp.check_model``) must cost what it costs on the plain network, not what autodiff of the
 # other formulation costs: the extra row (above) turns its kernel gradient into a naive loop, and
 # the chunked columns into a reverse scan over chunks. Both therefore carry a ``jax.custom_jvp``
@@ -369,7 +369,7 @@ def _conv_dw(x, dy, kernel, *, strides, pads, in_dilation, dilation, groups):
     # all ∏K of them. The zero padding is done inside the loop with a fill XLA cannot prove
     # constant ([κ₀ < 0], always 0), so that it fuses pad and slice into one read of x instead
     # of hoisting a padded copy of x out of the loop. On the 2-D case of the docstring: 12 MiB
-    # of temporaries (the Python loop over views: 112 MiB; jax.vjp: 37 MiB), the same speed.
+    # of temporaries (the Python loop over views: 112 MiB; autodiff: 37 MiB), the same speed.
     span = (x.shape[0], *((o - 1) * s + 1 for o, s in zip(out, strides)), x.shape[-1])
     kappas = jnp.asarray(list(_offsets(kernel)), jnp.int32)                   # (∏K, r)
 
@@ -719,7 +719,7 @@ def conv(out_channels: int, kernel_size, *, strides=1, padding="SAME", dilation=
     On CPU, a float32 2-D lax convolution at stride 1 with at least 16 channels in and out
     gets one extra output row, dropped again, which makes XLA run it with Eigen rather than
     YNNPACK, about twice as fast (see this module's "lax on CPU" section).
-    Whatever ``impl`` picks, ``jax.grad`` of the forward differentiates the plain
+    Whatever ``impl`` picks, reverse-mode autodiff of the forward differentiates the plain
     convolution: the routed and column forwards carry a ``jax.custom_jvp`` with its tangent
     (see "what autodiff sees").
     ``'columns'`` (groups = 1 only): all three as matrix products over im2col columns

@@ -349,7 +349,7 @@ def gradient_flow(model, loss, *, compute_dtype: Optional[Any] = None):
     """The error travelling back through ``model``, layer by layer, with the gradients.
 
     Returns ``f(params, state, x, target, *, key=None) -> ((value, new_state), grads, flow)``:
-    ``(value, new_state), grads`` are exactly :func:`bpjax.value_and_grad`'s, and ``flow`` is a
+    ``(value, new_state), grads`` are exactly ``bp.value_and_grad``'s, and ``flow`` is a
     dict, one entry per leaf layer in forward order, keyed by the layer's path name
     (``sequential[3] (dense)``), each a dict of scalars::
 
@@ -361,7 +361,7 @@ def gradient_flow(model, loss, *, compute_dtype: Optional[Any] = None):
     (‖·‖ is the L2 norm over every entry of every array.) For a layer used once, ``dparams`` is
     exactly its part of ``grads``; a layer inside a scan (the GPT's blocks) has one entry per
     step, ``gpt[1]{0}.transformer_block[3] (dense)``. Jittable; the steps are those of
-    :func:`bpjax.value_and_grad`, observed with :func:`observe`.
+    ``bp.value_and_grad``, observed with :func:`observe`.
     """
     from ._grad import value_and_grad
     _core.check_model_and_loss("gradient_flow", model, loss)

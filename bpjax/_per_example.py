@@ -265,7 +265,7 @@ def per_example_grad_norms(model, loss, *, compute_dtype: Optional[Any] = None):
     """The batch gradient and every example's own gradient norm, from one backward pass.
 
     Returns ``f(params, state, x, target, *, key=None) -> ((value, new_state), grads, norms)``:
-    ``(value, new_state), grads`` are exactly :func:`bpjax.value_and_grad`'s, and ``norms`` (N,)
+    ``(value, new_state), grads`` are exactly ``bp.value_and_grad``'s, and ``norms`` (N,)
     holds ‖g_n‖, the L2 norm over all params of example n's own gradient (the gradient of its
     loss alone, what :func:`bpjax.per_example_grads` gives for it), computed from each layer's
     x and dy by the rules of this module, without building the g_n. Jittable; works with a
