@@ -411,87 +411,140 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
     """
     check_model_and_loss("fit", model, loss)
     optimizer = optimizer or optax.adam(1e-3)
-    classification = data.num_classes is not None
-    if classification:
+    if data.num_classes is not None:
         _check_dataset_labels(model, data)
-    x_tr, y_tr, x_val, y_val = split_validation(data, val_fraction, seed)
-    n = x_tr.shape[0]
-    batch_size = min(batch_size, n)
-    steps_per_epoch = n // batch_size
-
     ckpt = _Checkpointer(checkpoint_dir) if checkpoint_dir else None
     metrics_path = pathlib.Path(metrics_path) if metrics_path else None
     run, history, k_dropout = _start_or_resume(model, optimizer, data, seed, ckpt, resume, metrics_path, log)
-    if mesh is not None:
-        from . import distributed as dist
-        dist.check_batch(mesh, batch_size)
-    carry = _place_carry(run, mesh, fsdp)
-    x_dev, y_dev = _place_data(mesh, x_tr), _place_data(mesh, y_tr)
-    chunk = make_train_chunk(model, loss, optimizer, batch_size=batch_size,
-                             max_steps=min(steps_per_epoch, MAX_STEPS_PER_DISPATCH),
-                             classification=classification, mesh=mesh, fsdp=fsdp, compute_dtype=compute_dtype,
-                             **({} if dp is None else {"dp": tuple(dp[:2])}))    # the cache key as before without DP
-    order_fn = _order_fn(n, mesh)
-    eval_step = make_eval_step(model, loss, classification=classification)
-    pacer = _Pacer(steps_per_dispatch, min(steps_per_epoch, MAX_STEPS_PER_DISPATCH))
-    start_epoch, t0, stopped_early = int(run["epoch"]), time.perf_counter(), False
-    bar_cls = _tqdm() if progress else None
-    if epoch_hook is not None:
-        epoch_hook(start_epoch, carry[0], carry[1])
-
-    with _Signals() as signals:
-        for epoch in range(start_epoch + 1, epochs + 1):
-            first = int(run["batch"]) if epoch == start_epoch + 1 else 0   # mid-epoch resume
-            bar = bar_cls(total=steps_per_epoch, initial=first, desc=f"epoch {epoch}/{epochs}",
-                          leave=False, file=sys.stderr) if bar_cls else None
-            order = order_fn(run["data_key"], epoch)
-            carry, done, losses, corrects = _run_epoch(
-                chunk, carry, x_dev, y_dev, order, first, steps_per_epoch, epoch,
-                key_dropout=k_dropout, pacer=pacer, bar=bar, signals=signals,
-                batch_size=batch_size, classification=classification, ckpt=ckpt)
-            params, state, opt_state = carry
-            if done < steps_per_epoch:                                     # interrupted mid-epoch
-                _save_mid_epoch(run, carry, epoch, done, steps_per_epoch, ckpt, signals, log)
-                break
-
-            row = _epoch_row(model, loss, params, state, x_val, y_val, eval_step, classification,
-                             epoch, steps_per_epoch, batch_size, losses, corrects, t0)
-            if epoch_hook is not None:
-                row.update(epoch_hook(epoch, params, state))
-            if dp is not None:
-                from ._per_example import dp_epsilon
-                row["epsilon"] = dp_epsilon(dp[1], batch_size / n, epoch * steps_per_epoch, dp[2])
-            history.append(row)
-            if metrics_path:
-                _write_row(metrics_path, row)
-            log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
-                         if not k.startswith("grad_flow/")))
-            error = 1.0 - row["val_acc"] if classification else row["val_loss"]
-            _update_best(run, error, min_delta, epoch, params, state, opt_state)
-            if ckpt:
-                ckpt.save(epoch * steps_per_epoch, run)
-            if _stop_requested(signals):
-                log(f"{signal.Signals(signals.caught).name} received: stopping after epoch {epoch} "
-                    f"(checkpoint saved); resume to continue")
-                break
-            if patience is not None and int(run["since_best"]) >= patience:
-                stopped_early = True
-                log(f"early stop after epoch {epoch}: the validation error has not fallen by more than "
-                    f"{min_delta:g} for {patience} epochs (best: epoch {int(run['best_epoch'])})")
-                break
-            if stop_after_epoch is not None and epoch >= stop_after_epoch:
-                break
+    t = _prepare(model, loss, optimizer, data, run, seed=seed, val_fraction=val_fraction, batch_size=batch_size,
+                 mesh=mesh, fsdp=fsdp, compute_dtype=compute_dtype, steps_per_dispatch=steps_per_dispatch,
+                 dp=dp, k_dropout=k_dropout, ckpt=ckpt, metrics_path=metrics_path, log=log)
+    t0 = time.perf_counter()
+    carry, stopped_early, caught = _train_epochs(
+        t, run, history, epochs=epochs, patience=patience, min_delta=min_delta,
+        stop_after_epoch=stop_after_epoch, epoch_hook=epoch_hook, dp=dp, progress=progress, t0=t0)
 
     params, state = carry[0], carry[1]
     if restore_best and int(run["best_epoch"]) > 0:
         params, state = run["best_params"], run["best_state"]
-    test = evaluate(model, loss, params, state, data.x_test, data.y_test, classification=classification,
-                    eval_step=eval_step)
+    test = evaluate(model, loss, params, state, data.x_test, data.y_test, classification=t.classification,
+                    eval_step=t.eval_step)
     seconds = time.perf_counter() - t0
     if plot_path and history:
         plot_history(history, plot_path, title=f"{data.name}")
     return FitResult(params, state, history, test, int(run["best_epoch"]), stopped_early, seconds,
-                     signal.Signals(signals.caught).name if signals.caught else None)
+                     signal.Signals(caught).name if caught else None)
+
+
+@dataclasses.dataclass
+class _Training:
+    """What the epochs of one :func:`fit` share: the model and loss, the data on the device, the
+    compiled chunk and eval step, and where rows and checkpoints go."""
+    model: Layer
+    loss: Loss
+    carry: tuple                       # (params, state, opt_state), placed on the device
+    x_dev: Any
+    y_dev: Any
+    x_val: np.ndarray
+    y_val: np.ndarray
+    n: int
+    batch_size: int
+    steps_per_epoch: int
+    classification: bool
+    chunk: Callable
+    order_fn: Callable
+    eval_step: Callable
+    pacer: "_Pacer"
+    k_dropout: Any
+    ckpt: Optional["_Checkpointer"]
+    metrics_path: Optional[pathlib.Path]
+    log: Callable[[str], None]
+
+
+def _prepare(model, loss, optimizer, data, run, *, seed, val_fraction, batch_size, mesh, fsdp, compute_dtype,
+             steps_per_dispatch, dp, k_dropout, ckpt, metrics_path, log) -> _Training:
+    """Split off the validation set, put the run and the training split on the device, and
+    compile (or fetch from the caches) the chunk of steps, the epoch order and the eval step."""
+    classification = data.num_classes is not None
+    x_tr, y_tr, x_val, y_val = split_validation(data, val_fraction, seed)
+    n = x_tr.shape[0]
+    batch_size = min(batch_size, n)
+    steps_per_epoch = n // batch_size
+    if mesh is not None:
+        from . import distributed as dist
+        dist.check_batch(mesh, batch_size)
+    max_steps = min(steps_per_epoch, MAX_STEPS_PER_DISPATCH)
+    chunk = make_train_chunk(model, loss, optimizer, batch_size=batch_size, max_steps=max_steps,
+                             classification=classification, mesh=mesh, fsdp=fsdp, compute_dtype=compute_dtype,
+                             **({} if dp is None else {"dp": tuple(dp[:2])}))    # the cache key as before without DP
+    return _Training(model, loss, _place_carry(run, mesh, fsdp), _place_data(mesh, x_tr), _place_data(mesh, y_tr),
+                     x_val, y_val, n, batch_size, steps_per_epoch, classification, chunk, _order_fn(n, mesh),
+                     make_eval_step(model, loss, classification=classification),
+                     _Pacer(steps_per_dispatch, max_steps), k_dropout, ckpt, metrics_path, log)
+
+
+def _train_epochs(t: _Training, run, history, *, epochs, patience, min_delta, stop_after_epoch, epoch_hook, dp,
+                  progress, t0):
+    """The epochs: each runs its chunks of steps, then records its row, keeps the best params,
+    checkpoints and decides whether to stop. Returns ``(carry, stopped_early, signal caught)``."""
+    carry, start_epoch = t.carry, int(run["epoch"])
+    bar_cls = _tqdm() if progress else None
+    if epoch_hook is not None:
+        epoch_hook(start_epoch, carry[0], carry[1])
+    with _Signals() as signals:
+        for epoch in range(start_epoch + 1, epochs + 1):
+            first = int(run["batch"]) if epoch == start_epoch + 1 else 0   # mid-epoch resume
+            bar = bar_cls(total=t.steps_per_epoch, initial=first, desc=f"epoch {epoch}/{epochs}",
+                          leave=False, file=sys.stderr) if bar_cls else None
+            carry, done, losses, corrects = _run_epoch(
+                t.chunk, carry, t.x_dev, t.y_dev, t.order_fn(run["data_key"], epoch), first, t.steps_per_epoch,
+                epoch, key_dropout=t.k_dropout, pacer=t.pacer, bar=bar, signals=signals,
+                batch_size=t.batch_size, classification=t.classification, ckpt=t.ckpt)
+            if done < t.steps_per_epoch:                                   # interrupted mid-epoch
+                _save_mid_epoch(run, carry, epoch, done, t.steps_per_epoch, t.ckpt, signals, t.log)
+                return carry, False, signals.caught
+            _end_epoch(t, run, history, carry, epoch, losses, corrects, t0, min_delta, epoch_hook, dp)
+            reason = _stop_reason(run, epoch, signals, patience, min_delta, stop_after_epoch, t.log)
+            if reason:
+                return carry, reason == "early", signals.caught
+    return carry, False, signals.caught
+
+
+def _end_epoch(t: _Training, run, history, carry, epoch, losses, corrects, t0, min_delta, epoch_hook, dp):
+    """The epoch's metrics row (validation, the hook's, ε under DP), written and logged; the
+    best params kept; the checkpoint saved."""
+    params, state, opt_state = carry
+    row = _epoch_row(t.model, t.loss, params, state, t.x_val, t.y_val, t.eval_step, t.classification,
+                     epoch, t.steps_per_epoch, t.batch_size, losses, corrects, t0)
+    if epoch_hook is not None:
+        row.update(epoch_hook(epoch, params, state))
+    if dp is not None:
+        from ._per_example import dp_epsilon
+        row["epsilon"] = dp_epsilon(dp[1], t.batch_size / t.n, epoch * t.steps_per_epoch, dp[2])
+    history.append(row)
+    if t.metrics_path:
+        _write_row(t.metrics_path, row)
+    t.log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                   if not k.startswith("grad_flow/")))
+    error = 1.0 - row["val_acc"] if t.classification else row["val_loss"]
+    _update_best(run, error, min_delta, epoch, params, state, opt_state)
+    if t.ckpt:
+        t.ckpt.save(epoch * t.steps_per_epoch, run)
+
+
+def _stop_reason(run, epoch, signals, patience, min_delta, stop_after_epoch, log) -> Optional[str]:
+    """Why the run stops after ``epoch`` ("signal", "early", "limit"), saying so; ``None`` to go on."""
+    if _stop_requested(signals):
+        log(f"{signal.Signals(signals.caught).name} received: stopping after epoch {epoch} "
+            f"(checkpoint saved); resume to continue")
+        return "signal"
+    if patience is not None and int(run["since_best"]) >= patience:
+        log(f"early stop after epoch {epoch}: the validation error has not fallen by more than "
+            f"{min_delta:g} for {patience} epochs (best: epoch {int(run['best_epoch'])})")
+        return "early"
+    if stop_after_epoch is not None and epoch >= stop_after_epoch:
+        return "limit"
+    return None
 
 
 def _check_dataset_labels(model: Layer, data: Dataset) -> None:
@@ -870,15 +923,7 @@ def command(args) -> int:
     n_train = int(round(data.x_train.shape[0] * (1 - args.val_fraction)))
     total_steps = args.epochs * max(n_train // args.batch_size, 1)
     optimizer = make_optimizer(args.optimizer, args.lr, args.schedule, args.weight_decay, total_steps)
-    processes = f" x{jax.device_count()} ({jax.process_count()} processes)" if jax.process_count() > 1 else ""
-    say(f"bpjax train: {args.model} on {args.dataset} ({data.x_train.shape[0]} train, "
-        f"{data.x_test.shape[0]} test), {args.epochs} epochs of batch {args.batch_size}, "
-        f"{args.optimizer} lr {args.lr:g} ({args.schedule}), {args.dtype}, device {jax.devices()[0].platform}"
-        f"{processes}, writing to {out}")
-    if dp is not None:
-        say(f"bpjax train: DP-SGD: each example's gradient clipped to {dp[0]:g}, noise std {dp[1]:g}·{dp[0]:g}/"
-            f"{args.batch_size}; batches: each epoch's shuffled order cut into {args.batch_size}; epsilon at "
-            f"delta {dp[2]:g} by dp-accounting (RDP), as Poisson sampling at rate batch/n")
+    _announce(args, data, out, dp, say)
     metrics = out / f"metrics.{args.metrics_format}"
     try:
         result = fit(model, loss, data, optimizer=optimizer, epochs=args.epochs,
@@ -904,13 +949,31 @@ def command(args) -> int:
     runs.save_model(out, result.params, result.state, to_save=_to_save)      # every process: orbax coordinates
     if not main:
         return 0
+    _write_summary(args, result, out)
+    print(final_line(args, result, out, time.perf_counter() - started))
+    return 0
+
+
+def _announce(args, data: Dataset, out: pathlib.Path, dp, say) -> None:
+    """The lines ``bpjax train`` starts with: what trains on what, how, and where it writes."""
+    processes = f" x{jax.device_count()} ({jax.process_count()} processes)" if jax.process_count() > 1 else ""
+    say(f"bpjax train: {args.model} on {args.dataset} ({data.x_train.shape[0]} train, "
+        f"{data.x_test.shape[0]} test), {args.epochs} epochs of batch {args.batch_size}, "
+        f"{args.optimizer} lr {args.lr:g} ({args.schedule}), {args.dtype}, device {jax.devices()[0].platform}"
+        f"{processes}, writing to {out}")
+    if dp is not None:
+        say(f"bpjax train: DP-SGD: each example's gradient clipped to {dp[0]:g}, noise std {dp[1]:g}·{dp[0]:g}/"
+            f"{args.batch_size}; batches: each epoch's shuffled order cut into {args.batch_size}; epsilon at "
+            f"delta {dp[2]:g} by dp-accounting (RDP), as Poisson sampling at rate batch/n")
+
+
+def _write_summary(args, result: FitResult, out: pathlib.Path) -> None:
+    """``summary.json``: the run's test metrics, best epoch and time."""
     summary = {"model": args.model, "dataset": args.dataset, "seed": args.seed, "dtype": args.dtype,
                "epochs_run": len(result.history), "best_epoch": result.best_epoch,
                "stopped_early": result.stopped_early, "seconds": round(result.seconds, 2),
                **{f"test_{k}": v for k, v in result.test.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(final_line(args, result, out, time.perf_counter() - started))
-    return 0
 
 
 def _dp_from_args(args):
