@@ -6,35 +6,34 @@ hand-written ``backward``; every loss is a :class:`Loss` with a hand-written der
 runs JAX autodiff (value_and_grad) on the same forward, to check against.
 """
 from . import initializers
-from ._basic import *  # noqa: F401,F403
-from ._basic import __all__ as _basic_all
-from ._conv import *  # noqa: F401,F403
-from ._conv import __all__ as _conv_all
-from ._pool import *  # noqa: F401,F403
-from ._pool import __all__ as _pool_all
-from ._norm import *  # noqa: F401,F403
-from ._norm import __all__ as _norm_all
-from ._structure import *  # noqa: F401,F403
-from ._structure import __all__ as _structure_all
-from ._recurrent import *  # noqa: F401,F403
-from ._recurrent import __all__ as _recurrent_all
-from ._attention import *  # noqa: F401,F403
-from ._attention import __all__ as _attention_all
+from .layers.basic import *  # noqa: F401,F403
+from .layers.basic import __all__ as _basic_all
+from .layers.conv import *  # noqa: F401,F403
+from .layers.conv import __all__ as _conv_all
+from .layers.pool import *  # noqa: F401,F403
+from .layers.pool import __all__ as _pool_all
+from .layers.norm import *  # noqa: F401,F403
+from .layers.norm import __all__ as _norm_all
+from .layers.structure import *  # noqa: F401,F403
+from .layers.structure import __all__ as _structure_all
+from .layers.recurrent import *  # noqa: F401,F403
+from .layers.recurrent import __all__ as _recurrent_all
+from .layers.attention import *  # noqa: F401,F403
+from .layers.attention import __all__ as _attention_all
 from ._bridge import as_jax_fn
-from ._checkvjp import assert_vjp_close, check_vjp
-from ._combinators import *  # noqa: F401,F403
-from ._combinators import __all__ as _comb_all
+from .check.vjp import assert_vjp_close, check_vjp
+from .layers.combinators import *  # noqa: F401,F403
+from .layers.combinators import __all__ as _comb_all
 from ._core import Layer, Loss, make_layer, make_loss
-from ._finite import check_finite, debug_nans
+from .check.finite import check_finite, debug_nans
 from ._grad import cast_floating, value_and_grad
 from ._observe import gradient_flow
 from ._per_example import clipped_grad, per_example_grad_norms
-from ._gradcheck import (GradientReport, assert_gradients_close, check_layer, check_loss, check_model,
-                         per_example_grads)
-from ._losses import *  # noqa: F401,F403
-from ._losses import __all__ as _loss_all
+from .check.layer import (GradientReport, assert_gradients_close, check_layer, check_loss, check_model, per_example_grads)
+from .layers.losses import *  # noqa: F401,F403
+from .layers.losses import __all__ as _loss_all
 from ._reference import reference_value_and_grad
-from .runs import load_run  # a trained model from a `bpjax train` run folder
+from .train.runs import load_run  # a trained model from a `bpjax train` run folder
 
 __version__ = "0.1.0"
 

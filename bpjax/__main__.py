@@ -1,4 +1,4 @@
 """``python -m bpjax …``: the same as the ``bpjax`` command (see :mod:`bpjax.cli`)."""
-from .cli import main
+from .cli.main import main
 
 raise SystemExit(main())

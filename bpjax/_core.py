@@ -504,25 +504,6 @@ def num_rows(shape: Sequence[int], trailing: int = 0) -> int:
     return math.prod(shape[: len(shape) - trailing])
 
 
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x w for x (..., K) and w (K, N): the forward product of a dense layer.     (..., N)
-
-    On CPU, when N mod 16 > 8, w gets zero columns up to the next multiple of 16 and the
-    extra outputs are dropped: XLA's CPU matrix product (YNNPACK) handles such a remainder
-    of 9 to 15 columns slowly. On the 2-core CPU of BENCHMARKS.md (float32, jitted, best of
-    15): the 2-D CNN's last layer, (128, 50176)·(50176, 10), took 9.3 ms direct and 3.9 ms
-    padded; (1024, 1024)·(1024, N) took 1.47–1.55 ms direct against 0.56–0.62 padded for
-    N = 9 to 15, 1.9–2.2 against 1.0–1.1 for N = 25 to 31, and 3.0–3.3 against 2.0–2.2 for
-    N = 57 to 63, while other remainders (N = 17 to 23, 33, 36, 50, 65) were as fast or
-    faster direct.
-    """
-    n = w.shape[-1]
-    pad = -n % 16
-    if 0 < pad < 8 and jax.default_backend() == "cpu":
-        return (x @ jnp.pad(w, ((0, 0), (0, pad))))[..., :n]                     # (..., N)
-    return x @ w                                                                 # (..., N)
-
-
 def accumulation_dtype(*dtypes):
     """The dtype in which a backward accumulates a long sum of arrays of ``dtypes``: float32 for
     bfloat16 and float16 (whose 8 or 11 significant bits would lose a sum over a batch), the
@@ -534,31 +515,3 @@ def sum_acc(a: jax.Array, axis=None, **kwargs) -> jax.Array:
     """Σ a over ``axis``, accumulated and returned in ``accumulation_dtype(a.dtype)``: the bias
     gradient Σ_rows dy and the other weight-gradient sums over a batch."""
     return jnp.sum(a, axis=axis, dtype=accumulation_dtype(a.dtype), **kwargs)
-
-
-#: Multiply-adds M·P·Q from which ``matmul_tn`` computes a narrow aᵀb as (bᵀa)ᵀ.
-_TN_MIN_MACS = 2**19
-
-
-def matmul_tn(a: jax.Array, b: jax.Array) -> jax.Array:
-    """aᵀ b for a (M, P) and b (M, Q), contracting the long axis M: the weight-gradient
-    product xᵀ dy of a dense layer or of a convolution's columns.            (P, Q)
-
-    When Q < P and the product is large (M·P·Q ≥ _TN_MIN_MACS), it is computed as (bᵀ a)ᵀ,
-    with an optimisation barrier that keeps XLA from folding the transpose back into the
-    product. XLA's CPU matrix product is slow when its output is narrow: on the 2-core CPU of
-    BENCHMARKS.md, xᵀ dy for x (128, 50176) and dy (128, 10), the last dense layer of the 2-D
-    CNN, took 31 ms as (P, Q) and 4 ms as (Q, P) then transposed; for (1024, 1024) and
-    (1024, 10), 7.1 and 0.5 ms. With Q ≥ P the direct form was as fast or faster
-    (1024 × 1024 × 1024: 35 against 38 ms). A small product is left direct: the MNIST-1D
-    CNN's last layer, (100, 125) and (100, 10), made the whole training step 1.698 ms
-    transposed against 1.620 direct (autodiff's step: 1.599), the extra operation costing
-    more than the product.
-
-    The sum over M is accumulated, and returned, in ``accumulation_dtype``: float32 for
-    bfloat16 inputs (mixed precision; the caller casts it to the parameter's dtype).
-    """
-    acc = accumulation_dtype(a.dtype, b.dtype)
-    if b.shape[-1] < a.shape[-1] and a.size * b.shape[-1] >= _TN_MIN_MACS:
-        return jax.lax.optimization_barrier(jnp.matmul(b.T, a, preferred_element_type=acc)).T  # (Q, P)ᵀ
-    return jnp.matmul(a.T, b, preferred_element_type=acc)                        # (P, Q)

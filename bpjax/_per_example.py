@@ -127,20 +127,20 @@ def _gpt(v: View, n: int, subs_sq):
 
 #: (module, name) of a built-in leaf layer -> its rule (view, N) -> (N,) squared norms.
 LEAF_RULES = {
-    ("bpjax._basic", "dense"): _dense,
-    ("bpjax._structure", "embedding"): _embedding,
-    ("bpjax._norm", "layer_norm"): _norm_layer,
-    ("bpjax._norm", "rms_norm"): _norm_layer,
-    ("bpjax._norm", "group_norm"): _norm_layer,
+    ("bpjax.layers.basic", "dense"): _dense,
+    ("bpjax.layers.structure", "embedding"): _embedding,
+    ("bpjax.layers.norm", "layer_norm"): _norm_layer,
+    ("bpjax.layers.norm", "rms_norm"): _norm_layer,
+    ("bpjax.layers.norm", "group_norm"): _norm_layer,
 }
 #: (module, name) of a built-in layer with params of its own beside its sub-layers'.
-COMPOSITE_RULES = {("bpjax._attention", "gpt"): _gpt}
+COMPOSITE_RULES = {("bpjax.layers.attention", "gpt"): _gpt}
 #: (module, name) of built-in leaf layers whose residuals all have the batch axis first: their
 #: explicit rule vmaps the layer's own backward over the residuals (no forward rerun).
-BATCH_LEADING = {("bpjax._conv", "conv"), ("bpjax._conv", "conv_transpose"),
-                 ("bpjax._attention", "multi_head_attention")}
+BATCH_LEADING = {("bpjax.layers.conv", "conv"), ("bpjax.layers.conv", "conv_transpose"),
+                 ("bpjax.layers.attention", "multi_head_attention")}
 #: (module, name) of layers that mix examples in training.
-MIXING = {("bpjax._norm", "batch_norm")}
+MIXING = {("bpjax.layers.norm", "batch_norm")}
 
 
 # ----------------------------------------------------------------------------- the explicit rule
@@ -246,7 +246,7 @@ class _PerExample(Client):
             else:
                 sq = _explicit(v, self.n)
             out = {"sq": sq}
-            if key == ("bpjax._structure", "embedding"):
+            if key == ("bpjax.layers.structure", "embedding"):
                 out.update(_ids=v.res[0], _dy=v.dy)   # for a composite that also uses the table (gpt)
             return out
         subs_sq = sum((e.values["sq"] for e in v.subs if "sq" in e.values), jnp.zeros((self.n,), jnp.float32))

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
-from . import _basic as B
-from ._combinators import residual, sequential
+from .layers import basic as B
+from .layers.combinators import residual, sequential
 from ._core import Layer
 
 

@@ -38,11 +38,11 @@ def _binary(gen, shape, dtype):
 
 
 LAYER_CASES = [
-    # dW = xᵀ dy both ways (bpjax._core.matmul_tn): directly when D_out ≥ D_in or the product is
+    # dW = xᵀ dy both ways (bpjax.kernels.matmul_tn): directly when D_out ≥ D_in or the product is
     # small, as (dyᵀ x)ᵀ for a narrow output from N·D_in·D_out = 2¹⁹ multiply-adds (narrow-large)
     LayerCase("dense", lambda: bp.dense(7), (5,)),
     LayerCase("dense", lambda: bp.dense(4), (1024,), batch=128, id="narrow-large"),
-    # the forward pads W to 16 columns on CPU for D_out mod 16 in 9..15 (bpjax._core.matmul)
+    # the forward pads W to 16 columns on CPU for D_out mod 16 in 9..15 (bpjax.kernels.matmul)
     LayerCase("dense", lambda: bp.dense(10), (6, 5), id="width10-padded"),
     LayerCase("dense", lambda: bp.dense(3, use_bias=False), (6, 5), id="nobias-3d"),
     LayerCase("dense", lambda: bp.dense(1, w_init="he_normal"), (4,), batch=1, id="batch1-width1"),

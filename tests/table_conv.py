@@ -50,12 +50,12 @@ CONV_CASES = [
               id="1d-relu"),
     # 'auto' on CPU in float32 for a stride-1 2-D conv with ≥ 16 channels in and out: the
     # forward and dx as lax convolutions with an extra output row (routed to Eigen, see
-    # bpjax/_conv.py's "lax on CPU"), dW by columns from the whole dz; in float64, columns
+    # bpjax/kernels/cpu_conv.py), dW by columns from the whole dz; in float64, columns
     LayerCase("conv", lambda: bp.conv(16, 3, activation="relu"), (5, 4, 16), batch=2, id="2d-relu-eigen"),
     LayerCase("conv", lambda: bp.conv(17, (3, 2), padding="VALID", use_bias=False), (6, 5, 16), batch=2,
               id="2d-valid-nobias-eigen"),                  # dx's output is larger already
-    LayerCase("conv", lambda: bp.conv(16, 3, padding=((2, 0), (1, 1)), impl="lax"), (4, 5, 16), batch=2,
-              id="2d-pairs-lax-eigen"),                     # lax: the same routing, dW by views
+    LayerCase("conv", lambda: bp.conv(16, 3, padding=((2, 0), (1, 1)), impl="routed"), (4, 5, 16), batch=2,
+              id="2d-pairs-routed-eigen"),                  # routed on every platform, dW by views
     # conv_transpose (padding is that of the conv it transposes)
     LayerCase("conv_transpose", lambda: bp.conv_transpose(3, 3, strides=2), (5, 2), id="1d-same-stride2"),
     LayerCase("conv_transpose", lambda: bp.conv_transpose(4, 4, strides=3, padding=1, dilation=2, groups=2),

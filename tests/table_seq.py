@@ -16,7 +16,7 @@ SEQ_CASES = [
     LayerCase("multi_head_attention", lambda: bp.multi_head_attention(2), (5, 8), batch=2),
     LayerCase("multi_head_attention", lambda: bp.multi_head_attention(2, causal=True, lean=True, block_size=2),
               (5, 8), batch=2, id="lean-causal"),
-    # the Pallas kernels (bpjax/_flash.py) in interpret mode, on a GPU too: T = 20 is two blocks
+    # the Pallas kernels (bpjax/kernels/flash.py) in interpret mode, on a GPU too: T = 20 is two blocks
     # of 16, the second padded; causal skips the block above the diagonal (masks: test_flash.py)
     LayerCase("multi_head_attention",
               lambda: bp.multi_head_attention(2, causal=True, impl="pallas", pallas_blocks=(16, 16),

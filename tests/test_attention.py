@@ -202,7 +202,7 @@ def test_transformer_and_gpt_errors():
 
 def test_train_gpt_runs(capsys):
     """Tiny settings; batch 1 so that validation and sampling share one compiled forward."""
-    spec = importlib.util.spec_from_file_location("train_gpt", ROOT / "scripts" / "train_gpt.py")
+    spec = importlib.util.spec_from_file_location("train_gpt", ROOT / "scripts" / "examples" / "train_gpt.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     result = module.main(["--steps", "4", "--batch", "1", "--context", "8", "--dim", "8", "--heads", "2",

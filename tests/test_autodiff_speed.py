@@ -1,6 +1,6 @@
 """Autodiff of bpjax's forwards stays what autodiff of the plain network is (issue 18, section 3).
 
-scripts/autodiff_speed.py times it; these tests hold what needs no clock: the plain-lax twins
+scripts/benchmarks/autodiff_speed.py times it; these tests hold what needs no clock: the plain-lax twins
 compute the bpjax forwards, autodiff of a bpjax forward equals autodiff of its twin and the
 hand-written backward, and the jaxpr of autodiff of a routed 2-D convolution holds no
 convolution with a kernel taller than its input (the naive loop the extra row used to cause).
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import bpjax as bp
-from bpjax import _conv
+from bpjax.kernels import cpu_conv
+from bpjax.layers._windows import Geometry
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -25,7 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def _script():
     name = "autodiff_speed_script"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "autodiff_speed.py")
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "benchmarks" / "autodiff_speed.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
@@ -111,17 +112,22 @@ def _routed_layer():
     return layer, params, x
 
 
-def test_the_routed_conv_is_routed_on_cpu():
-    if jax.default_backend() != "cpu":
-        pytest.skip("the extra row is a CPU-only routing")
+def test_the_routed_conv_is_routed_in_a_program_for_the_cpu_only():
+    """The traced forward holds both formulations; lowering keeps the platform's: the extra row
+    for the CPU, the plain convolution for CUDA and TPU (exported from this machine)."""
+    from jax import export
     layer, params, x = _routed_layer()
-    assert _conv._eigen_rows(x.shape, 16, x.dtype, (6, 6), window_strides=(1, 1), lhs_dilation=(1, 1),
-                             rhs_dilation=(1, 1)) == 1
-    forward = jax.make_jaxpr(lambda p, x: layer.forward(p, (), x)[0])(params, x).jaxpr
-    assert [e.params["padding"][0] for e in _convs(forward)] == [(1, 2)]       # the extra row
+    g = Geometry((1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 1)
+    assert cpu_conv.eigen_rows(x.shape, params["w"].shape, x.dtype, g) == 1
+    forward = jax.jit(lambda p, x: layer.forward(p, (), x)[0])
+    pads = {platform: [line for line in export.export(forward, platforms=[platform])(params, x).mlir_module()
+                       .splitlines() if "stablehlo.convolution" in line] for platform in ("cpu", "cuda", "tpu")}
+    assert len(pads["cpu"]) == 1 and "pad = [[1, 2], [1, 1]]" in pads["cpu"][0], pads["cpu"]   # the extra row
+    for platform in ("cuda", "tpu"):
+        assert len(pads[platform]) == 1 and "pad = [[1, 1], [1, 1]]" in pads[platform][0], pads[platform]
 
 
-@pytest.mark.parametrize("impl", ["auto", "lax", "columns"])
+@pytest.mark.parametrize("impl", ["auto", "lax", "routed", "columns"])
 def test_autodiff_of_a_2d_conv_forward_has_no_kernel_taller_than_its_input(impl):
     layer = bp.conv(16, 3, padding="SAME", activation="relu", impl=impl)
     _, params, x = _routed_layer()
@@ -138,10 +144,10 @@ def test_autodiff_of_a_2d_conv_forward_has_no_kernel_taller_than_its_input(impl)
 def test_the_check_itself_finds_the_taller_kernel():
     """Autodiff straight through the extra row (no custom_jvp) gives the pathological dW."""
     _, params, x = _routed_layer()
-    g = _conv._Geometry((1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 1)
+    g = Geometry((1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 1)
 
     def routed_without_custom_jvp(w):
-        return jnp.sum(_conv._routed_conv.fun(x, w, g, 1) ** 2)     # the undecorated primal
+        return jnp.sum(cpu_conv.routed_conv.fun(x, w, g, 1) ** 2)  # the undecorated primal
 
     convs = _convs(jax.make_jaxpr(jax.grad(routed_without_custom_jvp))(params["w"]).jaxpr)
     assert [e for e in convs if _kernel_taller_than_input(e)]

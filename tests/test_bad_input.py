@@ -208,7 +208,7 @@ for _n in ("conv", "conv_transpose"):
     case(f"{_n}-groups-out", lambda f=_f: f(6, 3, groups=4), ValueError,
          f"{_n}: expected out_channels divisible by groups=4, got 6")
     case(f"{_n}-impl", lambda f=_f: f(4, 3, impl="cudnn"), ValueError,
-         f"{_n}: expected impl to be one of ('auto', 'lax', 'columns'), got 'cudnn'")
+         f"{_n}: expected impl to be one of ('auto', 'lax', 'routed', 'columns'), got 'cudnn'")
     case(f"{_n}-impl-columns-groups", lambda f=_f: f(4, 3, groups=2, impl="columns"), ValueError,
          f"{_n}: expected groups=1 with impl='columns', got groups=2")
     case(f"{_n}-activation", lambda f=_f: f(4, 3, activation="gelu"), ValueError,
@@ -430,7 +430,8 @@ def test_bad_input_raises_a_clear_error(thunk, exc, msg):
 
 def test_every_layer_and_loss_has_cases():
     """Every exported layer and loss (bar the recurrent and attention layers) has a case here."""
-    from bpjax import _attention, _recurrent
+    from bpjax.layers import attention as _attention
+    from bpjax.layers import recurrent as _recurrent
     skipped = set(_recurrent.__all__) | set(_attention.__all__)
     ids = [p.id for p in CASES]
     missing = [n for n in (*bp.LAYERS, *bp.LOSSES) if n not in skipped

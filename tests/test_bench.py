@@ -1,4 +1,4 @@
-"""scripts/bench.py runs end to end on its tiniest settings, prints the table and writes the
+"""scripts/benchmarks/bench.py runs end to end on its tiniest settings, prints the table and writes the
 report where --out says.
 
 Timings never decide a test: only the table's shape is checked.
@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "benchmarks" / "bench.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench"] = module                 # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -36,7 +36,7 @@ def test_bench_writes_a_table_with_the_expected_columns(tmp_path):
     for row in body:
         float(row[header.index("ms/step")]), float(row[header.index("temp MiB")])
     text = out.read_text()
-    for needed in (md, "scripts/bench.py --quick", "## Machine", "load average", "jaxlib",
+    for needed in (md, "scripts/benchmarks/bench.py --quick", "## Machine", "load average", "jaxlib",
                    "PyTorch column skipped"):
         assert needed in text
 

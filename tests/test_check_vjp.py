@@ -1,6 +1,6 @@
 """bp.check_vjp: any JAX function's VJP against float64 finite differences (and a reference).
 
-The corpus (scripts/vjp_corpus_fns.py): every planted bug caught at exactly the wrong inputs,
+The corpus (scripts/benchmarks/vjp_corpus_fns.py): every planted bug caught at exactly the wrong inputs,
 no false alarm; kinks at a drawn point drawn again, at a given point reported; low precision;
 the command line; bad arguments in one sentence.
 """
@@ -24,7 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load_corpus():
-    spec = importlib.util.spec_from_file_location("vjp_corpus_fns", ROOT / "scripts" / "vjp_corpus_fns.py")
+    spec = importlib.util.spec_from_file_location("vjp_corpus_fns", ROOT / "scripts" / "benchmarks" / "vjp_corpus_fns.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -207,7 +207,7 @@ def test_rounding_noise_in_the_forward_is_not_a_kink(shape):
 
 
 def test_kinked_directions_from_the_second_difference():
-    from bpjax._gradcheck_fd import STEPS, kinked
+    from bpjax.check.fd import STEPS, kinked
     h = np.concatenate([STEPS, -STEPS])
     smooth = np.exp(0.3 * h) + h ** 2                                    # g(h), g(0) = 1
     at_kink = 1 + 2 * np.maximum(h, 0) - 0.5 * np.minimum(h, 0)          # slopes 2 and -0.5 meet at 0
@@ -224,7 +224,7 @@ def test_low_precision_passes_right_rules_and_catches_wrong_ones(dtype):
     name = jnp.dtype(dtype).name
     report = bp.check_vjp(corpus.jax_fn("softplus"), jax.ShapeDtypeStruct((3, 4), dtype))
     assert report.ok and report.fd_dtype == "float64", report
-    assert report.rows[0].rtol == bp._gradcheck.TOLERANCES[name]["fd"]
+    assert report.rows[0].rtol == bp.check.layer.TOLERANCES[name]["fd"]
     assert report.details.startswith(f"{name} · inputs {name}[3, 4]")
     assert bp.check_vjp(corpus.jax_fn("sigmoid_sign"), (3, 4), dtype=dtype).failing == ("dx",)
 

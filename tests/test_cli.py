@@ -51,20 +51,20 @@ def user_module(tmp_path, monkeypatch):
 
 
 def test_every_export_has_a_default_configuration():
-    assert cli.missing_defaults() == [], "add one line per export to _defaults() in bpjax/cli.py"
-    configs = cli.default_configs()
+    assert cli.gradcheck.missing_defaults() == [], "add one line per export to _defaults() in bpjax/cli/gradcheck.py"
+    configs = cli.gradcheck.default_configs()
     assert not set(configs) - set(bp.LAYERS) - set(bp.LOSSES), "entries for names bpjax does not export"
 
 
 @pytest.mark.parametrize("name", [*bp.LAYERS, *bp.LOSSES])
 def test_every_default_configuration_builds_and_traces(name):
     """Shapes only (jax.eval_shape): a broken entry fails here without a compile."""
-    config = cli.default_configs()[name]
+    config = cli.gradcheck.default_configs()[name]
     obj = config.make()
     if isinstance(obj, bp.Loss):
-        assert isinstance(config, cli.LossDefault)
+        assert isinstance(config, cli.gradcheck.LossDefault)
         return
-    assert isinstance(obj, bp.Layer) and isinstance(config, cli.LayerDefault)
+    assert isinstance(obj, bp.Layer) and isinstance(config, cli.gradcheck.LayerDefault)
     params, state = jax.eval_shape(lambda k: obj.init(k, config.in_shape)[:2], jax.random.PRNGKey(0))
     shapes = config.in_shape if isinstance(config.in_shape[0], tuple) else (config.in_shape,)
     dtype = "int32" if config.int_input else "float32"

@@ -251,15 +251,15 @@ def test_input_channels_not_divisible_by_groups():
 def test_columns_over_several_chunks_equal_lax(monkeypatch, make, in_shape, chunk_examples):
     """The batch of 6 split into chunks of 1, 2 or 6 examples (the chunk budget set to that
     many examples' columns): forward, dW, db and dx by columns equal lax's, in float64."""
-    from bpjax import _conv
+    from bpjax.kernels import cpu_conv
     lax_layer, col_layer = make("lax"), make("columns")
     gen = rng(f"columns-chunks-{in_shape}-{chunk_examples}")
     params, *_ = init_params(lax_layer, in_shape, gen, jnp.float64)
     x = normal(gen, (6, *in_shape), jnp.float64)
     y, _, res = lax_layer.forward(params, (), x)
     one_example = math.prod(y.shape[1:-1]) * math.prod(params["w"].shape[:-1]) * 8   # bytes of columns
-    monkeypatch.setattr(_conv, "_COLUMN_CHUNK_BYTES", chunk_examples * one_example)
-    assert _conv._chunk(6, one_example) == chunk_examples
+    monkeypatch.setattr(cpu_conv, "COLUMN_CHUNK_BYTES", chunk_examples * one_example)
+    assert cpu_conv.chunk_size(6, one_example) == chunk_examples
     jax.clear_caches()                                         # the budget is read at trace time
     dy = normal(gen, y.shape, jnp.float64)
     y_col, _, res_col = col_layer.forward(params, (), x)
@@ -270,18 +270,24 @@ def test_columns_over_several_chunks_equal_lax(monkeypatch, make, in_shape, chun
 
 
 def _plan(impl, in_shape, c_out, dtype=jnp.float32, strides=1, in_dilation=1, dilation=1, groups=1):
-    """_by_columns for a 'SAME' conv of one example's shape in_shape (pads as 3×3 'SAME')."""
-    from bpjax._conv import _by_columns
+    """(forward and dx by columns, dW by columns) that bpjax.kernels chooses for a 3×3 'SAME' conv
+    of one example's shape in_shape: the plan on every platform for an explicit impl, the plan
+    of a program lowered for the CPU for impl='auto' (elsewhere auto is the plain pair)."""
+    from bpjax.kernels import _plan
+    from bpjax.layers._windows import Geometry
     r = len(in_shape) - 1
-    g = dict(strides=(strides,) * r, in_dilation=(in_dilation,) * r, dilation=(dilation,) * r,
-             pads=((1, 1),) * r)
-    out = tuple(-(-n // strides) for n in in_shape[:-1])
-    return _by_columns(impl, (8, *in_shape), c_out, jnp.dtype(dtype), g, out, groups)
+    g = Geometry((strides,) * r, ((1, 1),) * r, (in_dilation,) * r, (dilation,) * r, groups)
+    w_shape = (*(3,) * r, in_shape[-1] // groups, c_out)
+    everywhere, on_cpu = _plan(impl, (8, *in_shape), w_shape, jnp.dtype(dtype), g)
+    assert everywhere is None or on_cpu is None
+    plan = everywhere or on_cpu
+    return (plan.columns, plan.dw_by_columns) if plan else (False, False)
 
 
 def test_auto_picks_columns_or_eigen_on_cpu_for_plain_2d_and_3d_convs_only():
-    """(forward and dx by columns, dW by columns) for each kind of layer."""
-    cpu = jax.default_backend() == "cpu"
+    """(forward and dx by columns, dW by columns) for each kind of layer, in a program lowered
+    for the CPU (the choice no longer depends on the machine that traces it)."""
+    cpu = True
     assert _plan("auto", (6, 6, 3), 8) == (cpu, cpu)                  # few channels: all columns
     assert _plan("auto", (6, 6, 16), 16) == (False, cpu)              # Eigen forward and dx on CPU
     assert _plan("auto", (6, 6, 16), 16, jnp.float64) == (cpu, cpu)   # Eigen has no float64 conv
@@ -292,6 +298,7 @@ def test_auto_picks_columns_or_eigen_on_cpu_for_plain_2d_and_3d_convs_only():
     assert _plan("auto", (6, 6, 4), 4, groups=2) == (False, False)    # groups: lax
     assert _plan("auto", (6, 6, 4), 4, in_dilation=2) == (False, False)  # strided conv_transpose
     assert _plan("columns", (6, 4), 4) == (True, True) and _plan("lax", (6, 6, 4), 4) == (False, False)
+    assert _plan("routed", (6, 6, 16), 16) == (False, False)          # lax's convolution, routed
 
 
 @pytest.mark.parametrize("extra", [1, 3])
@@ -301,14 +308,16 @@ def test_auto_picks_columns_or_eigen_on_cpu_for_plain_2d_and_3d_convs_only():
     ((1, 1), ((1, 1), (1, 1)), (2, 1), (1, 1)),
 ], ids=["same", "pairs-stride12-dilation12", "lhs-dilation"])
 def test_lax_conv_extra_rows_change_nothing(extra, strides, padding, lhs_dilation, rhs_dilation):
-    """_lax_conv with extra rows of padding at the high end (the Eigen routing), their output
+    """routed_conv, with extra rows of padding at the high end (the Eigen routing), their output
     rows dropped, equals lax's convolution (float64, to 1e-12)."""
-    from bpjax._conv import _DIMENSION_NUMBERS, _lax_conv
+    from bpjax.kernels.cpu_conv import routed_conv
+    from bpjax.layers._windows import DIMENSION_NUMBERS, Geometry
     gen = rng(f"lax-conv-extra-{extra}-{strides}-{padding}")
     x, w = normal(gen, (2, 5, 6, 3), jnp.float64), normal(gen, (3, 2, 3, 4), jnp.float64)
     kw = dict(window_strides=strides, padding=padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation)
-    want = lax.conv_general_dilated(x, w, **kw, dimension_numbers=_DIMENSION_NUMBERS[2])
-    got = jax.jit(lambda x, w: _lax_conv(x, w, **kw, groups=1, extra=extra))(x, w)
+    want = lax.conv_general_dilated(x, w, **kw, dimension_numbers=DIMENSION_NUMBERS[2])
+    g = Geometry(strides, padding, lhs_dilation, rhs_dilation, 1)
+    got = jax.jit(lambda x, w: routed_conv(x, w, g, extra))(x, w)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 

@@ -17,13 +17,14 @@ from bpjax import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "bpjax"
-MODULES = sorted(f"bpjax.{p.stem}" for p in PACKAGE.glob("*.py") if p.stem != "__main__")
+MODULES = sorted(".".join(("bpjax",) + p.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
+                 for p in PACKAGE.rglob("*.py") if p.stem != "__main__")
 USES_BPJAX = re.compile(r"\b(bpjax|bp|train|runs)\.[a-z_]+\(")
 
 #: Usage blocks (``::`` literal blocks written as Python that call bpjax), by where they sit,
 #: each run by a test here or next to its module's tests.
 TESTED_BLOCKS = {
-    "bpjax.runs": "test_the_runs_module_example_loads_a_trained_model",
+    "bpjax.train.runs": "test_the_runs_module_example_loads_a_trained_model",
     "bpjax.train": "tests/test_train.py::test_the_module_docstring_example_runs",
 }
 
@@ -89,10 +90,10 @@ def xor_run(tmp_path_factory):
 
 
 def test_the_runs_module_example_loads_a_trained_model(xor_run):
-    (block,) = [b for _, b in _python_usage_blocks(bpjax.runs)]
+    (block,) = [b for _, b in _python_usage_blocks(bpjax.train.runs)]
     code = block.replace('"runs/resnet1d-mnist1d-s0"', repr(str(xor_run)))
     namespace = {"bpjax": bpjax, "x": np.zeros((7, 2), np.float32)}
-    exec(compile(code, "bpjax.runs docstring", "exec"), namespace)
+    exec(compile(code, "bpjax.train.runs docstring", "exec"), namespace)
     assert namespace["y"].shape == (7, 2)
 
 

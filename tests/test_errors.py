@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import bpjax as bp
-from bpjax._losses import check_labels
+from bpjax.layers.losses import check_labels
 from helpers import init_params, rng
 
 

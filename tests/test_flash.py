@@ -1,4 +1,4 @@
-"""The Pallas flash-attention kernels (bpjax/_flash.py, issue 19), in interpret mode on the CPU:
+"""The Pallas flash-attention kernels (bpjax/kernels/flash.py), in interpret mode on the CPU:
 key masks, uneven T and head sizes 64 and 128 against the jnp lean path and jax.vjp of the
 plain forward; the Triton lowering, reached from the CPU by exporting for CUDA; the block-shape
 rules; which formulation ``impl`` picks. (The causal case, in float64 and float32, is in the
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import bpjax as bp
-from bpjax import _flash
+from bpjax.kernels import flash as _flash
 from helpers import assert_close, init_params, normal, rng
 
 
@@ -57,7 +57,7 @@ def test_pallas_matches_the_jnp_lean_path_and_autodiff_with_a_key_mask(causal, h
     np.testing.assert_allclose(y[1], np.broadcast_to(params["b_o"], y[1].shape), rtol=1e-6)
 
 
-@pytest.mark.skipif(not _flash.on_gpu(), reason="untested here (no GPU): the compiled Triton kernels "
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="untested here (no GPU): the compiled Triton kernels "
                     "and their bfloat16 dots with float32 accumulation; interpret mode runs neither")
 def test_compiled_kernels_on_a_gpu():
     """What the CPU cannot check: interpret mode runs the kernels' jnp code, and the lowering
@@ -66,7 +66,7 @@ def test_compiled_kernels_on_a_gpu():
     num_warps/num_stages are tested only here, on a GPU: bfloat16, head size 64 and 128, causal
     and not, T = 300 (padded), against the plain reference in float32 and its autodiff, to
     bfloat16's precision."""
-    from bpjax._flash_bridge import attention_reference
+    from bpjax.kernels.flash_bridge import attention_reference
     gen = rng("flash-gpu")
     for d, causal in [(64, True), (128, False)]:
         q, k, v, do = (normal(gen, (2, 3, 300, d), jnp.bfloat16) for _ in range(4))
@@ -125,7 +125,7 @@ def test_block_shapes_follow_the_gpu_lowering_rules(blocks):
         bp.multi_head_attention(2, impl="pallas", pallas_blocks=blocks)
 
 
-def test_bad_impl_pair_mask_and_gpu_head_size_are_one_sentence(monkeypatch):
+def test_bad_impl_pair_mask_and_gpu_head_size_are_one_sentence():
     with pytest.raises(ValueError, match=r"^multi_head_attention: expected impl to be one of "
                        r"\('jnp', 'pallas', 'auto'\), got 'flash'$"):
         bp.multi_head_attention(2, impl="flash")
@@ -139,10 +139,10 @@ def test_bad_impl_pair_mask_and_gpu_head_size_are_one_sentence(monkeypatch):
                        r"with impl='pallas' \(its kernels take no \(query, key\) mask\), got "
                        r"mask.shape=\(1, 5, 5\)$"):
         layer.forward(params, (), (x, pairs))
-    monkeypatch.setattr(_flash, "on_gpu", lambda: True)
     with pytest.raises(ValueError, match=r"^multi_head_attention: expected a head size D/num_heads that "
-                       r"is a power of two ≥ 16 for impl='pallas' on a GPU, got 4$"):
-        layer.forward(params, (), (x, jnp.ones((1, 5))))
+                       r"is a power of two ≥ 16 for impl='pallas' \(a block side of the compiled kernels; "
+                       r"pallas_interpret=True takes any\), got 4$"):
+        layer.forward(params, (), (x, jnp.ones((1, 5))))         # on any platform: it may be lowered for CUDA
     interpreted = bp.multi_head_attention(2, masked=True, impl="pallas", pallas_interpret=True)
     jax.eval_shape(lambda p: interpreted.forward(p, (), (x, jnp.ones((1, 5)))), params)   # any head size
     with pytest.raises(ValueError, match=r"^multi_head_attention: expected pallas_interpret to be None, "
@@ -150,24 +150,34 @@ def test_bad_impl_pair_mask_and_gpu_head_size_are_one_sentence(monkeypatch):
         bp.multi_head_attention(2, impl="pallas", pallas_interpret="yes")
 
 
-def _runs_pallas(layer, x, dtype=jnp.float32):
+def _formulation(layer, x, platform, dtype=jnp.float32):
+    """What the forward runs in a program lowered for ``platform`` (``jax.export`` from this
+    machine): the Pallas kernels "compiled" (Triton) or "interpreted", or the "jnp" passes."""
+    from jax import export
     params, _, _ = init_params(layer, tuple(e.shape[1:] for e in x) if isinstance(x, tuple)
                                else x.shape[1:], rng("auto"), dtype)
-    return "pallas_call" in str(jax.make_jaxpr(lambda p: layer.forward(p, (), x)[0])(params))
+    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    text = export.export(jax.jit(lambda p, x: layer.forward(p, (), x)[0]), platforms=[platform],
+                         disabled_checks=[triton])(params, x).mlir_module()
+    if "__gpu$xla.gpu.triton" in text:
+        return "compiled"
+    return "interpreted" if "bpjax_flash_forward" in text else "jnp"
 
 
-def test_auto_picks_pallas_on_a_gpu_where_it_lowers_and_jnp_elsewhere(monkeypatch):
-    """Traced only (make_jaxpr): which formulation each setting runs."""
+def test_auto_picks_pallas_for_cuda_where_it_lowers_and_jnp_elsewhere():
+    """Exported for each platform from this CPU: which formulation each setting runs."""
     x64 = jnp.ones((1, 5, 128), jnp.float32)                       # 2 heads of 64
     keys, pairs = (x64, jnp.ones((1, 5))), (x64, jnp.ones((1, 5, 5)))
     auto = bp.multi_head_attention(2, impl="auto")
     auto_masked = bp.multi_head_attention(2, impl="auto", masked=True)
-    assert not _runs_pallas(auto, x64)                             # the CPU: jnp
-    assert _runs_pallas(bp.multi_head_attention(2, impl="pallas"), x64)     # interpreted
-    assert not _runs_pallas(bp.multi_head_attention(2), x64)       # the default is jnp
-    monkeypatch.setattr(_flash, "on_gpu", lambda: True)
-    assert _runs_pallas(auto, x64) and _runs_pallas(auto, x64.astype(jnp.bfloat16), jnp.bfloat16)
-    assert _runs_pallas(auto_masked, keys)
-    assert not _runs_pallas(auto_masked, pairs)                    # a (query, key) mask: jnp
-    assert not _runs_pallas(bp.multi_head_attention(16, impl="auto"), x64)  # head size 8
-    assert not _runs_pallas(auto, x64.astype(jnp.float64), jnp.float64)
+    pallas = bp.multi_head_attention(2, impl="pallas")
+    assert _formulation(auto, x64, "cpu") == "jnp" and _formulation(auto, x64, "tpu") == "jnp"
+    assert _formulation(pallas, x64, "cpu") == "interpreted"
+    assert _formulation(pallas, x64, "cuda") == "compiled"
+    assert _formulation(bp.multi_head_attention(2), x64, "cuda") == "jnp"    # the default is jnp
+    assert _formulation(auto, x64, "cuda") == "compiled"
+    assert _formulation(auto, x64.astype(jnp.bfloat16), "cuda", jnp.bfloat16) == "compiled"
+    assert _formulation(auto_masked, keys, "cuda") == "compiled"
+    assert _formulation(auto_masked, pairs, "cuda") == "jnp"               # a (query, key) mask: jnp
+    assert _formulation(bp.multi_head_attention(16, impl="auto"), x64, "cuda") == "jnp"  # head size 8
+    assert _formulation(auto, x64.astype(jnp.float64), "cuda", jnp.float64) == "jnp"

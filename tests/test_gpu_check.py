@@ -1,4 +1,4 @@
-"""scripts/gpu_check.sh, the prepared GPU check, runs end to end on the CPU in its tiny mode.
+"""scripts/benchmarks/gpu_check.sh, the prepared GPU check, runs end to end on the CPU in its tiny mode.
 
 Only the wiring is checked: every stage runs and passes (or is skipped, saying why), the results
 land in OUT_DIR as at most 8 files (what the device tool brings back), and the summary printed
@@ -25,14 +25,14 @@ def test_gpu_check_runs_every_stage_in_tiny_mode(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "BPJAX_GPU_CHECK_TINY": "1", "PYTHON": sys.executable,
            "BPJAX_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out)], env=env,
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "benchmarks" / "gpu_check.sh"), str(out)], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
 
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert len(files) <= 8, files
     expected = {"summary.md", "gpu_check.log", "bench_float32.md", "bench_bfloat16.md"}
-    if (ROOT / "scripts" / "fit_speed.py").exists():
+    if (ROOT / "scripts" / "benchmarks" / "fit_speed.py").exists():
         expected.add("fit_speed.json")
     assert expected <= set(files), files
 
@@ -66,7 +66,7 @@ exec "{sys.executable}" "$@"
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "BPJAX_GPU_CHECK_TINY"}
     env.update(PYTHON=str(fake), BPJAX_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out)], env=env,
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "benchmarks" / "gpu_check.sh"), str(out)], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout[-6000:] + proc.stderr[-2000:]
     summary = (out / "summary.md").read_text()
@@ -77,9 +77,9 @@ exec "{sys.executable}" "$@"
     log = (out / "gpu_check.log").read_text()
     for command in ("JAX_DEFAULT_MATMUL_PRECISION=highest",
                     "tests/test_crosscheck.py tests/test_networks.py",
-                    "scripts/bench.py --rounds 3 --chunk-seconds 0.25 --pause 0.05 --dtype float32 --out",
+                    "scripts/benchmarks/bench.py --rounds 3 --chunk-seconds 0.25 --pause 0.05 --dtype float32 --out",
                     "--preset gpt2-small --dtype bfloat16 --steps 30 --batch 8 --print-every 10 "
                     "--eval-every 0 --sample-chars 0"):
         assert "RAN: " in log and command in log, command
-    if (ROOT / "scripts" / "fit_speed.py").exists():
-        assert re.search(r"RAN: scripts/fit_speed\.py --out \S+/fit_speed\.json --batch-sizes 32,1024", log)
+    if (ROOT / "scripts" / "benchmarks" / "fit_speed.py").exists():
+        assert re.search(r"RAN: scripts/benchmarks/fit_speed\.py --out \S+/fit_speed\.json --batch-sizes 32,1024", log)

@@ -154,7 +154,7 @@ CORRECT = {
 def test_correct_layers_pass(name, dtype):
     make, in_shape = CORRECT[name]
     report = bp.assert_gradients_close(make(), in_shape, batch=2, dtype=dtype)
-    assert report.rows[0].rtol == bp._gradcheck.TOLERANCES[jnp.dtype(dtype).name][report.rows[0].reference]
+    assert report.rows[0].rtol == bp.check.layer.TOLERANCES[jnp.dtype(dtype).name][report.rows[0].reference]
 
 
 def test_bfloat16_uses_loose_tolerances():
@@ -307,14 +307,14 @@ def test_random_classification_architectures_match_the_references(widths, acts, 
 
 
 def test_the_checker_is_in_parts_a_reader_can_hold():
-    """Issue 18 §4: draw, references, finite differences, compare, report, one engine; every
-    front-end (check_layer, check_model, check_loss, check_vjp) hands its forward to it."""
+    """The checker is a folder of parts (draw, references, finite differences, compare, report,
+    one engine) so that each reads on its own; every front-end (check_layer, check_model,
+    check_loss, check_vjp) hands its forward to the one engine."""
     import ast
     import pathlib
 
-    package = pathlib.Path(bp.__file__).parent
-    parts = ["_gradcheck_draw", "_gradcheck_refs", "_gradcheck_fd", "_gradcheck_compare", "_gradcheck_report",
-             "_gradcheck_engine", "_gradcheck", "_checkvjp"]
+    package = pathlib.Path(bp.__file__).parent / "check"
+    parts = ["draw", "refs", "fd", "compare", "report", "engine", "layer", "vjp"]
     for part in parts:
         tree = ast.parse((package / f"{part}.py").read_text())
         for node in ast.walk(tree):
@@ -323,9 +323,9 @@ def test_the_checker_is_in_parts_a_reader_can_hold():
                 first = node.body[1] if doc and len(node.body) > 1 else node.body[0]
                 assert node.end_lineno - first.lineno < 50, f"{part}.{node.name} is over 50 lines"
     calls = {"check_layer": "_run(", "check_model": "_run(", "check_loss": "_run(", "_check_at": "run("}
-    sources = {p: (package / f"{p}.py").read_text() for p in ("_gradcheck", "_checkvjp")}
+    sources = {p: (package / f"{p}.py").read_text() for p in ("layer", "vjp")}
     for fn, call in calls.items():
-        src = sources["_checkvjp" if fn == "_check_at" else "_gradcheck"]
+        src = sources["vjp" if fn == "_check_at" else "layer"]
         body = src[src.index(f"def {fn}("):]
         body = body[:body.index("\ndef ", 1)] if "\ndef " in body[1:] else body
         assert call in body, f"{fn} does not call the engine"

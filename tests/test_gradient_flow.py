@@ -114,7 +114,7 @@ def test_train_records_the_flow(tmp_path):
 def test_the_script_draws_the_figure(tmp_path, capsys):
     import importlib.util
     import pathlib
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "gradient_flow.py"
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "examples" / "gradient_flow.py"
     spec = importlib.util.spec_from_file_location("gradient_flow_script", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

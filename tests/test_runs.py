@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 import bpjax as bp
-from bpjax import cli, runs, train
+from bpjax import cli, train
+from bpjax.cli import train as train_cli
+from bpjax.train import runs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BASE = ["train", "--model", "textbook_mlp", "--dataset", "xor", "--batch-size", "32", "--schedule", "constant",
@@ -144,12 +146,12 @@ def _args(**kw):
 
 
 def test_epochs_define_the_run_only_under_a_schedule_that_depends_on_them():
-    cosine = train.run_arguments(_args())
-    assert train._differences(train.run_arguments(_args(epochs=4)), cosine) == ["--epochs 4 (the run has 2)"]
-    constant = train.run_arguments(_args(schedule="constant"))
-    assert train._differences(train.run_arguments(_args(schedule="constant", epochs=4)), constant) == []
-    assert train._differences(constant, cosine) == ["--schedule constant (the run has cosine)"]
-    assert train._differences({**cosine, "bpjax_version": "9.9"}, cosine) == [
+    cosine = train_cli.run_arguments(_args())
+    assert train_cli._differences(train_cli.run_arguments(_args(epochs=4)), cosine) == ["--epochs 4 (the run has 2)"]
+    constant = train_cli.run_arguments(_args(schedule="constant"))
+    assert train_cli._differences(train_cli.run_arguments(_args(schedule="constant", epochs=4)), constant) == []
+    assert train_cli._differences(constant, cosine) == ["--schedule constant (the run has cosine)"]
+    assert train_cli._differences({**cosine, "bpjax_version": "9.9"}, cosine) == [
         f"bpjax 9.9 (the run was written by bpjax {bp.__version__})"]
 
 

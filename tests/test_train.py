@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -11,6 +12,8 @@ import pytest
 
 import bpjax as bp
 from bpjax import datasets, models, train
+from bpjax.cli import train as train_cli
+from bpjax.train import loop
 
 
 def _fit(data, **kw):
@@ -117,16 +120,16 @@ def test_train_command_trains_xor_with_its_defaults(tmp_path, capsys):
 def test_recipes_fill_only_what_the_user_left_unset():
     import argparse
     parser = argparse.ArgumentParser()
-    train.add_arguments(parser)
+    train_cli.add_arguments(parser)
     default = parser.parse_args([])
-    train.apply_recipe(default)
+    train_cli.apply_recipe(default)
     assert (default.model, default.optimizer, default.lr, default.epochs) == ("resnet1d", "adamw", 3e-3, 30)
     paper = parser.parse_args(["--model", "cnn", "--lr", "0.05"])
-    train.apply_recipe(paper)
+    train_cli.apply_recipe(paper)
     assert (paper.optimizer, paper.lr, paper.batch_size, paper.patience) == ("adam", 0.05, 100, 10)
     assert parser.parse_args(["--dataset", "digits"]).model is None
     digits = parser.parse_args(["--dataset", "digits"])
-    train.apply_recipe(digits)
+    train_cli.apply_recipe(digits)
     assert digits.model == "digits_cnn"
 
 
@@ -169,18 +172,18 @@ def test_a_mid_epoch_interrupt_resumes_exactly(xor, tmp_path, monkeypatch):
     run reaches the uninterrupted run's params bit for bit."""
     kw = dict(epochs=3, batch_size=32, patience=None, steps_per_dispatch=2)
     full = _fit(xor, **kw)
-    real_run_epoch, calls = train._run_epoch, []
+    real_run_epoch, calls = loop._run_epoch, []
 
     def interrupting(*a, signals, **k):
         calls.append(1)
         if len(calls) == 2:                                 # epoch 2: a signal before its first chunk
-            signals.caught = int(train.signal.SIGINT)
+            signals.caught = int(signal.SIGINT)
         return real_run_epoch(*a, signals=signals, **k)
 
-    monkeypatch.setattr(train, "_run_epoch", interrupting)
+    monkeypatch.setattr(loop, "_run_epoch", interrupting)
     stopped = _fit(xor, **kw, checkpoint_dir=tmp_path / "ck")
     assert stopped.interrupted_by == "SIGINT" and len(stopped.history) == 1
-    monkeypatch.setattr(train, "_run_epoch", real_run_epoch)
+    monkeypatch.setattr(loop, "_run_epoch", real_run_epoch)
     logs = []
     resumed = _fit(xor, **kw, checkpoint_dir=tmp_path / "ck", resume=True, log=logs.append)
     assert any("epoch 1 done, 2 batches of epoch 2" in line for line in logs), logs
