@@ -112,11 +112,35 @@ def test_the_readme_train_evaluate_predict_commands_run(tmp_path, monkeypatch, c
     assert "test acc" in capsys.readouterr().out
 
 
+def _layout_sections(block: str) -> dict:
+    """Each folder of the README's layout tree (``bpjax/``, ``bpjax/check/``, ...) -> its lines:
+    the folder's own line and every line indented deeper below it."""
+    lines, sections, stack = block.splitlines(), {}, []
+    for i, line in enumerate(lines):
+        m = re.match(r"( *)([\w.]+/)(\s|$)", line)
+        if not m:
+            continue
+        indent = len(m.group(1))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = (stack[-1][1] if stack else "") + m.group(2)
+        stack.append((indent, path))
+        end = next((j for j in range(i + 1, len(lines))
+                    if lines[j].strip() and len(lines[j]) - len(lines[j].lstrip()) <= indent), len(lines))
+        sections[path] = "\n".join(lines[i:end])
+    return sections
+
+
 def test_the_readme_layout_names_every_module_and_script():
+    """Every module of bpjax/ and every script is named in the README's layout, under its folder."""
     readme = (ROOT / "README.md").read_text()
-    layout = readme[readme.index("bpjax/_core.py"):]
-    layout = layout[:layout.index("```")]
-    files = [p.name for p in sorted(PACKAGE.glob("*.py")) if p.stem not in ("__init__", "__main__")]
-    files += [p.name for p in sorted((ROOT / "scripts").iterdir()) if p.suffix in (".py", ".sh")]
-    missing = [f for f in files if not re.search(rf"(?<![\w.]){re.escape(f)}", layout)]
-    assert not missing, f"README's layout does not name {missing}"
+    layout = readme[readme.index("## Layout"):]
+    layout = layout[layout.index("```") + 3:]
+    sections = _layout_sections(layout[:layout.index("```")])
+    files = [p for p in sorted(PACKAGE.rglob("*.py"))
+             if p.stem != "__main__" and (p.stem != "__init__" or p.parent == PACKAGE)]
+    files += [p for p in sorted((ROOT / "scripts").rglob("*")) if p.suffix in (".py", ".sh")]
+    missing = [p.relative_to(ROOT).as_posix() for p in files
+               if not re.search(rf"(?<![\w.]){re.escape(p.name)}",
+                                sections.get(p.parent.relative_to(ROOT).as_posix() + "/", ""))]
+    assert not missing, f"README's layout does not name {missing} under their folders"

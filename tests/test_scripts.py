@@ -121,7 +121,30 @@ def test_mnist1d_table_write_replaces_only_the_rows_it_ran(tmp_path):
     path = tmp_path / "RESULTS.md"
     script.write(path, "| model | paper |\n| cnn | 94% | 1% |", ["| cnn | 94% | 1% |"], [0], ["--models", "cnn"])
     assert path.read_text().startswith("# MNIST-1D with hand-written backprop\n\nCommand: `python scripts/"
-                                       "mnist1d_table.py --models cnn`")
+                                       "examples/mnist1d_table.py --models cnn`")
     path.write_text("# R\n\n| model | paper |\n| --- | --- |\n| mlp | 68% | 66% |\n| cnn | 94% | 1% |\n\nNotes.\n")
     script.write(path, "ignored", ["| cnn | 94% | 93% |"], [0], [])
     assert path.read_text() == "# R\n\n| model | paper |\n| --- | --- |\n| mlp | 68% | 66% |\n| cnn | 94% | 93% |\n\nNotes.\n"
+
+
+def test_hlo_guard_strips_locations_and_tells_renamed_instructions_from_changed_programs(tmp_path, capsys):
+    """scripts/benchmarks/hlo_guard.py, the refactor guard, on two hand-written programs: source
+    locations never count, a renamed instruction is 'same up to the names', a changed shape is
+    DIFFERENT (exit 1)."""
+    guard = _load("hlo_guard")
+    program = ('HloModule jit_step, entry_computation_layout={(f32[4]{0})->f32[4]{0}}\n\nFileNames\n1 "/a/b.py"\n\n'
+               'ENTRY %main (x.1: f32[4]) -> f32[4] {\n  %x.1 = f32[4]{0} parameter(0), '
+               'metadata={op_name="jit(step)/x" source_file="/a/b.py" source_line=3}\n'
+               '  ROOT %jit_helper_.2 = f32[4]{0} negate(%x.1), metadata={op_name="neg"}\n}\n')
+    stripped = guard.strip_hlo(program)
+    assert "metadata" not in stripped and "/a/b.py" not in stripped and "negate(%x.1)" in stripped
+    renamed = guard.strip_hlo(program.replace("jit_helper_", "jit_renamed_"))
+    changed = guard.strip_hlo(program.replace("f32[4]{0} negate", "f32[8]{0} negate"))
+    for name, text in (("a", stripped), ("b", renamed), ("c", changed)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "step.hlo.txt").write_text(text)
+        (tmp_path / name / "hashes.txt").write_text(f"step {hash(text)}\n")
+    assert guard.compare(str(tmp_path / "a"), str(tmp_path / "b")) == 0
+    assert "step: same up to the names of instructions" in capsys.readouterr().out
+    assert guard.compare(str(tmp_path / "a"), str(tmp_path / "c")) == 1
+    assert "step: DIFFERENT" in capsys.readouterr().out
