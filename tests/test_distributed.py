@@ -11,7 +11,8 @@ HERE = pathlib.Path(__file__).parent
 
 
 def test_four_devices_match_one():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, str(HERE / "distributed_check.py")], env=env,
                           capture_output=True, text=True, timeout=600)
