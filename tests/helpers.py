@@ -6,16 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import zlib
 
+from bpjax.check.draw import normal  # noqa: F401  (the package's drawer, for the tests)
+
 RTOL = {jnp.float64: 1e-10, jnp.float32: 1e-5}
 
 
 def rng(name):
     """A NumPy generator seeded from a name: test data is drawn on the host, which needs no compiles."""
     return np.random.default_rng(zlib.crc32(str(name).encode()))
-
-
-def normal(gen, shape, dtype, scale=1.0):
-    return jnp.asarray(scale * gen.standard_normal(shape), dtype)
 
 
 def init_params(layer, in_shape, gen, dtype):

@@ -1,7 +1,7 @@
 """Mixed precision: the hand-written backward in bfloat16 against float32 autodiff.
 
-The same one table of cases as tests/test_crosscheck.py (every case of LAYER_CASES and
-LOSS_CASES; none is left out), run with params, x and dy in bfloat16 and jitted, against
+The same one table of cases as tests/test_crosscheck.py (every cross-check case of
+bpjax.check.cases, LAYER_CASES and LOSS_CASES; none is left out), run with params, x and dy in bfloat16 and jitted, against
 jax.vjp of the forward on float32 copies of the *same* bfloat16 values (so rounding the inputs
 is not counted, only what the bfloat16 forward and backward lose).
 
@@ -29,9 +29,8 @@ import pytest
 import bpjax as bp
 from bpjax import models
 from bpjax._grad import cast_floating
+from bpjax.check.cases import LAYER_CASES, LOSS_CASES, LayerCase
 from helpers import normal, rng
-from table import LAYER_CASES, LOSS_CASES
-from table_base import LayerCase
 from test_crosscheck import _layer_inputs
 
 BF16 = jnp.bfloat16
@@ -99,8 +98,9 @@ def _check_layer_bf16(case: LayerCase):
 def _check_loss_bf16(case, target_dtype):
     loss = case.make()
     gen = rng(case)
-    pred16, pred32 = _pair(normal(gen, case.pred_shape, jnp.float32, case.pred_scale))
-    target = case.target(gen, case.pred_shape, jnp.float32)
+    shape = (case.batch, *case.pred_shape)
+    pred16, pred32 = _pair(normal(gen, shape, jnp.float32, case.pred_scale))
+    target = case.target(gen, shape, jnp.float32)
     target16, target32 = _pair(target)
     target = target16 if target_dtype == BF16 else target32    # labels stay integers either way
     dvalue = jnp.asarray(0.7312, jnp.float32)

@@ -12,6 +12,7 @@ import pytest
 
 import bpjax as bp
 from bpjax import cli
+from bpjax.check import cases
 
 REPO = pathlib.Path(bp.__file__).resolve().parent.parent
 
@@ -51,7 +52,7 @@ def user_module(tmp_path, monkeypatch):
 
 
 def test_every_export_has_a_default_configuration():
-    assert cli.gradcheck.missing_defaults() == [], "add one line per export to _defaults() in bpjax/cli/gradcheck.py"
+    assert cli.gradcheck.missing_defaults() == [], "add a case with default=True per export to bpjax/check/cases/"
     configs = cli.gradcheck.default_configs()
     assert not set(configs) - set(bp.LAYERS) - set(bp.LOSSES), "entries for names bpjax does not export"
 
@@ -62,9 +63,9 @@ def test_every_default_configuration_builds_and_traces(name):
     config = cli.gradcheck.default_configs()[name]
     obj = config.make()
     if isinstance(obj, bp.Loss):
-        assert isinstance(config, cli.gradcheck.LossDefault)
+        assert isinstance(config, cases.LossCase) and config.default
         return
-    assert isinstance(obj, bp.Layer) and isinstance(config, cli.gradcheck.LayerDefault)
+    assert isinstance(obj, bp.Layer) and isinstance(config, cases.LayerCase) and config.default
     params, state = jax.eval_shape(lambda k: obj.init(k, config.in_shape)[:2], jax.random.PRNGKey(0))
     shapes = config.in_shape if isinstance(config.in_shape[0], tuple) else (config.in_shape,)
     dtype = "int32" if config.int_input else "float32"
@@ -78,7 +79,7 @@ def test_a_new_export_without_an_entry_fails_loudly(monkeypatch, capsys):
     monkeypatch.setattr(bp, "LAYERS", bp.LAYERS + ("shiny_new_layer",))
     assert cli.main(["gradcheck"]) == 2
     err = capsys.readouterr().err
-    assert "no default configuration for shiny_new_layer" in err and "_defaults()" in err
+    assert "no default configuration for shiny_new_layer" in err and "default=True" in err
 
 
 def test_builtins_by_name_pass(capsys):

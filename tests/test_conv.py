@@ -13,8 +13,10 @@ import pytest
 from jax import lax
 
 import bpjax as bp
+from bpjax.check import cases
 from helpers import init_params, normal, rng
-from table_conv import CONV_CASES
+
+CONV_CASES = [c for c in cases.conv.CASES if c.crosscheck]
 
 # ----------------------------------------------------------------------------- max-pool ties
 

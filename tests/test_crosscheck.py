@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 import bpjax as bp
+from bpjax.check.cases import LAYER_CASES, LOSS_CASES, TABLE, LayerCase, LossCase
 from helpers import assert_close, init_params, normal, rng
-from table import LAYER_CASES, LOSS_CASES
-from table_base import LayerCase
 
 CASES = LAYER_CASES + LOSS_CASES
 
@@ -63,8 +62,9 @@ def _check_layer(case, dtype, jit):
 def _check_loss(case, dtype, jit):
     loss = case.make()
     gen = rng(case)
-    pred = normal(gen, case.pred_shape, dtype, case.pred_scale)
-    target = case.target(gen, case.pred_shape, dtype)
+    shape = (case.batch, *case.pred_shape)
+    pred = normal(gen, shape, dtype, case.pred_scale)
+    target = case.target(gen, shape, dtype)
     dvalue = jnp.asarray(0.7312, dtype)                      # a random-looking cotangent, not 1
     wrap = jax.jit if jit else (lambda f: f)
 
@@ -107,16 +107,22 @@ UTILITIES = {"Layer", "Loss", "make_layer", "make_loss", "value_and_grad",
 
 
 def test_every_export_is_in_the_table():
-    in_table = {c.export for c in CASES}
-    missing = (set(bp.LAYERS) | set(bp.LOSSES)) - in_table
-    assert not missing, f"exported but not in tests/table.py: {sorted(missing)}"
+    """Every export has cross-check cases and exactly one default case (bpjax gradcheck's)."""
+    exports = set(bp.LAYERS) | set(bp.LOSSES)
+    missing = exports - {c.export for c in CASES}
+    assert not missing, f"exported but not cross-checked in bpjax/check/cases/: {sorted(missing)}"
+    defaults = [c.export for c in TABLE if c.default]
+    wrong = {e: defaults.count(e) for e in exports if defaults.count(e) != 1}
+    assert not wrong, (f"default cases per export, expected 1 (default=True in bpjax/check/cases/, "
+                       f"what bpjax gradcheck runs): {wrong}")
     unclassified = set(bp.__all__) - set(bp.LAYERS) - set(bp.LOSSES) - UTILITIES
     assert not unclassified, (f"new exports {sorted(unclassified)}: add them to bpjax.LAYERS/LOSSES "
                               "(and the table) or to UTILITIES here")
-    for c in LAYER_CASES:
-        assert c.export in bp.LAYERS and isinstance(c.make(), bp.Layer), c
-    for c in LOSS_CASES:
-        assert c.export in bp.LOSSES and isinstance(c.make(), bp.Loss), c
+    for c in TABLE:
+        if isinstance(c, LayerCase):
+            assert c.export in bp.LAYERS and isinstance(c.make(), bp.Layer), c
+        else:
+            assert isinstance(c, LossCase) and c.export in bp.LOSSES and isinstance(c.make(), bp.Loss), c
 
 
 def test_cross_check_catches_a_wrong_backward():

@@ -2,7 +2,7 @@
 key masks, uneven T and head sizes 64 and 128 against the jnp lean path and jax.vjp of the
 plain forward; the Triton lowering, reached from the CPU by exporting for CUDA; the block-shape
 rules; which formulation ``impl`` picks. (The causal case, in float64 and float32, is in the
-cross-check table: tests/table_seq.py.) Interpret mode compiles slowly, so there are few
+cross-check table: bpjax/check/cases/seq.py.) Interpret mode compiles slowly, so there are few
 shapes, all small. Only a GPU runs the compiled kernels: test_compiled_kernels_on_a_gpu."""
 from __future__ import annotations
 

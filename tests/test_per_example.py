@@ -15,8 +15,8 @@ import pytest
 
 import bpjax as bp
 from bpjax import models
+from bpjax.check.cases import LAYER_CASES
 from helpers import init_params, normal, rng
-from table import LAYER_CASES
 
 HERE = pathlib.Path(__file__).parent
 

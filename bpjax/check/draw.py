@@ -1,9 +1,10 @@
 """Drawing the values a gradient check runs at (the first part of a check).
 
 Everything is drawn on the host with NumPy (no compile), from one ``np.random.Generator``:
-inputs and params that are non-degenerate (no zeros, no identical rows), the cotangent ``dy``
-(random, never ones: ones hide bugs that cancel) and the directions ``v`` of the finite
-differences (random, or the coordinate axes of a small leaf, which say where an error sits).
+inputs and params that are non-degenerate (no zeros, no identical rows), a loss's targets,
+the cotangent ``dy`` (random, never ones: ones hide bugs that cancel) and the directions ``v``
+of the finite differences (random, or the coordinate axes of a small leaf, which say where an
+error sits).
 """
 from __future__ import annotations
 
@@ -37,6 +38,33 @@ def random_like(gen: np.random.Generator, shape_dtype, *, scalar_away_from_zero=
     else:
         v = gen.standard_normal(shape)
     return jnp.asarray(v, dtype)
+
+
+def normal(gen: np.random.Generator, shape, dtype, scale: float = 1.0):
+    """``scale`` · N(0, 1) of ``shape``: inputs, predictions and regression targets."""
+    return jnp.asarray(scale * gen.standard_normal(shape), dtype)
+
+
+def labels(gen: np.random.Generator, shape, dtype):
+    """Integer class labels in [0, shape[-1]) of ``shape[:-1]``: the classes are the last axis."""
+    return jnp.asarray(gen.integers(0, shape[-1], shape[:-1]))
+
+
+def probabilities(gen: np.random.Generator, shape, dtype):
+    """Rows that sum to 1 over the last axis, peaked (softmax of 2·N(0, 1)) rather than flat."""
+    z = 2 * gen.standard_normal(shape)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return jnp.asarray(e / e.sum(-1, keepdims=True), dtype)
+
+
+def binary(gen: np.random.Generator, shape, dtype):
+    """Targets in [0, 1], a quarter exactly 0 and a quarter exactly 1 (the ends a BCE must get right)."""
+    u = gen.uniform(size=shape)
+    return jnp.asarray(np.where(u < 0.25, 0.0, np.where(u > 0.75, 1.0, u)), dtype)
+
+
+#: A loss target's drawer by name (``bpjax gradcheck --target``): ``drawer(gen, pred_shape, dtype)``.
+TARGETS = {"normal": normal, "labels": labels, "probs": probabilities, "binary": binary}
 
 
 def fill_params(tree: PyTree, gen: np.random.Generator, dtype, *, state: bool) -> PyTree:

@@ -13,117 +13,20 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import numpy as np
 
 
-class LayerDefault(NamedTuple):
-    """How ``bpjax gradcheck`` builds and feeds one layer.
-
-    ``make()`` builds it; ``in_shape`` is one example's shape (a tuple of shapes for a layer
-    taking a tuple of inputs); ``int_input=V`` draws integer ids in [0, V) as x; ``needs_key``
-    passes a PRNG key to forward (dropout); ``train`` is passed to forward.
-    """
-
-    make: Callable
-    in_shape: tuple
-    batch: int = 3
-    int_input: Optional[int] = None
-    needs_key: bool = False
-    train: bool = True
-
-
-class LossDefault(NamedTuple):
-    """How ``bpjax gradcheck`` builds and feeds one loss: ``pred_shape`` is one example's shape;
-    ``target`` is ``"normal"``, ``"labels"`` (integers over the last axis), ``"probs"`` or
-    ``"binary"`` (values in [0, 1])."""
-
-    make: Callable
-    pred_shape: tuple
-    target: str = "normal"
-    batch: int = 4
-
-
-def _defaults():
-    """One small configuration per export of ``bpjax.LAYERS`` and ``bpjax.LOSSES``: one line each."""
-    import bpjax as bp
-
-    L, S = LayerDefault, LossDefault
-    return {
-        # basic layers and activations
-        "dense": L(lambda: bp.dense(4), (3,)),
-        "identity": L(bp.identity, (4,)),
-        "relu": L(bp.relu, (5,)),
-        "leaky_relu": L(lambda: bp.leaky_relu(0.2), (5,)),
-        "elu": L(bp.elu, (5,)),
-        "sigmoid": L(bp.sigmoid, (5,)),
-        "tanh": L(bp.tanh, (5,)),
-        "softplus": L(bp.softplus, (5,)),
-        "gelu": L(bp.gelu, (5,)),
-        "silu": L(bp.silu, (5,)),
-        "softmax": L(bp.softmax, (5,)),
-        "log_softmax": L(bp.log_softmax, (5,)),
-        # combinators
-        "sequential": L(lambda: bp.sequential(bp.dense(4), bp.tanh(), bp.dense(2)), (3,)),
-        "residual": L(lambda: bp.residual(bp.sequential(bp.dense(3), bp.gelu())), (3,)),
-        "parallel": L(lambda: bp.sequential(bp.parallel(bp.dense(2), bp.tanh()), bp.concat()), (3,)),
-        "concat": L(bp.concat, ((3,), (2,))),
-        "add": L(bp.add, ((3,), (3,))),
-        # convolution and pooling
-        "conv": L(lambda: bp.conv(3, (2, 2)), (4, 4, 2), batch=2),
-        "conv_transpose": L(lambda: bp.conv_transpose(2, (2, 2), strides=2), (3, 3, 2), batch=2),
-        "max_pool": L(lambda: bp.max_pool(2), (4, 4, 2), batch=2),
-        "avg_pool": L(lambda: bp.avg_pool(2), (4, 4, 2), batch=2),
-        "global_avg_pool": L(bp.global_avg_pool, (3, 3, 2), batch=2),
-        "global_max_pool": L(bp.global_max_pool, (3, 3, 2), batch=2),
-        # normalisation, dropout, embedding, reshaping
-        "batch_norm": L(bp.batch_norm, (4,), batch=5),
-        "layer_norm": L(bp.layer_norm, (5,)),
-        "rms_norm": L(bp.rms_norm, (5,)),
-        "group_norm": L(lambda: bp.group_norm(2), (3, 4)),
-        "dropout": L(lambda: bp.dropout(0.3), (5,), needs_key=True),
-        "embedding": L(lambda: bp.embedding(6, 3), (4,), int_input=6),
-        "flatten": L(bp.flatten, (2, 3)),
-        "reshape": L(lambda: bp.reshape((3, 2)), (6,)),
-        # sequences and attention
-        "rnn": L(lambda: bp.rnn(3), (3, 2), batch=2),
-        "gru": L(lambda: bp.gru(3), (3, 2), batch=2),
-        "lstm": L(lambda: bp.lstm(3), (3, 2), batch=2),
-        "bidirectional": L(lambda: bp.bidirectional(bp.gru(3)), (3, 2), batch=2),
-        "multi_head_attention": L(lambda: bp.multi_head_attention(2), (3, 4), batch=2),
-        "transformer_block": L(lambda: bp.transformer_block(2), (3, 4), batch=2),
-        "gpt": L(lambda: bp.gpt(7, dim=4, num_heads=2, num_layers=1, max_len=4), (3,), batch=2, int_input=7),
-        # losses
-        "squared_error": S(bp.squared_error, (3,)),
-        "mean_squared_error": S(bp.mean_squared_error, (3,)),
-        "huber": S(lambda: bp.huber(0.5), (3,)),
-        "softmax_cross_entropy": S(bp.softmax_cross_entropy, (4,), "labels"),
-        "sigmoid_binary_cross_entropy": S(bp.sigmoid_binary_cross_entropy, (3,), "binary"),
-    }
-
-
 def default_configs() -> dict:
-    """The default configuration of every export ``bpjax gradcheck`` knows, by export name."""
-    return _defaults()
+    """The default case of every export ``bpjax gradcheck`` knows, by export name: the table's
+    (:mod:`bpjax.check.cases`), so that the command checks what the tests know to build."""
+    from bpjax.check import cases
+
+    return cases.defaults()
 
 
 def missing_defaults() -> list:
-    """Exports of ``bpjax.LAYERS`` / ``bpjax.LOSSES`` that have no default configuration."""
+    """Exports of ``bpjax.LAYERS`` / ``bpjax.LOSSES`` that have no default case in the table."""
     import bpjax as bp
 
-    known = _defaults()
+    known = default_configs()
     return [name for name in (*bp.LAYERS, *bp.LOSSES) if name not in known]
-
-
-def _draw_target(kind: str, gen: np.random.Generator, shape: tuple, dtype):
-    import jax.numpy as jnp
-
-    if kind == "labels":
-        return jnp.asarray(gen.integers(0, shape[-1], shape[:-1]))
-    if kind == "probs":
-        e = np.exp(2 * gen.standard_normal(shape))
-        return jnp.asarray(e / e.sum(-1, keepdims=True), dtype)
-    if kind == "binary":
-        return jnp.asarray(gen.uniform(size=shape), dtype)
-    if kind == "normal":
-        return jnp.asarray(gen.standard_normal(shape), dtype)
-    raise ValueError(f"bpjax gradcheck: expected a target kind among normal, labels, probs, binary, got {kind!r}")
 
 
 class FunctionCheck(NamedTuple):
@@ -135,11 +38,13 @@ class FunctionCheck(NamedTuple):
 
 
 def run_check(label: str, obj, config, *, dtype, seed: int, methods: Sequence[str], rtol, directions: int):
-    """Check one layer or loss with its configuration; returns a ``GradientReport`` titled ``label``."""
+    """Check one layer or loss with its case (a ``LayerCase``, ``LossCase`` or :class:`FunctionCheck`);
+    returns a ``GradientReport`` titled ``label``."""
     import jax
     import jax.numpy as jnp
 
     import bpjax as bp
+    from bpjax.check import draw
 
     if isinstance(config, FunctionCheck):
         shapes = [jax.ShapeDtypeStruct(s, dtype) for s in config.args_shapes]
@@ -150,8 +55,8 @@ def run_check(label: str, obj, config, *, dtype, seed: int, methods: Sequence[st
     common = dict(seed=seed, methods=tuple(methods), rtol=rtol, directions=directions)
     if isinstance(obj, bp.Loss):
         shape = (config.batch, *config.pred_shape)
-        pred = jnp.asarray(gen.standard_normal(shape), dtype)
-        target = _draw_target(config.target, gen, shape, dtype)
+        pred = draw.normal(gen, shape, dtype, config.pred_scale)
+        target = config.target(gen, shape, dtype)
         report = bp.check_loss(obj, pred, target, **common)
     else:
         x = None
@@ -248,16 +153,18 @@ def _gradcheck(args) -> int:
     jax.config.update("jax_enable_x64", True)     # finite differences are in float64
 
     import bpjax as bp
+    from bpjax.check import cases, draw
 
     out = sys.stdout
-    defaults = _defaults()
-    jobs = []                                     # (label, make, config)
+    defaults = default_configs()
+    jobs = []                                     # (label, layer or loss, case)
     try:
         if not args.targets:
             missing = missing_defaults()
             if missing:
-                print(f"bpjax gradcheck: no default configuration for {', '.join(missing)}: add one line "
-                      f"per export to _defaults() in {__file__}", file=sys.stderr)
+                print(f"bpjax gradcheck: no default configuration for {', '.join(missing)}: add a case with "
+                      f"default=True per export to the table in {os.path.dirname(cases.__file__)}",
+                      file=sys.stderr)
                 return 2
             names = [*bp.LAYERS, *bp.LOSSES]
         else:
@@ -276,15 +183,16 @@ def _gradcheck(args) -> int:
                                      f"got none")
                 shape = args.in_shape[0] if len(args.in_shape) == 1 else tuple(args.in_shape)
                 if isinstance(obj, bp.Loss):
-                    config = LossDefault(obj, shape, args.target, batch=args.batch or 4)
+                    config = cases.LossCase(name, lambda obj=obj: obj, shape, draw.TARGETS[args.target],
+                                            batch=args.batch or 4)
                 else:
-                    config = LayerDefault(obj, shape, batch=args.batch or 3, int_input=args.int_input,
-                                          needs_key=args.key, train=not args.eval)
+                    config = cases.LayerCase(name, lambda obj=obj: obj, shape, batch=args.batch or 3,
+                                             int_input=args.int_input, needs_key=args.key, train=not args.eval)
                 jobs.append((name, obj, config))
             elif name in defaults:
                 config = defaults[name]
                 if args.batch:
-                    config = config._replace(batch=args.batch)
+                    config = dataclasses.replace(config, batch=args.batch)
                 jobs.append((name, _build(name, config.make), config))
             else:
                 raise ValueError(f"bpjax gradcheck: expected a built-in layer or loss "
@@ -352,6 +260,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--key", action="store_true", help="module:factory layers: pass a PRNG key to forward")
     p.add_argument("--eval", action="store_true", help="module:factory layers: forward with train=False")
     p.add_argument("--target", default="normal", choices=("normal", "labels", "probs", "binary"),
-                   help="module:factory losses: how to draw the target")
+                   help="module:factory losses: how to draw the target (bpjax.check.draw.TARGETS)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every table, not only failing ones")
     p.set_defaults(run=_gradcheck)

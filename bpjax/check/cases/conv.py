@@ -1,4 +1,4 @@
-"""Cross-check table cases for convolution and pooling (part of tests/table.py's one table).
+"""Cases of convolution and pooling.
 
 Shapes are tiny: what matters is that every padding kind, stride, dilation and groups option
 meets every formulation. conv has two (``impl``): lax's convolutions, with the kernel gradient
@@ -11,9 +11,11 @@ cases). Pooling inputs are continuous random draws, so no window
 holds a tie (jax.grad may route ties differently; tests/test_conv.py checks the tie rule).
 """
 import bpjax as bp
-from table_base import LayerCase
 
-CONV_CASES = [
+from .base import LayerCase
+
+CASES = (
+    LayerCase("conv", lambda: bp.conv(3, (2, 2)), (4, 4, 2), batch=2, default=True, crosscheck=False),
     # conv, 1 spatial axis: dW as a lax convolution
     LayerCase("conv", lambda: bp.conv(4, 3), (9, 3), id="1d-same"),
     LayerCase("conv", lambda: bp.conv(3, (3,), strides=2, padding="VALID", dilation=2), (11, 2),
@@ -57,6 +59,8 @@ CONV_CASES = [
     LayerCase("conv", lambda: bp.conv(16, 3, padding=((2, 0), (1, 1)), impl="routed"), (4, 5, 16), batch=2,
               id="2d-pairs-routed-eigen"),                  # routed on every platform, dW by views
     # conv_transpose (padding is that of the conv it transposes)
+    LayerCase("conv_transpose", lambda: bp.conv_transpose(2, (2, 2), strides=2), (3, 3, 2), batch=2,
+              default=True, crosscheck=False),
     LayerCase("conv_transpose", lambda: bp.conv_transpose(3, 3, strides=2), (5, 2), id="1d-same-stride2"),
     LayerCase("conv_transpose", lambda: bp.conv_transpose(4, 4, strides=3, padding=1, dilation=2, groups=2),
               (4, 4), id="1d-int-stride3-dilation2-groups2"),
@@ -73,6 +77,7 @@ CONV_CASES = [
     LayerCase("conv_transpose", lambda: bp.conv_transpose(16, 3, activation="relu"), (4, 4, 16), batch=2,
               id="2d-relu-stride1-eigen"),
     # max_pool: padded cells are -inf
+    LayerCase("max_pool", lambda: bp.max_pool(2), (4, 4, 2), batch=2, default=True, crosscheck=False),
     LayerCase("max_pool", lambda: bp.max_pool(2), (6, 4, 3), id="2d-2x2"),
     LayerCase("max_pool", lambda: bp.max_pool((3, 2), strides=(2, 1), padding="SAME"), (7, 5, 2),
               id="2d-same-overlapping"),
@@ -80,6 +85,7 @@ CONV_CASES = [
     LayerCase("max_pool", lambda: bp.max_pool((2, 3), strides=2, padding=((1, 0), (0, 2))), (5, 6, 2),
               id="2d-pairs"),
     # avg_pool: padded cells count as zeros
+    LayerCase("avg_pool", lambda: bp.avg_pool(2), (4, 4, 2), batch=2, default=True, crosscheck=False),
     LayerCase("avg_pool", lambda: bp.avg_pool(2), (6, 4, 3), id="2d-2x2"),
     LayerCase("avg_pool", lambda: bp.avg_pool((3, 2), strides=(2, 1), padding="SAME"), (7, 5, 2),
               id="2d-same-overlapping"),
@@ -87,8 +93,10 @@ CONV_CASES = [
     LayerCase("avg_pool", lambda: bp.avg_pool((2, 3), strides=2, padding=((1, 0), (0, 2))), (5, 6, 2),
               id="2d-pairs"),
     # global pools
+    LayerCase("global_avg_pool", bp.global_avg_pool, (3, 3, 2), batch=2, default=True, crosscheck=False),
     LayerCase("global_avg_pool", bp.global_avg_pool, (4, 5, 3), id="2d"),
     LayerCase("global_avg_pool", bp.global_avg_pool, (6, 3), id="1d"),
+    LayerCase("global_max_pool", bp.global_max_pool, (3, 3, 2), batch=2, default=True, crosscheck=False),
     LayerCase("global_max_pool", bp.global_max_pool, (4, 5, 3), id="2d"),
     LayerCase("global_max_pool", bp.global_max_pool, (6, 3), id="1d"),
-]
+)
