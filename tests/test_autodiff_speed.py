@@ -1,4 +1,5 @@
-"""Autodiff of bpjax's forwards stays what autodiff of the plain network is (issue 18, section 3).
+"""Autodiff of bpjax's forwards stays what autodiff of the plain network is, so that checking a
+model with autodiff costs what it costs on the plain network.
 
 scripts/benchmarks/autodiff_speed.py times it; these tests hold what needs no clock: the plain-lax twins
 compute the bpjax forwards, autodiff of a bpjax forward equals autodiff of its twin and the

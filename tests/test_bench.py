@@ -43,7 +43,7 @@ def test_bench_writes_a_table_with_the_expected_columns(tmp_path):
 
 
 def test_bench_runs_in_bfloat16_with_float32_master_weights(tmp_path):
-    """--dtype bfloat16 (for the GPU run of issue 7): the table, a bfloat16 peak, and a report
+    """--dtype bfloat16 (for a GPU run, mixed precision): the table, a bfloat16 peak, and a report
     that says which precision it measured and why the PyTorch column is absent."""
     bench = _load_bench()
     out = tmp_path / "BENCH.md"

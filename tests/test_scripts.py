@@ -77,7 +77,7 @@ def test_dtype_accuracy_compares_float32_and_bfloat16_runs(capsys):
 
 
 def test_attention_bench_tiny_runs_every_variant(capsys):
-    """scripts/benchmarks/attention_bench.py --tiny (issue 19): every variant runs or says why not (cuDNN on
+    """scripts/benchmarks/attention_bench.py --tiny: every variant runs or says why not (cuDNN on
     the CPU), the gradients agree with autodiff of plain attention, and the verdict line comes."""
     rows = _load("attention_bench").main(["--tiny"])
     out = capsys.readouterr().out

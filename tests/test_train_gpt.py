@@ -1,5 +1,5 @@
 """scripts/examples/train_gpt.py: the presets, the on-device windows, and short runs that report
-tokens/s and MFU (issue 15). GPT-2 small itself is only shaped here (``jax.eval_shape``), never
+tokens/s and MFU (what a GPU run reports). GPT-2 small itself is only shaped here (``jax.eval_shape``), never
 stepped: a step is about a TFLOP per sequence."""
 from __future__ import annotations
 

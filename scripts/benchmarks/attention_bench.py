@@ -1,4 +1,4 @@
-"""Attention forward + backward (issue 19): bpjax's Pallas kernels against bpjax's jnp lean
+"""Attention forward + backward: bpjax's Pallas kernels against bpjax's jnp lean
 path, autodiff of plain attention and ``jax.nn.dot_product_attention`` (cuDNN where it runs),
 in TFLOP/s and XLA's temporary memory.
 

@@ -1,5 +1,4 @@
 """Autodiff of bpjax's forwards against autodiff of the same networks in plain ``lax``/``jnp``
-(issue 18, section 3).
 
 ``bp.reference_value_and_grad`` and ``bp.check_model`` differentiate bpjax's forwards with
 ``jax.value_and_grad``. Where a forward uses a formulation chosen for one backend (a 2-D

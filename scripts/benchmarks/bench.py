@@ -1,5 +1,5 @@
 """Benchmark one jitted training step: bpjax's hand-written backward against jax.value_and_grad
-of the same loss, and PyTorch eager for the same model (issue 7), on the CPU, or on the GPU
+of the same loss, and PyTorch eager for the same model, on the CPU, or on the GPU
 when JAX runs on one and torch sees CUDA.
 
 Usage::

@@ -1,6 +1,6 @@
 """How busy ``fit`` keeps the device: its steady-state time per training step against a bare
-Python loop over the same jitted step, and against the host-fed loop ``fit`` ran before
-(issue 15), on the MNIST-1D CNN.
+Python loop over the same jitted step, and against the host-fed loop ``fit`` ran before it kept
+the data on the device, on the MNIST-1D CNN.
 
     python scripts/benchmarks/fit_speed.py                                   # batch 32 and 1024, MNIST-1D
     python scripts/benchmarks/fit_speed.py --batch-sizes 32 --repeats 5 --out fit_speed.json
@@ -10,7 +10,7 @@ The three loops, each over the same data, model, loss (softmax cross-entropy) an
 
 - **bare**: ``make_train_step``'s jitted step called once per batch, with every batch of the
   epoch already on the device: the least a Python loop can do per step.
-- **host-fed**: the loop ``fit`` ran before issue 15: each batch gathered on the host with
+- **host-fed**: the loop ``fit`` ran before it kept the data on the device: each batch gathered on the host with
   NumPy from the epoch's order and sent with the step, its loss and correct count kept.
 - **fit**: :func:`bpjax.train.fit` itself (data on the device, chunks of steps per dispatch,
   validation after every epoch), with no checkpoints, metrics file or progress bar.
@@ -87,7 +87,7 @@ def bare_loop(model, loss, data, batch, epochs):
 
 
 def host_fed_loop(model, loss, data, batch, epochs):
-    """Seconds per step of the loop ``fit`` ran before issue 15 (NumPy gather per step)."""
+    """Seconds per step of the loop ``fit`` ran before it kept the data on the device (NumPy gather per step)."""
     opt = optax.adam(LR)
     step = train.make_train_step(model, loss, opt)
     x_tr, y_tr, _, _ = train.split_validation(data, 0.1, 0)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One prepared check of bpjax on a GPU (issue 15): the cross-check table and the network tests,
+# One prepared check of bpjax on a GPU: the cross-check table and the network tests,
 # the step benchmark in float32 and bfloat16 (MFU against both matmul peaks of the same run),
 # fit's speed against a bare loop, GPT-2 small's tokens/s and MFU, and the Pallas attention's
-# forward + backward against the jnp paths (issue 19; then GPT-2 small again with it).
+# forward + backward against the jnp paths (then GPT-2 small again with it).
 #
 #   bash scripts/benchmarks/gpu_check.sh OUT_DIR
 #
@@ -276,7 +276,7 @@ else
     record gpt "skipped (train_gpt.py has no --preset)" 0 ""
 fi
 
-# Pallas attention (issue 19): TFLOP/s and memory against the jnp lean path, autodiff and
+# Pallas attention: TFLOP/s and memory against the jnp lean path, autodiff and
 # jax.nn.dot_product_attention (its report goes to the log only); on a GPU, GPT-2 small with it
 ATTN=(--t 1024,2048,4096)
 [ "$MODE" = tiny ] && ATTN=(--tiny)
