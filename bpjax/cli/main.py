@@ -24,10 +24,12 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from . import gradcheck, runs, train
+from .gradcheck import add_parser as add_gradcheck_parser
+from .runs import add_evaluate_parser, add_predict_parser
+from .train import add_parser as add_train_parser
 
 #: The subcommands: each adds its parser and sets ``run`` (args -> exit status).
-SUBCOMMANDS = [train.add_parser, runs.add_evaluate_parser, runs.add_predict_parser, gradcheck.add_parser]
+SUBCOMMANDS = [add_train_parser, add_evaluate_parser, add_predict_parser, add_gradcheck_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,9 +17,7 @@ The programs (all on the CPU, ``JAX_PLATFORMS=cpu`` forced; ``XLA_FLAGS`` left a
   ``bp.value_and_grad`` (the hand-written backward) and ``bp.reference_value_and_grad``
   (jax.value_and_grad of the same loss), for bench.py's models ``mlp128``, ``cnn1d``, ``cnn2d``,
   ``gru``, ``gpt`` at bench.py's own shapes. The step is built by bench.py's own ``jax_step``:
-  ``jax.jit`` is spied on while it runs and the program it compiles is taken. Where no usable
-  ``jax_step`` is found, a copy of its code (as of the baseline) is used instead and the manifest
-  says so.
+  ``jax.jit`` is spied on while it runs and the program it compiles is taken.
 * ``fit_chunk_mlp128`` / ``fit_chunk_cnn1d``: ``bpjax.train.make_train_chunk`` for bench.py's MLP
   and MNIST-1D CNN with ``optax.adam(1e-3)`` (fit's default), built and lowered as ``fit`` does
   (``_prepare``/``_run_epoch``): fit's default batch 128 and val_fraction 0.1 on a 4000-example
@@ -56,7 +54,6 @@ os.environ["JAX_PLATFORMS"] = "cpu"        # force the CPU before jax is importe
 BENCH_MODELS = ("mlp128", "cnn1d", "cnn2d", "gru", "gpt")
 CHUNK_MODELS = ("mlp128", "cnn1d")
 VARIANTS = (("bp", "value_and_grad"), ("autodiff", "reference_value_and_grad"))
-LR = 1e-3                                  # bench.py's LR (used only by the fallback step)
 
 
 # ----------------------------------------------------------------------------- stripping
@@ -284,34 +281,7 @@ class _Spy:
         self.jax.jit = self.real
 
 
-def _fallback_step(b, grad_fn):
-    """bench.py's ``jax_step`` (float32) as of the baseline: the compiled program only."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-    import bpjax as bp
-
-    def _cast(tree, dtype):
-        return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
-
-    dtype = jnp.float32
-    loss = bp.softmax_cross_entropy()
-    vg = grad_fn(b.model, loss)
-    opt = optax.adam(LR)
-    params, state, _ = b.model.init(jax.random.PRNGKey(0), b.x.shape[1:])
-    opt_state = opt.init(params)
-    x, y = jnp.asarray(b.x), jnp.asarray(b.y)
-
-    def step(params, opt_state, x, y):
-        (value, _), grads = vg(_cast(params, dtype), state, _cast(x, dtype), y)
-        grads = _cast(grads, jnp.float32)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
-
-    return jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, x, y).compile()
-
-
-def bench_programs(builders, jax_step, force_fallback=False):
+def bench_programs(builders, jax_step):
     """``[(name, compiled, how)]``: bench.py's step for every model and both gradients."""
     import jax
     import jax.numpy as jnp
@@ -324,19 +294,12 @@ def bench_programs(builders, jax_step, force_fallback=False):
             grad_fn = getattr(bp, fn_name)
             name = f"bench_{key}_{suffix}"
             t0 = time.perf_counter()
-            compiled, how = None, None
-            if jax_step is not None and not force_fallback:
-                try:
-                    with _Spy(jax) as spy:
-                        jax_step(b, grad_fn, jnp.float32)
-                    if len(spy.compiled) == 1:
-                        compiled, how = spy.compiled[0], "bench jax_step (spied jax.jit)"
-                    else:
-                        print(f"  {name}: jax_step compiled {len(spy.compiled)} programs, using the fallback")
-                except Exception as e:       # noqa: BLE001
-                    print(f"  {name}: jax_step failed ({type(e).__name__}: {e}), using the fallback")
-            if compiled is None:
-                compiled, how = _fallback_step(b, grad_fn), "hlo_guard copy of jax_step"
+            with _Spy(jax) as spy:
+                jax_step(b, grad_fn, jnp.float32)
+            if len(spy.compiled) != 1:
+                raise SystemExit(f"hlo_guard: expected bench.py's jax_step to compile one program for {name}, "
+                                 f"got {len(spy.compiled)}")
+            compiled, how = spy.compiled[0], "bench jax_step (spied jax.jit)"
             dt = time.perf_counter() - t0
             print(f"  {name}: {dt:.1f} s  [{where}; {how}]")
             out.append((name, compiled, {"how": how, "model": where, "batch": b.batch,
@@ -398,7 +361,7 @@ def chunk_programs(builders):
 # ----------------------------------------------------------------------------- modes
 
 
-def run(repo: str, out_dir: str, force_fallback: bool, check_fallback: bool) -> int:
+def run(repo: str, out_dir: str) -> int:
     t_start = time.perf_counter()
     repo, bpjax_file = _setup_path(repo)
     import jax
@@ -408,8 +371,10 @@ def run(repo: str, out_dir: str, force_fallback: bool, check_fallback: bool) -> 
     print(f"jax {jax.__version__} (backend {jax.default_backend()}), XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     bench_path, bench, extra = find_bench(repo)
     builders, jax_step, step_where = model_builders(bench, extra)
-    print(f"step: {step_where + '.jax_step' if jax_step else 'not found: hlo_guard copy'}")
-    programs = bench_programs(builders, jax_step, force_fallback) + chunk_programs(builders)
+    if jax_step is None:
+        raise SystemExit("hlo_guard: found no jax_step beside bench.py's models")
+    print(f"step: {step_where}.jax_step")
+    programs = bench_programs(builders, jax_step) + chunk_programs(builders)
 
     os.makedirs(out_dir, exist_ok=True)
     for f in glob.glob(os.path.join(out_dir, "*.hlo.txt")):
@@ -429,19 +394,6 @@ def run(repo: str, out_dir: str, force_fallback: bool, check_fallback: bool) -> 
     with open(os.path.join(out_dir, "hashes.txt"), "w") as f:
         f.write("\n".join(hashes) + "\n")
 
-    bad = 0
-    if check_fallback and jax_step is not None and not force_fallback:
-        print("check: bench.py's jax_step against hlo_guard's copy")
-        import bpjax as bp
-        for key in BENCH_MODELS:
-            b = builders[key][0]()
-            for suffix, fn_name in VARIANTS:
-                name = f"bench_{key}_{suffix}"
-                text = strip_hlo(_fallback_step(b, getattr(bp, fn_name)).as_text())
-                same = hashlib.sha256(text.encode()).hexdigest() == info[name]["sha256"]
-                bad += not same
-                print(f"  {name}: {'same' if same else 'DIFFERENT'}")
-
     seconds = time.perf_counter() - t_start
     manifest = {"repo": repo, "bpjax": bpjax_file, "bench": bench_path, "step": step_where,
                 "jax": jax.__version__, "jaxlib": jaxlib.__version__, "optax": optax.__version__,
@@ -451,7 +403,7 @@ def run(repo: str, out_dir: str, force_fallback: bool, check_fallback: bool) -> 
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     print(f"wrote {len(programs)} programs to {out_dir} in {seconds:.0f} s")
-    return 1 if bad else 0
+    return 0
 
 
 def _read_hashes(d):
@@ -513,16 +465,12 @@ def main(argv=None):
     p.add_argument("--repo", help="the bpjax checkout to import (put first on sys.path)")
     p.add_argument("--out", help="folder for <name>.hlo.txt, hashes.txt, manifest.json")
     p.add_argument("--compare", nargs=2, metavar=("DIR_A", "DIR_B"))
-    p.add_argument("--fallback-step", action="store_true",
-                   help="build bench steps with hlo_guard's copy of jax_step instead of bench.py's")
-    p.add_argument("--check-fallback", action="store_true",
-                   help="also compile hlo_guard's copy of jax_step and check it matches bench.py's")
     args = p.parse_args(argv)
     if args.compare:
         return compare(*args.compare)
     if not (args.repo and args.out):
         p.error("give --repo and --out, or --compare DIR_A DIR_B")
-    return run(args.repo, args.out, args.fallback_step, args.check_fallback)
+    return run(args.repo, args.out)
 
 
 if __name__ == "__main__":
