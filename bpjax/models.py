@@ -9,24 +9,24 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
+from ._core import Layer
 from .layers import basic as B
 from .layers.combinators import residual, sequential
-from ._core import Layer
-
-
-def _bp():
-    import bpjax  # the conv/pool/norm layers live in sibling modules filled in later issues
-    return bpjax
+from .layers.conv import conv
+from .layers.norm import batch_norm
+from .layers.pool import global_avg_pool, max_pool
+from .layers.recurrent import gru as _gru
+from .layers.structure import flatten
 
 
 def logreg(num_classes: int = 10) -> Layer:
     """Logistic regression: flatten, one dense layer (softmax is in the loss)."""
-    return sequential(_bp().flatten(), B.dense(num_classes))
+    return sequential(flatten(), B.dense(num_classes))
 
 
 def mlp(num_classes: int = 10, hidden: int = 100, depth: int = 2) -> Layer:
     """MLP: ``depth`` ReLU layers of ``hidden`` units."""
-    layers = [_bp().flatten()]
+    layers = [flatten()]
     for _ in range(depth):
         layers += [B.dense(hidden, w_init="he_normal"), B.relu()]
     return sequential(*layers, B.dense(num_classes))
@@ -35,43 +35,40 @@ def mlp(num_classes: int = 10, hidden: int = 100, depth: int = 2) -> Layer:
 def cnn(num_classes: int = 10, channels: int = 25) -> Layer:
     """The paper's 1-D CNN: conv 5 (stride 2) → conv 3 (stride 2) → conv 3 (stride 2), ReLU
     after each, padding 1, then flatten and dense. On MNIST-1D the lengths are 40 → 19 → 10 → 5."""
-    bp = _bp()
     return sequential(
-        bp.conv(channels, 5, strides=2, padding=1), B.relu(),
-        bp.conv(channels, 3, strides=2, padding=1), B.relu(),
-        bp.conv(channels, 3, strides=2, padding=1), B.relu(),
-        bp.flatten(), B.dense(num_classes))
+        conv(channels, 5, strides=2, padding=1), B.relu(),
+        conv(channels, 3, strides=2, padding=1), B.relu(),
+        conv(channels, 3, strides=2, padding=1), B.relu(),
+        flatten(), B.dense(num_classes))
 
 
 def resnet1d(num_classes: int = 10, channels: int = 64, blocks: int = 3) -> Layer:
     """A residual 1-D CNN: a stem conv, ``blocks`` stages of a residual block
     (conv-BN-ReLU-conv-BN, skip) followed by a stride-2 max pool, then global average pooling."""
-    bp = _bp()
 
     def block():
         return residual(sequential(
-            bp.conv(channels, 3, use_bias=False), bp.batch_norm(), B.relu(),
-            bp.conv(channels, 3, use_bias=False), bp.batch_norm()))
+            conv(channels, 3, use_bias=False), batch_norm(), B.relu(),
+            conv(channels, 3, use_bias=False), batch_norm()))
 
-    layers = [bp.conv(channels, 5, use_bias=False), bp.batch_norm(), B.relu()]
+    layers = [conv(channels, 5, use_bias=False), batch_norm(), B.relu()]
     for _ in range(blocks):
-        layers += [block(), B.relu(), bp.max_pool(2, strides=2)]
-    return sequential(*layers, bp.global_avg_pool(), B.dense(num_classes))
+        layers += [block(), B.relu(), max_pool(2, strides=2)]
+    return sequential(*layers, global_avg_pool(), B.dense(num_classes))
 
 
 def gru(num_classes: int = 10, hidden: int = 64) -> Layer:
     """A GRU over the sequence (each of the 40 positions is one step with 1 feature), its last
     hidden state into a dense layer."""
-    return sequential(_bp().gru(hidden, return_sequences=False), B.dense(num_classes))
+    return sequential(_gru(hidden, return_sequences=False), B.dense(num_classes))
 
 
 def digits_cnn(num_classes: int = 10, channels: int = 32) -> Layer:
     """A small 2-D CNN for 8×8 digits: conv-BN-ReLU-pool twice, then dense."""
-    bp = _bp()
     return sequential(
-        bp.conv(channels, 3), bp.batch_norm(), B.relu(), bp.max_pool(2, strides=2),
-        bp.conv(2 * channels, 3), bp.batch_norm(), B.relu(), bp.max_pool(2, strides=2),
-        bp.flatten(), B.dense(num_classes))
+        conv(channels, 3), batch_norm(), B.relu(), max_pool(2, strides=2),
+        conv(2 * channels, 3), batch_norm(), B.relu(), max_pool(2, strides=2),
+        flatten(), B.dense(num_classes))
 
 
 def textbook_mlp(num_classes: int = 2) -> Layer:

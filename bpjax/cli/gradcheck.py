@@ -12,18 +12,19 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+import bpjax as bp
+from ..check import cases, draw
+
 
 def default_configs() -> dict:
     """The default case of every export ``bpjax gradcheck`` knows, by export name: the table's
     (:mod:`bpjax.check.cases`), so that the command checks what the tests know to build."""
-    from bpjax.check import cases
 
     return cases.defaults()
 
 
 def missing_defaults() -> list:
     """Exports of ``bpjax.LAYERS`` / ``bpjax.LOSSES`` that have no default case in the table."""
-    import bpjax as bp
 
     known = default_configs()
     return [name for name in (*bp.LAYERS, *bp.LOSSES) if name not in known]
@@ -43,8 +44,6 @@ def run_check(label: str, obj, config, *, dtype, seed: int, methods: Sequence[st
     import jax
     import jax.numpy as jnp
 
-    import bpjax as bp
-    from bpjax.check import draw
 
     if isinstance(config, FunctionCheck):
         shapes = [jax.ShapeDtypeStruct(s, dtype) for s in config.args_shapes]
@@ -87,7 +86,6 @@ def _load_target(spec: str):
 
 
 def _build(label: str, make):
-    import bpjax as bp
 
     obj = make() if callable(make) and not isinstance(make, (bp.Layer, bp.Loss)) else make
     if not isinstance(obj, (bp.Layer, bp.Loss)):
@@ -98,7 +96,6 @@ def _build(label: str, make):
 
 def _function_check(spec: str, args) -> tuple:
     """The function ``spec`` names and its :class:`FunctionCheck`, or a usage error."""
-    import bpjax as bp
 
     shapes = tuple(_parse_arg_shape(t) for t in args.args_shapes)
     fn = _load_target(spec)
@@ -152,8 +149,6 @@ def _gradcheck(args) -> int:
         return 2
     jax.config.update("jax_enable_x64", True)     # finite differences are in float64
 
-    import bpjax as bp
-    from bpjax.check import cases, draw
 
     out = sys.stdout
     defaults = default_configs()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
+from .. import __version__
 from .gradcheck import add_parser as add_gradcheck_parser
 from .runs import add_evaluate_parser, add_predict_parser
 from .train import add_parser as add_train_parser
@@ -33,7 +34,6 @@ SUBCOMMANDS = [add_train_parser, add_evaluate_parser, add_predict_parser, add_gr
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
 
     parser = argparse.ArgumentParser(prog="bpjax", description="bpjax: backpropagation written by hand, on JAX.")
     parser.add_argument("--version", action="version", version=f"bpjax {__version__}")

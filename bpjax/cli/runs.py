@@ -5,6 +5,8 @@ import sys
 
 import numpy as np
 
+from ..train.runs import RunError, load_run
+
 
 def _run_error(command: str, e: Exception) -> int:
     """A run folder or input that cannot be used: one line on stderr, exit status 2."""
@@ -16,7 +18,6 @@ def _run_error(command: str, e: Exception) -> int:
 
 
 def _evaluate(args) -> int:
-    from ..train.runs import RunError, load_run
 
     try:
         run = load_run(args.run_dir)
@@ -30,7 +31,6 @@ def _evaluate(args) -> int:
 
 
 def _predict(args) -> int:
-    from ..train.runs import RunError, load_run
 
     try:
         run = load_run(args.run_dir)

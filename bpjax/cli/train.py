@@ -14,15 +14,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..datasets import Dataset
-from ..train import FitResult, TrainingError, fit
+from .. import __version__
+from .. import distributed as dist
+from .._observe import FlowRecorder
+from .._per_example import check_dp
+from ..datasets import DATASETS, Dataset, load
+from ..layers import losses as _losses
+from ..models import MODELS, fitting, output_shape
+from ..train import FitResult, TrainingError, fit, runs
 from ..train.checkpoint import _to_save
 
 
 def add_arguments(p) -> None:
     """The options of ``bpjax train`` (added to an argparse parser)."""
-    from ..datasets import DATASETS
-    from ..models import MODELS
 
     p.add_argument("--model", choices=sorted(MODELS), default=None,
                    help="model (default: the dataset's, see DEFAULT_MODEL: resnet1d for mnist1d)")
@@ -119,10 +123,6 @@ def make_optimizer(name: str, lr: float, schedule: str, weight_decay: float, tot
 
 def command(args) -> int:
     """Run ``bpjax train`` with parsed ``args``; returns the exit code."""
-    from ..datasets import load
-    from ..layers import losses as _losses
-    from ..models import MODELS
-    from ..train import runs
 
     started = time.perf_counter()
     apply_recipe(args)
@@ -230,7 +230,6 @@ def _dp_from_args(args):
         raise ValueError("expected --dp-noise with --dp-clip (DP-SGD), got no --dp-noise")
     if args.dtype != "float32":
         raise ValueError(f"expected --dtype float32 with --dp-clip (DP-SGD runs in float32), got --dtype {args.dtype}")
-    from .._per_example import check_dp
     return check_dp(clip, noise, 1e-5 if delta is None else delta)
 
 
@@ -238,7 +237,6 @@ def _grad_flow_hook(args, model, loss, data, out, main):
     """``--grad-flow``: a FlowRecorder on the first batch of the training set, or None."""
     if not getattr(args, "grad_flow", False):
         return None
-    from .._observe import FlowRecorder
     b = min(args.batch_size, data.x_train.shape[0])
     plot = None if args.no_plot or not main else out / "gradflow.png"
     return FlowRecorder(model, loss, jnp.asarray(data.x_train[:b]), jnp.asarray(data.y_train[:b]), plot)
@@ -270,7 +268,6 @@ DEFINING = {"model": "--model", "dataset": "--dataset", "seed": "--seed", "dtype
 
 def run_arguments(args) -> Dict[str, Any]:
     """The arguments that define the run of ``bpjax train`` ``args`` (keys of :data:`DEFINING`)."""
-    from .. import __version__
 
     defining = {k: getattr(args, k, None) for k in DEFINING if k not in ("epochs", "bpjax_version")
                 and not (k.startswith("dp_") and getattr(args, k, None) is None)}   # DP-SGD only when on
@@ -288,7 +285,6 @@ def loss_name(data: Dataset) -> str:
 def _model_fits(model: str, dataset: str, data: Dataset, num_outputs: int) -> Optional[str]:
     """``None`` when ``model`` maps one example of ``data`` to ``num_outputs`` scores, else the
     one line that says so and names the models that do."""
-    from ..models import fitting, output_shape
 
     if output_shape(model, data.in_shape, num_outputs) == (num_outputs,):
         return None
@@ -301,7 +297,6 @@ def _prepare_run_dir(out: pathlib.Path, args) -> Optional[str]:
     """Make ``out`` ready for the run of ``args``, or say in one line why not: a folder holding a
     run is only continued with ``--resume`` (and the same defining arguments) or cleared with
     ``--overwrite``; two runs never mix in one folder."""
-    from ..train import runs
 
     if args.resume and args.overwrite:
         return "bpjax train: expected --resume or --overwrite, got both"
@@ -359,7 +354,6 @@ def _join_processes(args) -> bool:
     """With ``--coordinator``: join the other processes (:func:`bpjax.distributed.initialize`,
     which exits with one line after ``--init-timeout`` seconds). Returns whether this process
     prints and writes files (process 0, or the only process)."""
-    from .. import distributed as dist
 
     if args.coordinator is None:
         if args.num_processes != 1 or args.process_id != 0:
@@ -373,7 +367,6 @@ def _join_processes(args) -> bool:
 def _mesh_from_args(args):
     """The mesh of ``--devices`` (``None``: one device). Across processes it is always one over
     every device of every process (each process must hold a part), which ``--devices`` may name."""
-    from .. import distributed as dist
 
     if jax.process_count() > 1:
         if args.devices not in (None, jax.device_count()):
@@ -385,8 +378,6 @@ def _mesh_from_args(args):
 
 def add_parser(subparsers) -> None:
     """``bpjax train`` as a subcommand of the ``bpjax`` parser."""
-    from ..datasets import DATASETS
-    from ..models import MODELS
 
     p = subparsers.add_parser(
         "train", help="train a model on a dataset with the hand-written backward (default: a residual CNN on MNIST-1D)",

@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .. import distributed as dist
 from .._core import Layer, Loss, check_model_and_loss
 from .._grad import forward_backward
+from .._per_example import dp_epsilon, dp_forward_backward
 from ..datasets import Dataset
 from ..layers.losses import check_labels
 from .checkpoint import TrainingError, _Checkpointer
@@ -52,7 +54,6 @@ def _step_fn(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, 
     if dp is None:
         fb = forward_backward(model, loss, compute_dtype=compute_dtype)
     else:
-        from .._per_example import dp_forward_backward
         fb = dp_forward_backward(model, loss, *dp)
 
     def step(params, state, opt_state, x, y, key, step_num):
@@ -106,7 +107,6 @@ def make_train_chunk(model: Layer, loss: Loss, optimizer: optax.GradientTransfor
     if mesh is None:
         constrain = lambda tree, kind: tree                           # noqa: E731
     else:
-        from .. import distributed as dist
 
         def constrain(tree, kind):
             """Keep the placement fit gave: batches split over "data", params and optimizer state
@@ -303,7 +303,6 @@ def _prepare(model, loss, optimizer, data, run, *, seed, val_fraction, batch_siz
     batch_size = min(batch_size, n)
     steps_per_epoch = n // batch_size
     if mesh is not None:
-        from .. import distributed as dist
         dist.check_batch(mesh, batch_size)
     max_steps = min(steps_per_epoch, MAX_STEPS_PER_DISPATCH)
     chunk = make_train_chunk(model, loss, optimizer, batch_size=batch_size, max_steps=max_steps,
@@ -351,7 +350,6 @@ def _end_epoch(t: _Training, run, history, carry, epoch, losses, corrects, t0, m
     if epoch_hook is not None:
         row.update(epoch_hook(epoch, params, state))
     if dp is not None:
-        from .._per_example import dp_epsilon
         row["epsilon"] = dp_epsilon(dp[1], t.batch_size / t.n, epoch * t.steps_per_epoch, dp[2])
     history.append(row)
     if t.metrics_path:
@@ -551,7 +549,6 @@ def _place_carry(run, mesh, fsdp):
     params and optimizer state replicated or FSDP-sharded, layer state replicated."""
     if mesh is None:
         return run["params"], run["state"], run["opt_state"]
-    from .. import distributed as dist
     params, _ = dist.place(mesh, run["params"], fsdp=fsdp)
     opt_state, _ = dist.place(mesh, run["opt_state"], fsdp=fsdp)
     state, _ = dist.place(mesh, run["state"])
@@ -563,7 +560,6 @@ def _place_data(mesh, a: np.ndarray):
     host array each process holds, so it also works across processes)."""
     if mesh is None:
         return jnp.asarray(a)
-    from .. import distributed as dist
     a = np.asarray(a)
     return jax.make_array_from_callback(a.shape, dist.replicated(mesh), lambda index: a[index])
 
@@ -576,7 +572,6 @@ def _order_fn(n: int, mesh):
 
     if mesh is None:
         return jax.jit(order)
-    from .. import distributed as dist
     return jax.jit(order, out_shardings=dist.replicated(mesh))
 
 

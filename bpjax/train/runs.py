@@ -29,6 +29,11 @@ from typing import Any, Dict
 import jax
 import numpy as np
 
+from ..datasets import load
+from ..layers import losses as _losses
+from ..models import MODELS
+from .evaluate import evaluate as _evaluate
+
 __all__ = ["load_run", "Run", "RunError", "RUN_FILE", "MODEL_DIR"]
 
 #: The file describing a run; its ``format`` is :data:`FORMAT`.
@@ -188,18 +193,13 @@ class Run:
     def evaluate(self, data=None, *, batch_size: int = 1000) -> Dict[str, float]:
         """Loss (and accuracy) on the test split of the run's dataset (or of ``data``), in
         inference mode: the numbers ``bpjax train`` wrote in ``summary.json``."""
-        from ..datasets import load
-        from .loop import evaluate
 
         data = data if data is not None else load(self.info["dataset"])
-        return evaluate(self.model, self.loss, self.params, self.state, data.x_test, data.y_test,
+        return _evaluate(self.model, self.loss, self.params, self.state, data.x_test, data.y_test,
                         batch_size=batch_size, classification=data.num_classes is not None)
 
 
 def _build(info: Dict[str, Any], where: pathlib.Path):
-    from ..layers import losses as _losses
-    from ..models import MODELS
-
     if info["model"] not in MODELS:
         raise RunError(f"load_run: expected a model among {', '.join(sorted(MODELS))} in {where}, "
                        f"got {info['model']!r}")
