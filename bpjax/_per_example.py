@@ -41,7 +41,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from . import _core
+from . import _checks, _core
 from ._observe import Client, View, _Tape, flatten_entries, observe, param_size, paused, run_observed, sq_norm
 
 __all__ = ["per_example_grad_norms", "clipped_grad"]
@@ -313,7 +313,7 @@ def clipped_grad(model, loss, clip_norm: float):
     not mix examples (``batch_norm`` in training is refused, naming it).
     """
     _core.check_model_and_loss("clipped_grad", model, loss)
-    c = _core.check_real("clipped_grad", "clip_norm", clip_norm)
+    c = _checks.check_real("clipped_grad", "clip_norm", clip_norm)
     if c <= 0:
         raise ValueError(f"clipped_grad: expected clip_norm > 0, got {clip_norm!r}")
 
@@ -401,9 +401,9 @@ class _Replay:
 
 def check_dp(clip: float, noise: float, delta: float) -> tuple:
     """The DP-SGD options as floats, or ``ValueError`` naming the one that is wrong."""
-    clip = _core.check_real("dp-sgd", "--dp-clip", clip)
-    noise = _core.check_real("dp-sgd", "--dp-noise", noise)
-    delta = _core.check_real("dp-sgd", "--dp-delta", delta)
+    clip = _checks.check_real("dp-sgd", "--dp-clip", clip)
+    noise = _checks.check_real("dp-sgd", "--dp-noise", noise)
+    delta = _checks.check_real("dp-sgd", "--dp-delta", delta)
     if clip <= 0:
         raise ValueError(f"dp-sgd: expected --dp-clip > 0, got {clip:g}")
     if noise < 0:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._core import describe
+from .._checks import describe
 from .draw import is_float
 from .fd import vdot
 from .report import Comparison

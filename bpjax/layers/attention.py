@@ -29,7 +29,8 @@ from jax import lax
 from .. import initializers, kernels
 from ..kernels import flash as _flash
 from .basic import dense, gelu
-from .._core import Layer, accumulation_dtype, check_float_input, check_positive_int, make_layer, sum_acc
+from .._checks import check_float_input, check_positive_int
+from .._core import Layer, accumulation_dtype, make_layer, sum_acc
 from .norm import layer_norm
 from .structure import embedding
 

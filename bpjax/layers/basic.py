@@ -10,7 +10,8 @@ from jax.scipy.special import erf
 
 from .. import initializers
 from .. import kernels
-from .._core import Layer, accumulation_dtype, check_positive_int, check_real, make_layer, sum_acc
+from .._checks import check_positive_int, check_real
+from .._core import Layer, accumulation_dtype, make_layer, sum_acc
 
 __all__ = [
     "dense", "identity", "relu", "leaky_relu", "elu", "sigmoid", "tanh", "softplus", "gelu",

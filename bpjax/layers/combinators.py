@@ -4,7 +4,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .._core import Layer, make_layer, shape_record
+from .._checks import shape_record
+from .._core import Layer, make_layer
 
 __all__ = ["sequential", "residual", "parallel", "concat", "add"]
 

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import initializers, kernels
-from .._core import Layer, accumulation_dtype, check_positive_int, make_layer, sum_acc
+from .._checks import check_positive_int
+from .._core import Layer, accumulation_dtype, make_layer, sum_acc
 from ._windows import (ACTIVATIONS, AXES, DIMENSION_NUMBERS, Geometry, check_padding, conv_out_shape, explicit_pads,
                        kernel_offsets, per_axis, plain_conv, positive_ints, promote, spatial_rank, transpose_pads)
 

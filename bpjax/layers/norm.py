@@ -18,7 +18,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from .._core import Layer, accumulation_dtype, check_positive_int, check_real, make_layer
+from .._checks import check_positive_int, check_real
+from .._core import Layer, accumulation_dtype, make_layer
 
 __all__ = ["batch_norm", "layer_norm", "rms_norm", "group_norm"]
 

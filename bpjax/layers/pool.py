@@ -16,7 +16,8 @@ import numpy as np
 from jax import lax
 
 from ._windows import (AXES, explicit_pads, kernel_offsets, check_padding, per_axis, place_view, positive_ints, spatial_rank, shifted_view)
-from .._core import Layer, make_layer, shape_record
+from .._checks import shape_record
+from .._core import Layer, make_layer
 
 __all__ = ["max_pool", "avg_pool", "global_avg_pool", "global_max_pool"]
 

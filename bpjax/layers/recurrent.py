@@ -38,7 +38,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import initializers
-from .._core import (Layer, accumulation_dtype, check_float_input, check_positive_int, make_layer, shape_record, sum_acc)
+from .._checks import check_float_input, check_positive_int, shape_record
+from .._core import Layer, accumulation_dtype, make_layer, sum_acc
 
 __all__ = ["rnn", "gru", "lstm", "bidirectional"]
 

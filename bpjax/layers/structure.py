@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from .. import initializers
-from .._core import (Layer, accumulation_dtype, check_positive_int, check_real, concrete, make_layer, shape_record)
+from .._checks import check_positive_int, check_real, concrete, shape_record
+from .._core import Layer, accumulation_dtype, make_layer
 
 __all__ = ["dropout", "embedding", "flatten", "reshape"]
 
