@@ -1,11 +1,11 @@
 """The layer and loss protocols: what a layer and a loss are, how to build one, and the hooks.
 
-A layer is three pure functions (``init``, ``forward``, ``backward``); a loss is two
-(``forward``, ``backward``). ``make_layer`` and ``make_loss`` wrap the raw functions a layer
-author writes with the checks every layer needs (``_checks.py``), so that bad input is
-caught in ``forward``, at trace time, with a message that names the layer, what it expected
-and what it got; and they hand every call to the instrumentation that is switched on
-(:class:`Hook`: ``bpjax.check_finite``, ``bpjax.observe``), if any.
+A layer is three pure functions (``init``, ``forward``, ``backward``) and its name; a loss is
+two (``forward``, ``backward``) and its name. ``make_layer`` and ``make_loss`` wrap the raw
+functions a layer author writes with the checks every layer needs (``_checks.py``), so that
+bad input is caught in ``forward``, at trace time, with a message that names the layer, what
+it expected and what it got; and they hand every call to the instrumentation that is switched
+on (:class:`Hook`: ``bpjax.check_finite``, ``bpjax.observe``), if any.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ PyTree = Any
 
 
 class Layer(NamedTuple):
-    """A layer: three pure functions over parameter pytrees.
+    """A layer: three pure functions over parameter pytrees, and its name.
 
     ``init(key, in_shape) -> (params, state, out_shape)``
         ``in_shape`` is one example's shape, without the batch axis. ``state`` is ``()``
@@ -32,22 +32,28 @@ class Layer(NamedTuple):
         arrays ``backward`` needs, and only arrays.
     ``backward(params, res, dy) -> (dparams, dx)``
         ``dparams`` has exactly the structure, shapes and dtypes of ``params``.
+    ``name``
+        What messages and reports call it (``dense``): the name given to :func:`make_layer`;
+        ``"layer"`` for a ``Layer(init, forward, backward)`` built by hand.
     """
 
     init: Callable[..., tuple]
     forward: Callable[..., tuple]
     backward: Callable[..., tuple]
+    name: str = "layer"
 
 
 class Loss(NamedTuple):
-    """A loss: two pure functions.
+    """A loss: two pure functions, and its name.
 
     ``forward(pred, target) -> (value, res)``: ``value`` is a scalar, the mean over examples.
     ``backward(res, dvalue=1.0) -> dpred``: the error at the output, shaped like ``pred``.
+    ``name``: the name given to :func:`make_loss` (``"loss"`` for a ``Loss`` built by hand).
     """
 
     forward: Callable[..., tuple]
     backward: Callable[..., Any]
+    name: str = "loss"
 
 
 # ----------------------------------------------------------------------------- the hooks
@@ -257,7 +263,7 @@ def make_layer(
 
     for f in (init_, forward_, backward_):
         f.__qualname__ = f"{name}.{f.__name__.rstrip('_')}"
-    return Layer(init_, forward_, backward_)
+    return Layer(init_, forward_, backward_, name)
 
 
 def make_loss(name: str, forward: Callable, backward: Callable, *, check: Optional[Callable] = None) -> Loss:
@@ -283,7 +289,9 @@ def make_loss(name: str, forward: Callable, backward: Callable, *, check: Option
             return _HOOKS[-1].loss_backward(name, backward, res, dvalue)
         return backward(res, dvalue)
 
-    return Loss(forward_, backward_)
+    for f in (forward_, backward_):
+        f.__qualname__ = f"{name}.{f.__name__.rstrip('_')}"
+    return Loss(forward_, backward_, name)
 
 
 # ----------------------------------------------------------------------------- accumulation

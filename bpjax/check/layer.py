@@ -304,13 +304,12 @@ def _lowest_float(trees) -> np.dtype:
 
 
 def _layer_name(obj) -> str:
-    """The name a factory gave a layer or loss, from its functions' qualified names."""
-    fn = obj[0]
-    qualname = getattr(fn, "__qualname__", "") or ""
+    """The name of a layer or loss: its ``name`` (make_layer's and make_loss's). A ``bp.Layer``
+    or ``bp.Loss`` built by hand has the default name; it is called after the factory that
+    defined its functions (README's ``scale``), or after its type (``Layer``) for functions
+    defined at module level."""
+    if obj.name != type(obj)._field_defaults["name"]:
+        return obj.name
+    qualname = getattr(obj[0], "__qualname__", "") or ""
     head = qualname.split(".")[0] if "." in qualname else ""   # a factory's name, not a bare function's
-    if head in ("make_loss", "make_layer"):         # the name is a string in the wrapper's closure
-        cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
-        head = next((c for c in cells if isinstance(c, str)), "")
-    if head and head != "<lambda>":
-        return head
-    return type(obj).__name__
+    return head if head and head != "<lambda>" else type(obj).__name__

@@ -457,4 +457,4 @@ def bidirectional(layer: Layer) -> Layer:
         chosen = tupled if isinstance(x, (tuple, list)) else plain
         return chosen.forward(params, state, x, key=key, train=train)
 
-    return Layer(init_, forward_, plain.backward)
+    return Layer(init_, forward_, plain.backward, name)
