@@ -59,10 +59,21 @@ class Loss(NamedTuple):
 # ----------------------------------------------------------------------------- the hooks
 
 
+class LayerToken:
+    """One layer made by :func:`make_layer`, as the hooks see it. Compared with ``is``: a hook
+    matches a layer's backward with its forward by it. ``per_example`` is the per-example rule
+    the layer's factory named (``make_layer(..., per_example=...)``), or None."""
+
+    __slots__ = ("per_example",)
+
+    def __init__(self, per_example: Optional[str]):
+        self.per_example = per_example
+
+
 class _Calls(Protocol):
     """The calls every hook takes (see :class:`Hook`)."""
 
-    def layer_forward(self, name: str, token: object, forward: Callable, params: PyTree, state: PyTree, x,
+    def layer_forward(self, name: str, token: LayerToken, forward: Callable, params: PyTree, state: PyTree, x,
                       *, key, train: bool) -> tuple:
         """``forward(params, state, x, key=key, train=train)``: ``(y, new_state, res)``."""
 
@@ -79,8 +90,7 @@ class Hook(_Calls, Protocol):
 
     Each method gets the layer's or loss's ``name``, its raw function and that function's
     arguments; it runs the function (around it: what it instruments) and returns what the
-    function returns. ``token`` is the layer's identity: one object per layer made by
-    ``make_layer``, compared with ``is`` (a backward is matched with its forward by it). ``make_layer``
+    function returns. ``token`` (a :class:`LayerToken`) is the layer's identity. ``make_layer``
     checks what ``layer_backward`` returns (a pair; dparams cast to params' dtypes) after it.
 
     The hooks: ``bpjax.check_finite``'s (``check/finite.py``, a :class:`Hook`), ``bpjax.observe``'s
@@ -90,7 +100,7 @@ class Hook(_Calls, Protocol):
     function runs (``check_finite`` checks them there).
     """
 
-    def layer_backward(self, name: str, token: object, backward: Callable, params: PyTree, res, dy) -> tuple:
+    def layer_backward(self, name: str, token: LayerToken, backward: Callable, params: PyTree, res, dy) -> tuple:
         """``backward(params, res, dy)``: ``(dparams, dx)``."""
 
 
@@ -99,7 +109,7 @@ class FinishingHook(_Calls, Protocol):
     unwraps what sub-layers carried out of a scan first): it has ``layer_backward_checked``
     in place of ``layer_backward``, and ``make_layer`` calls that when it is there."""
 
-    def layer_backward_checked(self, name: str, token: object, backward: Callable, finish: Callable,
+    def layer_backward_checked(self, name: str, token: LayerToken, backward: Callable, finish: Callable,
                                params: PyTree, res, dy) -> tuple:
         """``finish(params, backward(params, res, dy))``: ``(dparams, dx)``, dparams cast to params' dtypes."""
 
@@ -180,6 +190,7 @@ def make_layer(
     float_input: bool = True,
     tuple_input: bool = False,
     passes_tuples: bool = False,
+    per_example: Optional[str] = None,
 ) -> Layer:
     """Build a :class:`Layer` from raw functions, adding the checks every layer shares.
 
@@ -197,8 +208,14 @@ def make_layer(
     layer that is a join.
 
     ``init`` checks that ``in_shape`` is a tuple of sizes >= 0 of the rank ``forward`` needs.
+
+    ``per_example`` names the rule by which :func:`bpjax.per_example_grad_norms` splits this
+    layer's gradient by example (the rules are in ``bpjax/_per_example.py``; each built-in
+    layer names its own: ``"dense"``, ``"norm"``, ``"from_residuals"``, ``"mixes_examples"``, …).
+    The default, None, reruns the layer on each example: right for any layer that does not mix
+    examples. The rule goes with the layer, whatever its name or the module it is written in.
     """
-    token = object()                       # this layer, for the path names of bpjax.check_finite
+    token = LayerToken(per_example)     # this layer, for the hooks (path names, its per-example rule)
 
     def init_(key, in_shape):
         if tuple_input or (passes_tuples and is_tuple_of_shapes(in_shape)):

@@ -76,7 +76,7 @@ def dense(out_dim: int, *, use_bias: bool = True, w_init="glorot_uniform", b_ini
             raise ValueError(f"dense: expected x.shape[-1] == {d_in}, got x.shape={tuple(x.shape)}")
 
     return make_layer("dense", init, forward, backward, check=check, min_ndim=2,
-                      meaning="(batch, ..., features)")
+                      meaning="(batch, ..., features)", per_example="dense")
 
 
 # ----------------------------------------------------------------------------- activations

@@ -59,7 +59,8 @@ def sequential(*layers: Layer) -> Layer:
 
     # The first layer checks x's dtype: integer ids are right for an embedding, wrong for dense;
     # and whether x may be a tuple (a first layer that is a join).
-    return make_layer("sequential", init, forward, backward, float_input=False, passes_tuples=True)
+    return make_layer("sequential", init, forward, backward, float_input=False, passes_tuples=True,
+                      per_example="combinator")
 
 
 def residual(layer: Layer) -> Layer:
@@ -88,7 +89,7 @@ def residual(layer: Layer) -> Layer:
         dparams, dx_f = layer.backward(params, res, dy)
         return dparams, dy + dx_f
 
-    return make_layer("residual", init, forward, backward)
+    return make_layer("residual", init, forward, backward, per_example="combinator")
 
 
 # ----------------------------------------------------------------------------- fan-out and joins
@@ -125,7 +126,7 @@ def parallel(*layers: Layer) -> Layer:
             dx = dx + dx_b                                       # (N, ...)
         return tuple(g[0] for g in grads), dx
 
-    return make_layer("parallel", init, forward, backward)
+    return make_layer("parallel", init, forward, backward, per_example="combinator")
 
 
 def concat(axis: int = -1) -> Layer:

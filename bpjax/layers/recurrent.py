@@ -445,9 +445,9 @@ def bidirectional(layer: Layer) -> Layer:
         if xs.ndim != 3:
             raise ValueError(f"{name}: expected x.ndim == 3 (batch, time, features), got x.shape={tuple(xs.shape)}")
 
-    plain = make_layer(name, init, forward, backward, check=check)
+    plain = make_layer(name, init, forward, backward, check=check, per_example="combinator")
     tupled = make_layer(name, init, forward, backward, check=check, tuple_input=True,
-                        float_input=False, min_ndim=2)
+                        float_input=False, min_ndim=2, per_example="combinator")
 
     def init_(key, in_shape):
         is_tuple = len(in_shape) > 0 and hasattr(in_shape[0], "__len__")

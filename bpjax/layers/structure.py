@@ -123,7 +123,7 @@ def embedding(vocab_size: int, dim: int, *, table_init=jax.nn.initializers.norma
                 raise ValueError(f"{name}: expected indices in [0, {vocab_size}), got indices in [{lo}, {hi}]")
 
     return make_layer(name, init, forward, backward, check=check, float_input=False,
-                      meaning="(batch, ...) of integer ids")
+                      meaning="(batch, ...) of integer ids", per_example="embedding")
 
 
 # ----------------------------------------------------------------------------- flatten, reshape
