@@ -142,11 +142,14 @@ def _uncalled_hint(obj) -> str:
     return f" (did you forget to call the factory, e.g. {fn}({'...' if needs else ''}) rather than {fn}?)"
 
 
-def check_is_layer(name: str, arg: Optional[str], obj) -> None:
-    """Raise ``TypeError`` unless ``obj`` is a :class:`Layer`; an uncalled factory is named."""
+def check_is_layer(name: str, arg: Optional[str], obj, *, position: Optional[int] = None) -> None:
+    """Raise ``TypeError`` unless ``obj`` is a :class:`Layer`; an uncalled factory is named.
+    ``position``: ``obj`` is the layer at that position of a combinator's layers."""
     if isinstance(obj, Layer):
         return
     hint = _uncalled_hint(obj)
+    if position is not None:
+        raise TypeError(f"{name}: expected a bpjax.Layer at position {position}, got {type(obj).__name__}{hint}")
     what = f"{arg} to be a bpjax.Layer" if arg else "a bpjax.Layer"
     raise TypeError(f"{name}: expected {what}, got {_got(obj)}{hint}")
 
@@ -170,8 +173,8 @@ def check_model_and_loss(name: str, model, loss) -> None:
 
 
 def cast_like(tree: PyTree, like: PyTree) -> PyTree:
-    """Cast every leaf of ``tree`` to the dtype of the matching leaf of ``like``."""
-    return jax.tree_util.tree_map(lambda g, p: jnp.asarray(g).astype(p.dtype), tree, like)
+    """Every leaf of ``tree`` cast to the dtype of the matching leaf of ``like``."""
+    return jax.tree_util.tree_map(lambda a, b: jnp.asarray(a).astype(jnp.result_type(b)), tree, like)
 
 
 # ----------------------------------------------------------------------------- factories

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks, _core
-from ._observe import Client, View, _Tape, flatten_entries, observe, param_size, paused, run_observed, sq_norm
+from ._observe import Client, View, _Tape, observe, param_size, paused, run_observed, sq_norm
 
 __all__ = ["per_example_grad_norms", "clipped_grad"]
 
@@ -296,12 +296,6 @@ def per_example_grad_norms(model, loss, *, compute_dtype: Optional[Any] = None):
         return (value, new_state), grads, n * jnp.sqrt(sq)
 
     return f
-
-
-def per_layer_norms(entries, n: int) -> dict:
-    """Each leaf layer's part of the per-example norms, ``{label: (N,)}`` (N·√part)."""
-    return {e.label: n * jnp.sqrt(e.values["sq"]) for e in flatten_entries(entries) if "sq" in e.values}
-
 
 
 # ----------------------------------------------------------------------------- clipping

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from .._checks import shape_record
-from .._core import Layer, make_layer
+from .._core import Layer, check_is_layer, make_layer
 
 __all__ = ["sequential", "residual", "parallel", "concat", "add"]
 
@@ -18,9 +18,7 @@ def _check_layers(name, layers):
     if not layers:
         raise ValueError(f"{name}: expected at least one layer, got none")
     for i, layer in enumerate(layers):
-        if not isinstance(layer, Layer):
-            raise TypeError(f"{name}: expected a bpjax.Layer at position {i}, got {type(layer).__name__}"
-                            " (did you forget to call the factory, e.g. relu() rather than relu?)")
+        check_is_layer(name, None, layer, position=i)
 
 
 def sequential(*layers: Layer) -> Layer:

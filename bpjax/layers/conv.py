@@ -27,7 +27,7 @@ from .. import initializers, kernels
 from .._checks import check_positive_int
 from .._core import Layer, accumulation_dtype, make_layer, sum_acc
 from ._windows import (ACTIVATIONS, AXES, DIMENSION_NUMBERS, Geometry, check_padding, conv_out_shape, explicit_pads,
-                       kernel_offsets, per_axis, plain_conv, positive_ints, promote, spatial_rank, transpose_pads)
+                       kernel_offsets, pad_config, per_axis, plain_conv, positive_ints, promote, spatial_rank, transpose_pads)
 
 __all__ = ["conv", "conv_transpose"]
 
@@ -110,7 +110,7 @@ def _conv_dw(x, dy, kernel, g: Geometry):
         return jnp.transpose(dw, (*spatial, 0, r + 1))                       # (*K, C_in/G, C_out)
     c_in, c_out = x.shape[-1], dy.shape[-1]
     m = math.prod(dy.shape[:-1])
-    cfg = [(0, 0, 0), *((lo, hi, u - 1) for (lo, hi), u in zip(pads, in_dilation)), (0, 0, 0)]
+    cfg = pad_config(pads, in_dilation)
     dy2 = dy.reshape(m, groups, c_out // groups)                              # (M, G, C_out/G)
     # One offset at a time, in a scan rather than a Python loop: XLA then holds one view, not
     # all ∏K of them. The zero padding is done inside the loop with a fill XLA cannot prove
