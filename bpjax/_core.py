@@ -1,28 +1,28 @@
-"""The layer and loss protocols, and the trace-time checks every layer shares.
+"""The layer and loss protocols: what a layer and a loss are, how to build one, and the hooks.
 
-A layer is three pure functions (``init``, ``forward``, ``backward``); a loss is two
-(``forward``, ``backward``). ``make_layer`` and ``make_loss`` wrap the raw functions a
-layer author writes with the checks every layer needs, so that bad input is caught in
-``forward``, at trace time, with a message that names the layer, what it expected and
-what it got.
+A layer is three pure functions (``init``, ``forward``, ``backward``) and its name; a loss is
+two (``forward``, ``backward``) and its name. ``make_layer`` and ``make_loss`` wrap the raw
+functions a layer author writes with the checks every layer needs (``_checks.py``), so that
+bad input is caught in ``forward``, at trace time, with a message that names the layer, what
+it expected and what it got; and they hand every call to the instrumentation that is switched
+on (:class:`Hook`: ``bpjax.check_finite``, ``bpjax.observe``), if any.
 """
 from __future__ import annotations
 
-import functools
 import inspect
-import math
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Protocol, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from ._checks import (abstract_init, check_float_input, check_in_shape, check_ndim, check_tree, check_tuple_input,
+                      check_x, describe, initialised_for, is_tuple_of_shapes, tuple_of_shapes)
 
 PyTree = Any
-Shape = tuple
 
 
 class Layer(NamedTuple):
-    """A layer: three pure functions over parameter pytrees.
+    """A layer: three pure functions over parameter pytrees, and its name.
 
     ``init(key, in_shape) -> (params, state, out_shape)``
         ``in_shape`` is one example's shape, without the batch axis. ``state`` is ``()``
@@ -32,44 +32,95 @@ class Layer(NamedTuple):
         arrays ``backward`` needs, and only arrays.
     ``backward(params, res, dy) -> (dparams, dx)``
         ``dparams`` has exactly the structure, shapes and dtypes of ``params``.
+    ``name``
+        What messages and reports call it (``dense``): the name given to :func:`make_layer`;
+        ``"layer"`` for a ``Layer(init, forward, backward)`` built by hand.
     """
 
     init: Callable[..., tuple]
     forward: Callable[..., tuple]
     backward: Callable[..., tuple]
+    name: str = "layer"
 
 
 class Loss(NamedTuple):
-    """A loss: two pure functions.
+    """A loss: two pure functions, and its name.
 
     ``forward(pred, target) -> (value, res)``: ``value`` is a scalar, the mean over examples.
     ``backward(res, dvalue=1.0) -> dpred``: the error at the output, shaped like ``pred``.
+    ``name``: the name given to :func:`make_loss` (``"loss"`` for a ``Loss`` built by hand).
     """
 
     forward: Callable[..., tuple]
     backward: Callable[..., Any]
+    name: str = "loss"
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- the hooks
 
 
-def describe(tree: PyTree) -> str:
-    """A pytree printed with each leaf as ``dtype[shape]`` (e.g. ``{'w': float32[3, 4]}``)."""
+class LayerToken:
+    """One layer made by :func:`make_layer`, as the hooks see it. Compared with ``is``: a hook
+    matches a layer's backward with its forward by it. ``per_example`` is the per-example rule
+    the layer's factory named (``make_layer(..., per_example=...)``), or None."""
 
-    def leaf(a):
-        if hasattr(a, "shape") and hasattr(a, "dtype"):
-            return _Repr(f"{jnp.dtype(a.dtype).name}{list(a.shape)}")
-        return _Repr(repr(a))
+    __slots__ = ("per_example",)
 
-    return repr(jax.tree_util.tree_map(leaf, tree))
+    def __init__(self, per_example: Optional[str]):
+        self.per_example = per_example
 
 
-class _Repr:
-    def __init__(self, text):
-        self.text = text
+class _Calls(Protocol):
+    """The calls every hook takes (see :class:`Hook`)."""
 
-    def __repr__(self):
-        return self.text
+    def layer_forward(self, name: str, token: LayerToken, forward: Callable, params: PyTree, state: PyTree, x,
+                      *, key, train: bool) -> tuple:
+        """``forward(params, state, x, key=key, train=train)``: ``(y, new_state, res)``."""
+
+    def loss_forward(self, name: str, forward: Callable, pred, target) -> tuple:
+        """``forward(pred, target)``: ``(value, res)``."""
+
+    def loss_backward(self, name: str, backward: Callable, res, dvalue):
+        """``backward(res, dvalue)``: ``dpred``."""
+
+
+class Hook(_Calls, Protocol):
+    """Instrumentation that :func:`make_layer` and :func:`make_loss` hand every call to while it
+    is switched on: the last hook in ``_HOOKS``. With none on, they run the raw functions.
+
+    Each method gets the layer's or loss's ``name``, its raw function and that function's
+    arguments; it runs the function (around it: what it instruments) and returns what the
+    function returns. ``token`` (a :class:`LayerToken`) is the layer's identity. ``make_layer``
+    checks what ``layer_backward`` returns (a pair; dparams cast to params' dtypes) after it.
+
+    The hooks: ``bpjax.check_finite``'s (``check/finite.py``, a :class:`Hook`), ``bpjax.observe``'s
+    and ``clipped_grad``'s replay (``_observe.py``, ``_per_example.py``, each a
+    :class:`FinishingHook`). A hook may also have ``labels(name, target, num_classes)``:
+    ``softmax_cross_entropy`` hands it integer labels that are known only when the compiled
+    function runs (``check_finite`` checks them there).
+    """
+
+    def layer_backward(self, name: str, token: LayerToken, backward: Callable, params: PyTree, res, dy) -> tuple:
+        """``backward(params, res, dy)``: ``(dparams, dx)``."""
+
+
+class FinishingHook(_Calls, Protocol):
+    """A :class:`Hook` that runs ``make_layer``'s checks of a backward's result itself (``bpjax.observe``
+    unwraps what sub-layers carried out of a scan first): it has ``layer_backward_checked``
+    in place of ``layer_backward``, and ``make_layer`` calls that when it is there."""
+
+    def layer_backward_checked(self, name: str, token: LayerToken, backward: Callable, finish: Callable,
+                               params: PyTree, res, dy) -> tuple:
+        """``finish(params, backward(params, res, dy))``: ``(dparams, dx)``, dparams cast to params' dtypes."""
+
+
+#: The hooks switched on, innermost last (``bpjax.check_finite`` pushes one while it traces,
+#: ``bpjax._observe.observe`` one that sees every layer's backward); empty otherwise, and then
+#: the layers run their raw functions directly.
+_HOOKS: list[Union[Hook, FinishingHook]] = []
+
+
+# ----------------------------------------------------------------------------- is it a layer?
 
 
 def _got(obj) -> str:
@@ -91,11 +142,14 @@ def _uncalled_hint(obj) -> str:
     return f" (did you forget to call the factory, e.g. {fn}({'...' if needs else ''}) rather than {fn}?)"
 
 
-def check_is_layer(name: str, arg: Optional[str], obj) -> None:
-    """Raise ``TypeError`` unless ``obj`` is a :class:`Layer`; an uncalled factory is named."""
+def check_is_layer(name: str, arg: Optional[str], obj, *, position: Optional[int] = None) -> None:
+    """Raise ``TypeError`` unless ``obj`` is a :class:`Layer`; an uncalled factory is named.
+    ``position``: ``obj`` is the layer at that position of a combinator's layers."""
     if isinstance(obj, Layer):
         return
     hint = _uncalled_hint(obj)
+    if position is not None:
+        raise TypeError(f"{name}: expected a bpjax.Layer at position {position}, got {type(obj).__name__}{hint}")
     what = f"{arg} to be a bpjax.Layer" if arg else "a bpjax.Layer"
     raise TypeError(f"{name}: expected {what}, got {_got(obj)}{hint}")
 
@@ -118,252 +172,12 @@ def check_model_and_loss(name: str, model, loss) -> None:
     check_is_loss(name, "loss", loss)
 
 
-def check_positive_int(name: str, arg: str, value) -> int:
-    """Raise unless ``value`` is an integer > 0; returns it as ``int``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name}: expected {arg} to be an integer > 0, got {value!r}")
-    return int(value)
-
-
-def check_real(name: str, arg: str, value) -> float:
-    """Raise ``TypeError`` unless ``value`` is a finite real number; returns it as ``float``."""
-    try:
-        if isinstance(value, (bool, str, bytes)):
-            raise TypeError
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected {arg} to be a real number, got {value!r}") from None
-    if not math.isfinite(v):
-        raise ValueError(f"{name}: expected a finite {arg}, got {value!r}")
-    return v
-
-
-def check_float_input(name: str, arg: str, x) -> jax.Array:
-    """Raise unless ``x`` is an array of a floating-point dtype; returns it as a JAX array."""
-    if isinstance(x, (tuple, list)) and any(hasattr(e, "shape") for e in x):
-        raise TypeError(f"{name}: expected {arg} to be an array, got a {type(x).__name__} of {len(x)} arrays "
-                        "(only the joins, concat() and add(), take one array per branch)")
-    if not hasattr(x, "dtype"):
-        try:
-            x = jnp.asarray(x)
-        except TypeError as e:
-            raise TypeError(f"{name}: expected {arg} to be an array, got {type(x).__name__}") from e
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"{name}: expected a floating-point {arg}, got dtype {jnp.dtype(x.dtype).name} "
-            f"(cast it first, e.g. {arg}.astype(jnp.float32))"
-        )
-    return x
-
-
-def check_ndim(name: str, arg: str, x, *, ndim: Optional[int] = None, min_ndim: int = 1,
-               meaning: str = "") -> None:
-    """Raise unless ``x.ndim`` is ``ndim`` (when given) or at least ``min_ndim``."""
-    hint = f" {meaning}" if meaning else ""
-    if ndim is not None and x.ndim != ndim:
-        raise ValueError(f"{name}: expected {arg}.ndim == {ndim}{hint}, got {arg}.shape={tuple(x.shape)}")
-    if x.ndim < min_ndim:
-        raise ValueError(f"{name}: expected {arg}.ndim >= {min_ndim}{hint}, got {arg}.shape={tuple(x.shape)}")
-
-
-def _check_x(name, arg, x, float_input, ndim, min_ndim, meaning):
-    """The dtype and rank checks of one input array; returns it as a JAX array."""
-    if float_input:
-        x = check_float_input(name, arg, x)
-    elif not hasattr(x, "dtype"):
-        x = jnp.asarray(x)
-    check_ndim(name, arg, x, ndim=ndim, min_ndim=min_ndim, meaning=meaning)
-    return x
-
-
-def check_tuple_input(name: str, x, *, float_input: bool = True, ndim: Optional[int] = None,
-                      min_ndim: int = 1, meaning: str = "") -> tuple:
-    """Raise unless ``x`` is a non-empty tuple (or list) of arrays, each passing the dtype and
-    rank checks, all with the same batch size; returns it as a tuple of JAX arrays."""
-    if not isinstance(x, (tuple, list)) or not x:
-        got = (f"an array of shape {tuple(x.shape)}" if hasattr(x, "shape")
-               else f"{type(x).__name__} {x!r}" if isinstance(x, (tuple, list)) else type(x).__name__)
-        raise TypeError(f"{name}: expected x to be a non-empty tuple of arrays (one per branch), got {got}")
-    elems = [_check_x(name, f"x[{i}]", e, float_input, ndim, min_ndim, meaning) for i, e in enumerate(x)]
-    if len({e.shape[0] for e in elems}) > 1:
-        raise ValueError(f"{name}: expected every x[i] to have the same batch size, "
-                         f"got shapes {[tuple(e.shape) for e in elems]}")
-    return tuple(elems)
-
-
-def _tuple_of_shapes(name: str, in_shape) -> tuple:
-    """``in_shape`` of a layer with tuple input: a tuple of per-example shapes, as ints."""
-    try:
-        if not in_shape or any(isinstance(s, (int, np.integer)) for s in in_shape):
-            raise TypeError
-        return tuple(tuple(int(d) for d in s) for s in in_shape)
-    except TypeError:
-        raise TypeError(f"{name}: expected in_shape to be a non-empty tuple of shapes, one per input, "
-                        f"got in_shape={in_shape!r}") from None
-
-
-def _is_tuple_of_shapes(in_shape) -> bool:
-    return (isinstance(in_shape, (tuple, list)) and bool(in_shape)
-            and all(isinstance(s, (tuple, list)) for s in in_shape))
-
-
-def _check_in_shape(name: str, in_shape, ndim, min_ndim, meaning) -> tuple:
-    """``in_shape`` (one example's shape) as a tuple of ints >= 0 with the rank ``forward`` needs."""
-    try:
-        if isinstance(in_shape, (str, bytes)) or any(isinstance(d, bool) or int(d) != d for d in in_shape):
-            raise TypeError
-        out = tuple(int(d) for d in in_shape)
-    except TypeError:
-        raise TypeError(f"{name}: expected in_shape to be a tuple of integers (one example's shape, "
-                        f"without the batch axis), got in_shape={in_shape!r}") from None
-    if any(d < 0 for d in out):
-        raise ValueError(f"{name}: expected in_shape to hold sizes >= 0, got in_shape={out}")
-    hint = f" (x: {meaning})" if meaning else ""
-    axes = lambda k: f"{k} ax{'is' if k == 1 else 'es'}"  # noqa: E731
-    if ndim is not None and len(out) != ndim - 1:
-        raise ValueError(f"{name}: expected in_shape with {axes(ndim - 1)}{hint}, got in_shape={out}")
-    if len(out) < min_ndim - 1:
-        raise ValueError(f"{name}: expected in_shape with at least {axes(min_ndim - 1)}{hint}, got in_shape={out}")
-    return out
-
-
-def shape_record(x) -> jax.Array:
-    """A zero-size array ``(0, *x.shape[1:])`` of ``x``'s dtype: it records, in residuals (which
-    hold arrays only), the per-example shape and dtype that a backward needs to undo a reshape
-    or a concatenation, at no memory cost."""
-    return jnp.zeros((0, *x.shape[1:]), x.dtype)
-
-
-@functools.lru_cache(maxsize=4096)
-def _abstract_init(init: Callable, in_shape: Shape):
-    """Shapes and structure of ``init``'s params and state for ``in_shape``, without computing them."""
-    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    return jax.eval_shape(lambda k: init(k, in_shape)[:2], key)
-
-
-def _shapes(tree) -> list:
-    return [tuple(getattr(a, "shape", ())) for a in jax.tree_util.tree_leaves(tree)]
-
-
-def _initialised_for(init: Callable, x_shape: Shape, params: PyTree) -> Optional[tuple]:
-    """The input shapes (one example's) for which ``init`` gives params of exactly the shapes of
-    ``params``, when ``x_shape`` does not: the sign that x, not the params, is wrong. Returns
-    ``(smallest, largest)`` (equal unless a stride's floor lets several sizes fit), or ``None``
-    when no such shape is found (the params are wrong: another width, another model).
-
-    The search runs only on this error path, at trace time, on shapes only. Each round takes the
-    first parameter size that differs, finds the input axes it depends on (one axis alone, or a
-    group of axes of equal size in x, e.g. an image's height and width, moved together) and
-    bisects that axis's size for the one that gives the parameter's size (sizes grow with the
-    input's); the shape found must then give every parameter's shape.
-    """
-    want = _shapes(params)
-    if any(not hasattr(a, "shape") for a in jax.tree_util.tree_leaves(params)):
-        return None
-
-    def shapes_for(shape):
-        try:
-            return _shapes(_abstract_init(init, tuple(shape))[0])
-        except Exception:               # too small for the layers (a convolution without padding)
-            return None
-
-    def first_diff(got):
-        for i, (g, w) in enumerate(zip(got, want)):
-            if len(g) != len(w):
-                return None
-            for d, (a, b) in enumerate(zip(g, w)):
-                if a != b:
-                    return i, d
-        return None
-
-    rank = len(x_shape)
-    groups = [(a,) for a in range(rank)]
-    groups += [tuple(a for a in range(rank) if x_shape[a] == x_shape[b])
-               for b in range(rank)]
-    groups = sorted(dict.fromkeys(groups), key=len)
-    shape, upper = list(x_shape), list(x_shape)
-    for _ in range(rank + 1):
-        got = shapes_for(shape)
-        if got is None or len(got) != len(want):
-            return None
-        where = first_diff(got)
-        if where is None:
-            if tuple(shape) == tuple(x_shape):
-                return None
-            if upper != shape and shapes_for(upper) == want:
-                return tuple(shape), tuple(upper)
-            return tuple(shape), tuple(shape)
-        i, d = where
-        for g in groups:
-            def size(v, g=g):
-                trial = list(shape)
-                for a in g:
-                    trial[a] = v
-                out = shapes_for(trial)
-                return None if out is None or len(out) != len(want) or len(out[i]) != len(want[i]) else out[i][d]
-            lo, hi = 1, 1 << 16
-            v = shape[g[0]]
-            if size(2 * v + 1) == got[i][d] and size(max(1, v // 2)) == got[i][d]:
-                continue                # this parameter does not depend on these axes
-            while lo < hi:              # the smallest v whose size reaches the parameter's
-                mid = (lo + hi) // 2
-                m = size(mid)
-                if m is None or m < want[i][d]:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            if size(lo) == want[i][d]:
-                top, hi = lo, 1 << 16   # the largest v with that size (a stride's floor allows several)
-                while top < hi:
-                    mid = (top + hi + 1) // 2
-                    m = size(mid)
-                    if m is not None and m <= want[i][d]:
-                        top = mid
-                    else:
-                        hi = mid - 1
-                for a in g:
-                    shape[a], upper[a] = lo, top
-                break
-        else:
-            return None
-    return None
-
-
-def check_tree(name: str, what: str, expected: PyTree, got: PyTree, *, shapes: bool) -> None:
-    """Raise ``TypeError`` if the structures differ, ``ValueError`` if (with ``shapes``) a leaf's shape does."""
-    exp_def = jax.tree_util.tree_structure(expected)
-    got_def = jax.tree_util.tree_structure(got)
-    if exp_def != got_def:
-        raise TypeError(
-            f"{name}: the {what} tree does not fit the model.\n"
-            f"  expected: {describe(expected)}\n"
-            f"  got:      {describe(got)}"
-        )
-    if not shapes:
-        return
-    for (path, e), g in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree_util.tree_leaves(got)):
-        gshape = getattr(g, "shape", None)
-        where = f"{what}{jax.tree_util.keystr(path)}"
-        if gshape is None or tuple(gshape) != tuple(e.shape):
-            raise ValueError(
-                f"{name}: expected {where}.shape == {tuple(e.shape)}, "
-                f"got {tuple(gshape) if gshape is not None else type(g).__name__}"
-            )
-        if jnp.issubdtype(e.dtype, jnp.floating) and not jnp.issubdtype(g.dtype, jnp.floating):
-            raise TypeError(f"{name}: expected a floating-point {where}, got dtype {jnp.dtype(g.dtype).name}")
-
-
 def cast_like(tree: PyTree, like: PyTree) -> PyTree:
-    """Cast every leaf of ``tree`` to the dtype of the matching leaf of ``like``."""
-    return jax.tree_util.tree_map(lambda g, p: jnp.asarray(g).astype(p.dtype), tree, like)
+    """Every leaf of ``tree`` cast to the dtype of the matching leaf of ``like``."""
+    return jax.tree_util.tree_map(lambda a, b: jnp.asarray(a).astype(jnp.result_type(b)), tree, like)
 
 
 # ----------------------------------------------------------------------------- factories
-
-#: Instrumentation that is switched on (``bpjax.check_finite`` pushes one while it traces, and
-#: ``bpjax._observe.observe`` one that sees every layer's backward); empty otherwise, and then
-#: the layers run their raw functions directly.
-_HOOKS: list = []
 
 
 def make_layer(
@@ -379,6 +193,7 @@ def make_layer(
     float_input: bool = True,
     tuple_input: bool = False,
     passes_tuples: bool = False,
+    per_example: Optional[str] = None,
 ) -> Layer:
     """Build a :class:`Layer` from raw functions, adding the checks every layer shares.
 
@@ -396,13 +211,19 @@ def make_layer(
     layer that is a join.
 
     ``init`` checks that ``in_shape`` is a tuple of sizes >= 0 of the rank ``forward`` needs.
+
+    ``per_example`` names the rule by which :func:`bpjax.per_example_grad_norms` splits this
+    layer's gradient by example (the rules are in ``bpjax/_per_example.py``; each built-in
+    layer names its own: ``"dense"``, ``"norm"``, ``"from_residuals"``, ``"mixes_examples"``, …).
+    The default, None, reruns the layer on each example: right for any layer that does not mix
+    examples. The rule goes with the layer, whatever its name or the module it is written in.
     """
-    token = object()                       # this layer, for the path names of bpjax.check_finite
+    token = LayerToken(per_example)     # this layer, for the hooks (path names, its per-example rule)
 
     def init_(key, in_shape):
-        if tuple_input or (passes_tuples and _is_tuple_of_shapes(in_shape)):
-            return init(key, _tuple_of_shapes(name, in_shape))   # (a sequential may start with a join)
-        in_shape = _check_in_shape(name, in_shape, ndim, min_ndim, meaning)
+        if tuple_input or (passes_tuples and is_tuple_of_shapes(in_shape)):
+            return init(key, tuple_of_shapes(name, in_shape))   # (a sequential may start with a join)
+        in_shape = check_in_shape(name, in_shape, ndim, min_ndim, meaning)
         return init(key, in_shape)
 
     def forward_(params, state, x, *, key=None, train=True):
@@ -412,9 +233,9 @@ def make_layer(
                                   meaning=meaning)
             in_shape = tuple(tuple(e.shape[1:]) for e in x)
         else:
-            x = _check_x(name, "x", x, float_input, ndim, min_ndim, meaning)
+            x = check_x(name, "x", x, float_input, ndim, min_ndim, meaning)
             in_shape = tuple(x.shape[1:])
-        exp_params, exp_state = _abstract_init(init, in_shape)
+        exp_params, exp_state = abstract_init(init, in_shape)
         if not jax.tree_util.tree_leaves(state) and not jax.tree_util.tree_leaves(exp_state):
             state = exp_state            # stateless: () stands for any tree of empty tuples
         check_tree(name, "params", exp_params, params, shapes=False)
@@ -424,7 +245,7 @@ def make_layer(
         try:
             check_tree(name, "params", exp_params, params, shapes=True)
         except ValueError:
-            fit = None if isinstance(x, tuple) else _initialised_for(init, in_shape, params)
+            fit = None if isinstance(x, tuple) else initialised_for(init, in_shape, params)
             if fit is None:
                 raise                   # the params are wrong, not x
             lo, hi = fit
@@ -462,7 +283,7 @@ def make_layer(
 
     for f in (init_, forward_, backward_):
         f.__qualname__ = f"{name}.{f.__name__.rstrip('_')}"
-    return Layer(init_, forward_, backward_)
+    return Layer(init_, forward_, backward_, name)
 
 
 def make_loss(name: str, forward: Callable, backward: Callable, *, check: Optional[Callable] = None) -> Loss:
@@ -488,20 +309,12 @@ def make_loss(name: str, forward: Callable, backward: Callable, *, check: Option
             return _HOOKS[-1].loss_backward(name, backward, res, dvalue)
         return backward(res, dvalue)
 
-    return Loss(forward_, backward_)
+    for f in (forward_, backward_):
+        f.__qualname__ = f"{name}.{f.__name__.rstrip('_')}"
+    return Loss(forward_, backward_, name)
 
 
-def concrete(x) -> Optional[np.ndarray]:
-    """``x`` as a NumPy array when its values are known (not traced under jit), else ``None``."""
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
-
-
-def num_rows(shape: Sequence[int], trailing: int = 0) -> int:
-    """Number of examples: the product of ``shape`` without its last ``trailing`` axes."""
-    return math.prod(shape[: len(shape) - trailing])
+# ----------------------------------------------------------------------------- accumulation
 
 
 def accumulation_dtype(*dtypes):

@@ -6,23 +6,22 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from ._core import Layer, Loss, check_model_and_loss
+from ._core import Layer, Loss, cast_like, check_model_and_loss
 
 __all__ = ["value_and_grad", "forward_backward", "cast_floating"]
 
 
 def cast_floating(tree: Any, dtype) -> Any:
-    """Every floating leaf of ``tree`` as ``dtype``; integer leaves (token ids, labels, counters)
-    unchanged. ``dtype=None`` returns ``tree`` as it is."""
+    """Every floating array of ``tree`` as ``dtype``; integer leaves (token ids, labels, counters)
+    and leaves that are not arrays unchanged. ``dtype=None`` returns ``tree`` as it is."""
     if dtype is None:
         return tree
-    return jax.tree_util.tree_map(
-        lambda a: a.astype(dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a, tree)
+    return jax.tree_util.tree_map(lambda a: a.astype(dtype) if is_floating(a) else a, tree)
 
 
-def _like(tree: Any, like: Any) -> Any:
-    """``tree`` with each leaf cast to the dtype of the matching leaf of ``like``."""
-    return jax.tree_util.tree_map(lambda a, b: a.astype(jnp.result_type(b)), tree, like)
+def is_floating(a) -> bool:
+    """Whether ``a`` is an array of a floating-point dtype."""
+    return hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)
 
 
 def forward_backward(model: Layer, loss: Loss, *, train: bool = True, compute_dtype=None):
@@ -46,7 +45,7 @@ def forward_backward(model: Layer, loss: Loss, *, train: bool = True, compute_dt
         grads, _ = model.backward(p, res, dy)                                      # 4. backward
         if compute_dtype is not None:
             value = value.astype(jnp.promote_types(value.dtype, jnp.float32))
-            grads, new_state = _like(grads, params), _like(new_state, state)
+            grads, new_state = cast_like(grads, params), cast_like(new_state, state)
         return value, new_state, y, grads
 
     return f

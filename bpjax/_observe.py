@@ -124,10 +124,11 @@ def _is_carried(a) -> bool:
 class View:
     """What a client sees of one layer's backward (the arguments of ``Client.measure``).
 
-    ``name``: the factory's name (``dense``); ``module``: the module of its raw backward
-    (``bpjax._basic`` for a built-in); ``label``: the path name; ``params``, ``res`` (the
-    layer's own residuals), ``dy``, ``dparams``, ``dx``; ``tape``: the :class:`_Tape` or None;
-    ``subs``: the entries of its sub-layers; ``backward``: its raw backward.
+    ``name``: the factory's name (``dense``); ``per_example``: the per-example rule its
+    factory named (``make_layer(..., per_example=...)``), or None; ``label``: the path name;
+    ``params``, ``res`` (the layer's own residuals), ``dy``, ``dparams``, ``dx``; ``tape``: the
+    :class:`_Tape` or None; ``subs``: the entries of its sub-layers; ``backward``: its raw
+    backward.
     """
 
     def __init__(self, **kw):
@@ -139,11 +140,11 @@ class View:
 
 
 class Client:
-    """What to record. ``tape(name, module, params, leaf)`` says, after a layer's forward,
+    """What to record. ``tape(name, per_example, params, leaf)`` says, after a layer's forward,
     whether its backward will need x (a :class:`_Tape`); ``measure(view)`` returns the dict of
     arrays to record for that layer (it may raise, naming ``view.label``)."""
 
-    def tape(self, name: str, module: str, params, leaf: bool) -> bool:
+    def tape(self, name: str, per_example: Optional[str], params, leaf: bool) -> bool:
         return False
 
     def measure(self, view: View) -> dict:
@@ -199,7 +200,7 @@ class _Observer:
             y, new_state, res = forward(params, state, x, key=key, train=train)
         finally:
             self.forward_stack.pop()
-        if self.client.tape(name, forward.__module__, params, leaf=not frame.children):
+        if self.client.tape(name, token.per_example, params, leaf=not frame.children):
             res = _Tape(res, x, state, key, forward, train)
         return y, new_state, res
 
@@ -229,7 +230,7 @@ class _Observer:
         if isinstance(out, tuple) and len(out) == 2:
             out = (self._unwrap(out[0], scope), out[1])
         dparams, dx = finish(params, out)
-        view = View(name=name, module=getattr(backward, "__module__", ""), label=frame.label,
+        view = View(name=name, per_example=token.per_example, label=frame.label,
                     params=params, res=res, dy=dy, dparams=dparams, dx=dx, tape=tape,
                     subs=tuple(scope.entries), backward=backward, called=bool(frame.children or scope.entries))
         record.update(leaf=view.leaf, dx=dx)

@@ -6,33 +6,41 @@ g_n = N · Σ_layers (that layer's part built from x_n and dy_n alone). A layer'
 ‖g_n‖² is computed from its x and dy, by a rule per kind of layer (below); the parts of
 different layers add (their parameters differ); the norm is ‖g_n‖ = N·√(Σ parts).
 
-Rules, for example n (rows t = the positions of one example: T = 1 for x (N, D))::
+Each layer's factory names its rule where it builds the layer, ``make_layer(...,
+per_example="dense")`` (``bpjax/layers/``); the rule travels with the layer, so neither the
+layer's name nor the module it is written in decides it: a user's own layer called ``dense``
+gets the explicit rule, unless it names another. The rules, for example n (rows t = the
+positions of one example: T = 1 for x (N, D))::
 
-    dense       dW_n = X_nᵀ DY_n, db_n = Σ_t dy_nt            X_n (T, D_in), DY_n (T, D_out)
-                ‖dW_n‖² = ‖x_n‖²·‖dy_n‖²                         when T = 1
-                        = ⟨X_n X_nᵀ, DY_n DY_nᵀ⟩  (Gram, T²·(D_in+D_out) multiply-adds)
-                        or ‖X_nᵀ DY_n‖²           (explicit, T·D_in·D_out), whichever is cheaper
-    embedding   dT_n[v] = Σ_{t: id_t = v} dy_nt:  ‖dT_n‖² = Σ_{t,t'} [id_t = id_t'] ⟨dy_nt, dy_nt'⟩
-    layer_norm, dγ_n = Σ_t dy_nt ⊙ x̂_nt,  dβ_n = Σ_t dy_nt     (x̂ from the layer's residuals)
-    rms_norm,
-    group_norm
-    gpt         its embedding and blocks by their rules, plus what the GPT itself does with
-                params: the positions P (dP_n = dh0_n), the tied unembedding
-                dE_out,n = DZ_nᵀ Ĥ_n (Gram or explicit), and, since E is used twice, the cross
-                term 2⟨dE_in,n, dE_out,n⟩ = 2 Σ_{t,t'} DZ_n[t', id_t]·⟨ĥ_nt', dh0_nt⟩
-    combinators the sum of their layers' parts (sequential, residual, parallel, …: any layer
-                whose params are exactly its sub-layers' params)
-    conv,       the explicit per-example gradient of that layer alone: its own hand-written
-    attention   backward on each example's residuals and dy, vmapped over the examples (their
-                residuals all have the batch axis first; dx is unused and XLA drops it)
-    any other   the same, with the layer's raw forward rerun on each example first, from the
-    layer       input kept for it (the recurrent layers, whose residuals are time-major, a
-                user's make_layer layer, a combinator with params of its own). Correct for any
-                layer that does not mix examples; its memory is N times that layer's params.
-
-``batch_norm`` in training normalises with batch statistics, so one example's gradient depends
-on the others: ``per_example_grad_norms`` raises ``ValueError`` naming it. (In evaluation mode,
-``train=False``, it does not mix examples and the explicit rule applies.)
+    "dense" (dense)
+        dW_n = X_nᵀ DY_n, db_n = Σ_t dy_nt                      X_n (T, D_in), DY_n (T, D_out)
+        ‖dW_n‖² = ‖x_n‖²·‖dy_n‖²                                   when T = 1
+                = ⟨X_n X_nᵀ, DY_n DY_nᵀ⟩  (Gram, T²·(D_in+D_out) multiply-adds)
+                or ‖X_nᵀ DY_n‖²           (explicit, T·D_in·D_out), whichever is cheaper
+    "embedding" (embedding)
+        dT_n[v] = Σ_{t: id_t = v} dy_nt:  ‖dT_n‖² = Σ_{t,t'} [id_t = id_t'] ⟨dy_nt, dy_nt'⟩
+    "norm" (layer_norm, rms_norm, group_norm)
+        dγ_n = Σ_t dy_nt ⊙ x̂_nt,  dβ_n = Σ_t dy_nt               (x̂ from the layer's residuals)
+    "gpt" (gpt)
+        its embedding and blocks by their rules, plus what the GPT itself does with params: the
+        positions P (dP_n = dh0_n), the tied unembedding dE_out,n = DZ_nᵀ Ĥ_n (Gram or
+        explicit), and, since E is used twice, the cross term
+        2⟨dE_in,n, dE_out,n⟩ = 2 Σ_{t,t'} DZ_n[t', id_t]·⟨ĥ_nt', dh0_nt⟩
+    "combinator" (sequential, residual, parallel, bidirectional, transformer_block)
+        the sum of its layers' parts (its params are exactly its layers' params)
+    "from_residuals" (conv, conv_transpose, multi_head_attention)
+        the explicit per-example gradient of that layer alone: its own hand-written backward on
+        each example's residuals and dy, vmapped over the examples (its residuals all have the
+        batch axis first; dx is unused and XLA drops it)
+    None (any other layer)
+        the same, with the layer's raw forward rerun on each example first, from the input kept
+        for it (the recurrent layers, whose residuals are time-major, a user's make_layer layer,
+        a combinator of the user's). Correct for any layer that does not mix examples; its
+        memory is N times that layer's params.
+    "mixes_examples" (batch_norm)
+        in training, ``ValueError`` naming the layer: it normalises with batch statistics, so
+        one example's gradient depends on the others. (In evaluation mode, ``train=False``, it
+        does not mix examples and the rule of None applies.)
 """
 from __future__ import annotations
 
@@ -41,8 +49,8 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from . import _core
-from ._observe import Client, View, _Tape, flatten_entries, observe, param_size, paused, run_observed, sq_norm
+from . import _checks, _core
+from ._observe import Client, View, _Tape, observe, param_size, paused, run_observed, sq_norm
 
 __all__ = ["per_example_grad_norms", "clipped_grad"]
 
@@ -110,8 +118,8 @@ def _norm_layer(v: View, n: int):
 
 def _gpt(v: View, n: int, subs_sq):
     """The GPT's own use of params: positions, tied unembedding and the cross term (module doc)."""
-    tok = next((e for e in v.subs if e.label.endswith("(embedding)")), None)
-    if tok is None or "_ids" not in tok.values or not isinstance(v.res, dict) or "hf" not in v.res:
+    tok = next((e for e in v.subs if "_ids" in e.values), None)                   # its embedding
+    if tok is None or not isinstance(v.res, dict) or "hf" not in v.res:
         return None
     ids, dh0 = tok.values["_ids"].reshape(n, -1), _rows(tok.values["_dy"], n)       # (N, T), (N, T, D)
     dz, hf, dh0 = _acc(_rows(v.dy, n), _rows(v.res["hf"], n), dh0)                   # (N, T, V), (N, T, D)
@@ -125,22 +133,21 @@ def _gpt(v: View, n: int, subs_sq):
     return subs_sq + pos + out + cross
 
 
-#: (module, name) of a built-in leaf layer -> its rule (view, N) -> (N,) squared norms.
-LEAF_RULES = {
-    ("bpjax.layers.basic", "dense"): _dense,
-    ("bpjax.layers.structure", "embedding"): _embedding,
-    ("bpjax.layers.norm", "layer_norm"): _norm_layer,
-    ("bpjax.layers.norm", "rms_norm"): _norm_layer,
-    ("bpjax.layers.norm", "group_norm"): _norm_layer,
-}
-#: (module, name) of a built-in layer with params of its own beside its sub-layers'.
-COMPOSITE_RULES = {("bpjax.layers.attention", "gpt"): _gpt}
-#: (module, name) of built-in leaf layers whose residuals all have the batch axis first: their
-#: explicit rule vmaps the layer's own backward over the residuals (no forward rerun).
-BATCH_LEADING = {("bpjax.layers.conv", "conv"), ("bpjax.layers.conv", "conv_transpose"),
-                 ("bpjax.layers.attention", "multi_head_attention")}
-#: (module, name) of layers that mix examples in training.
-MIXING = {("bpjax.layers.norm", "batch_norm")}
+#: The rules of a leaf layer by the name its factory gives ``make_layer(..., per_example=...)``:
+#: (view, N) -> (N,) squared norms.
+LEAF_RULES = {"dense": _dense, "embedding": _embedding, "norm": _norm_layer}
+#: The rules of a layer with params of its own beside its sub-layers': (view, N, the sum of
+#: the sub-layers' parts) -> (N,), or None when the residuals are not the expected ones.
+COMPOSITE_RULES = {"gpt": _gpt}
+#: A leaf layer whose residuals all have the batch axis first: its own backward is vmapped over
+#: them (``_from_residuals``, no forward rerun).
+FROM_RESIDUALS = "from_residuals"
+#: A layer whose params are exactly its sub-layers': its part is the sum of theirs.
+COMBINATOR = "combinator"
+#: A layer that mixes examples in training (batch statistics).
+MIXES_EXAMPLES = "mixes_examples"
+#: Every rule a layer may name.
+RULES = {*LEAF_RULES, *COMPOSITE_RULES, FROM_RESIDUALS, COMBINATOR, MIXES_EXAMPLES}
 
 
 # ----------------------------------------------------------------------------- the explicit rule
@@ -150,7 +157,7 @@ def _from_residuals(v: View, n: int):
     """‖one example's gradient of this layer alone‖², for every example: the layer's own
     backward on example n's residuals and dy_n (a batch of one), mapped over the examples
     (vmapped in chunks, ``CHUNK_BYTES``). Only for layers whose every residual has the batch
-    axis first (``BATCH_LEADING``); their dx is unused, and XLA drops it."""
+    axis first (``FROM_RESIDUALS``); their dx is unused, and XLA drops it."""
     leaves, treedef = jax.tree_util.tree_flatten(v.res)
 
     def batch_leading(a):
@@ -223,37 +230,40 @@ class _PerExample(Client):
         self.n = n
         self.pure = True                # every layer with params is a leaf used once (clipped_grad)
 
-    def tape(self, name, module, params, leaf):
+    def tape(self, name, per_example, params, leaf):
+        if per_example is not None and per_example not in RULES:
+            raise ValueError(f"per_example_grad_norms: {name}: expected per_example to name one of the rules "
+                             f"{sorted(RULES)} or to be None, got {per_example!r}")
         if not jax.tree_util.tree_leaves(params):
             return False
         if not leaf:                    # a user's combinator may have params of its own: rerun it
-            return not module.startswith("bpjax.")
-        return (module, name) not in LEAF_RULES and (module, name) not in BATCH_LEADING
+            return per_example is None
+        return per_example not in LEAF_RULES and per_example != FROM_RESIDUALS
 
     def measure(self, v: View) -> dict:
-        key = (v.module, v.name)
-        if key in MIXING and v.tape is not None and v.tape.train:
+        rule = v.per_example
+        if rule == MIXES_EXAMPLES and v.tape is not None and v.tape.train:
             raise ValueError(f"per_example_grad_norms: {v.label} mixes examples in training (it normalises "
                              "with batch statistics), so an example's gradient depends on the others; "
                              "use layer_norm or group_norm, or train=False")
         if not jax.tree_util.tree_leaves(v.params) and v.leaf:
             return {}
         if v.leaf:
-            if key in LEAF_RULES:
-                sq = LEAF_RULES[key](v, self.n)
-            elif key in BATCH_LEADING:
+            if rule in LEAF_RULES:
+                sq = LEAF_RULES[rule](v, self.n)
+            elif rule == FROM_RESIDUALS:
                 sq = _from_residuals(v, self.n)
             else:
                 sq = _explicit(v, self.n)
             out = {"sq": sq}
-            if key == ("bpjax.layers.structure", "embedding"):
+            if rule == "embedding":
                 out.update(_ids=v.res[0], _dy=v.dy)   # for a composite that also uses the table (gpt)
             return out
         subs_sq = sum((e.values["sq"] for e in v.subs if "sq" in e.values), jnp.zeros((self.n,), jnp.float32))
         if param_size(v.params) != sum(e.size for e in v.subs):
             self.pure = False
-        if key in COMPOSITE_RULES:
-            sq = COMPOSITE_RULES[key](v, self.n, subs_sq)
+        if rule in COMPOSITE_RULES:
+            sq = COMPOSITE_RULES[rule](v, self.n, subs_sq)
             if sq is not None:
                 return {"sq": sq}
         elif param_size(v.params) == sum(e.size for e in v.subs):
@@ -288,12 +298,6 @@ def per_example_grad_norms(model, loss, *, compute_dtype: Optional[Any] = None):
     return f
 
 
-def per_layer_norms(entries, n: int) -> dict:
-    """Each leaf layer's part of the per-example norms, ``{label: (N,)}`` (N·√part)."""
-    return {e.label: n * jnp.sqrt(e.values["sq"]) for e in flatten_entries(entries) if "sq" in e.values}
-
-
-
 # ----------------------------------------------------------------------------- clipping
 
 
@@ -313,7 +317,7 @@ def clipped_grad(model, loss, clip_norm: float):
     not mix examples (``batch_norm`` in training is refused, naming it).
     """
     _core.check_model_and_loss("clipped_grad", model, loss)
-    c = _core.check_real("clipped_grad", "clip_norm", clip_norm)
+    c = _checks.check_real("clipped_grad", "clip_norm", clip_norm)
     if c <= 0:
         raise ValueError(f"clipped_grad: expected clip_norm > 0, got {clip_norm!r}")
 
@@ -401,9 +405,9 @@ class _Replay:
 
 def check_dp(clip: float, noise: float, delta: float) -> tuple:
     """The DP-SGD options as floats, or ``ValueError`` naming the one that is wrong."""
-    clip = _core.check_real("dp-sgd", "--dp-clip", clip)
-    noise = _core.check_real("dp-sgd", "--dp-noise", noise)
-    delta = _core.check_real("dp-sgd", "--dp-delta", delta)
+    clip = _checks.check_real("dp-sgd", "--dp-clip", clip)
+    noise = _checks.check_real("dp-sgd", "--dp-noise", noise)
+    delta = _checks.check_real("dp-sgd", "--dp-delta", delta)
     if clip <= 0:
         raise ValueError(f"dp-sgd: expected --dp-clip > 0, got {clip:g}")
     if noise < 0:

@@ -225,6 +225,62 @@ def test_a_users_combinator_with_params_of_its_own():
     _assert_norms(model, bp.softmax_cross_entropy(), params, state, x, y, what="user combinator")
 
 
+def test_the_rule_goes_with_the_layer_not_its_name_or_module(monkeypatch):
+    """The rule that runs is the one the layer's factory named (make_layer's ``per_example``),
+    whatever the layer is called and wherever its functions live: a user's layer called "dense",
+    its functions claiming bpjax.layers.basic as their module, gets the explicit rule; bp.dense
+    gets the dense rule, and so does the dense of a copy of bpjax/layers/basic.py loaded under
+    another module name."""
+    import importlib.util
+
+    from bpjax import _per_example
+    ran = []
+
+    def spy(rule, what):
+        def run(v, *args):
+            ran.append((v.label, what))
+            return rule(v, *args)
+        return run
+
+    monkeypatch.setitem(_per_example.LEAF_RULES, "dense", spy(_per_example.LEAF_RULES["dense"], "dense"))
+    monkeypatch.setattr(_per_example, "_explicit", spy(_per_example._explicit, "explicit"))
+
+    def init(key, in_shape):
+        return {"w": jnp.linspace(-1.0, 1.0, in_shape[-1] * 3).reshape(in_shape[-1], 3)}, (), (3,)
+
+    def forward(params, state, x, *, key=None, train=True):
+        return x @ params["w"], state, (x,)
+
+    def backward(params, res, dy):
+        (x,) = res
+        return {"w": x.T @ dy}, dy @ params["w"].T
+
+    for f in (init, forward, backward):
+        f.__module__ = "bpjax.layers.basic"
+    mine = bp.make_layer("dense", init, forward, backward)
+    spec = importlib.util.spec_from_file_location("bpjax.layers.moved_basic", HERE.parent / "bpjax" / "layers" / "basic.py")
+    moved = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(moved)
+
+    model = bp.sequential(bp.dense(4), bp.tanh(), mine, moved.dense(2))
+    params, state, _ = model.init(jax.random.PRNGKey(0), (3,))
+    gen = np.random.default_rng(2)
+    x, y = jnp.asarray(gen.standard_normal((5, 3))), jnp.asarray(gen.integers(0, 2, 5))
+    _assert_norms(model, bp.softmax_cross_entropy(), _f64(params), state, x, y, what="rule by layer")
+    assert sorted(ran) == [("sequential[0] (dense)", "dense"), ("sequential[2] (dense)", "explicit"),
+                           ("sequential[3] (dense)", "dense")]
+
+
+def test_a_rule_that_does_not_exist_is_refused_by_name():
+    layer = bp.make_layer("wave", lambda key, s: ({"a": jnp.ones(s[-1])}, (), s),
+                          lambda p, s, x, *, key=None, train=True: (x * p["a"], s, (x,)),
+                          lambda p, r, dy: ({"a": jnp.sum(dy * r[0], axis=0)}, dy * p["a"]), per_example="wavy")
+    params, state, _ = layer.init(jax.random.PRNGKey(0), (3,))
+    with pytest.raises(ValueError, match=r"per_example_grad_norms: wave: expected per_example to name one of "
+                                         r"the rules \[.*'dense'.*\] or to be None, got 'wavy'"):
+        bp.per_example_grad_norms(layer, _dot_loss())(params, state, jnp.ones((2, 3)), jnp.ones((2, 3)))
+
+
 def test_batch_norm_in_training_is_refused_by_name():
     model = bp.sequential(bp.dense(4), bp.batch_norm(), bp.relu(), bp.dense(2))
     params, state, _ = model.init(jax.random.PRNGKey(0), (3,))

@@ -15,19 +15,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._grad import is_floating
+
 PyTree = Any
-
-
-def is_float(a) -> bool:
-    return hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)
-
-
-def cast_floats(tree: PyTree, dtype) -> PyTree:
-    return jax.tree_util.tree_map(lambda a: a.astype(dtype) if is_float(a) else a, tree)
 
 
 def default_dtype():
     return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+
+
+def lowest_float(trees) -> np.dtype:
+    """The narrowest floating dtype among the leaves of ``trees`` (fewest bits, then fewest
+    mantissa bits: bfloat16 below float16); the default dtype when there is none."""
+    dts = [jnp.dtype(a.dtype) for a in jax.tree_util.tree_leaves(trees) if is_floating(a)]
+    if not dts:
+        return jnp.dtype(default_dtype())
+    return min(dts, key=lambda d: jnp.finfo(d).bits * 10 + jnp.finfo(d).nmant)
 
 
 def random_like(gen: np.random.Generator, shape_dtype, *, scalar_away_from_zero=True):

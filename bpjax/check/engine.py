@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._grad import cast_floating
 from . import draw
 from .compare import TOLERANCES, compare, denominators, rounding_noise, tolerances
 from .fd import evaluate_along, fd_row, kinked, measured_noise, taylor_order
@@ -146,7 +147,7 @@ def _compute(problem: Problem, dys: list, V: list, methods, *, dtype, jit, fd_dt
     psize = max(1, sum(int(a.size) for a in x0))
     ref = problem.fn_valid if reference is None else (lambda v, a: reference(problem.with_leaves(v), a))
     fd_used = set()                 # the dtype the finite differences ran in, seen at trace time
-    cast = lambda t: draw.cast_floats(t, fd_dtype)
+    cast = lambda t: cast_floating(t, fd_dtype)
 
     def manual(x_, a_, c_):
         per_block = [problem.manual_valid(x_, a_, c) for c in c_]

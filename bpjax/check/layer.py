@@ -32,12 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._core import Layer, Loss, check_is_layer, check_is_loss, check_model_and_loss
-from .._grad import value_and_grad
+from .._grad import cast_floating, is_floating, value_and_grad
 from .compare import TOLERANCES  # noqa: F401  (the default tolerances, documented here)
-from .draw import cast_floats as _cast_floats
 from .draw import default_dtype as _default_dtype
 from .draw import fill_params as _fill_params
-from .draw import is_float as _is_float
+from .draw import lowest_float as _lowest_float
 from .engine import run as _run
 from .refs import x64 as _x64
 from .report import METHODS, Comparison, GradientReport
@@ -121,13 +120,13 @@ def check_layer(layer: Layer, in_shape=None, *, batch: int = 3, dtype=None, para
             p_struct, s_struct = jax.eval_shape(lambda k: layer.init(k, shapes)[:2], jax.random.PRNGKey(0))
             params = _fill_params(p_struct, gen, dtype, state=False) if params is None else params
             state = _fill_params(s_struct, gen, dtype, state=True) if state is None else state
-        params, state = _cast_floats(params, dtype), _cast_floats(state, dtype)
+        params, state = cast_floating(params, dtype), cast_floating(state, dtype)
         if x is None:
             is_tuple = bool(shapes) and isinstance(shapes[0], tuple)
             draw = lambda s: jnp.asarray(gen.standard_normal((batch, *s)), dtype)
             x = tuple(draw(s) for s in shapes) if is_tuple else draw(shapes)
         else:
-            x = _cast_floats(jax.tree_util.tree_map(jnp.asarray, x), dtype)
+            x = cast_floating(jax.tree_util.tree_map(jnp.asarray, x), dtype)
 
     def fn(trees, aux):
         p, xx = trees
@@ -290,27 +289,19 @@ def _why_dtype(dtype, params, x) -> str:
     if not jax.config.jax_enable_x64 or dtype == jnp.float64:
         return dtype.name
     low = [n for n, t in (("params", params), ("x", x))
-           if any(_is_float(a) and jnp.dtype(a.dtype) == dtype for a in jax.tree_util.tree_leaves(t))]
+           if any(is_floating(a) and jnp.dtype(a.dtype) == dtype for a in jax.tree_util.tree_leaves(t))]
     return (f"{dtype.name} (x64 is on, but {' and '.join(low) or 'the inputs'} "
             f"{'are' if len(low) != 1 or low[0] == 'params' else 'is'} {dtype.name}: "
             f"cast with bp.cast_floating(tree, jnp.float64) to check in float64)")
 
 
-def _lowest_float(trees) -> np.dtype:
-    dts = [jnp.dtype(a.dtype) for a in jax.tree_util.tree_leaves(trees) if _is_float(a)]
-    if not dts:
-        return jnp.dtype(_default_dtype())
-    return min(dts, key=lambda d: jnp.finfo(d).bits * 10 + jnp.finfo(d).nmant)
-
-
 def _layer_name(obj) -> str:
-    """The name a factory gave a layer or loss, from its functions' qualified names."""
-    fn = obj[0]
-    qualname = getattr(fn, "__qualname__", "") or ""
+    """The name of a layer or loss: its ``name`` (make_layer's and make_loss's). A ``bp.Layer``
+    or ``bp.Loss`` built by hand has the default name; it is called after the factory that
+    defined its functions (README's ``scale``), or after its type (``Layer``) for functions
+    defined at module level."""
+    if obj.name != type(obj)._field_defaults["name"]:
+        return obj.name
+    qualname = getattr(obj[0], "__qualname__", "") or ""
     head = qualname.split(".")[0] if "." in qualname else ""   # a factory's name, not a bare function's
-    if head in ("make_loss", "make_layer"):         # the name is a string in the wrapper's closure
-        cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
-        head = next((c for c in cells if isinstance(c, str)), "")
-    if head and head != "<lambda>":
-        return head
-    return type(obj).__name__
+    return head if head and head != "<lambda>" else type(obj).__name__

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._core import describe
-from .draw import is_float
+from .._checks import describe
+from .._grad import is_floating
 from .fd import vdot
 from .report import Comparison
 
@@ -77,7 +77,7 @@ class Problem:
         """Sort the floating-point leaves into ``valid`` and ``shape`` rows, from the structure,
         shapes and dtypes of the hand-written gradient (traced only)."""
         m_struct = jax.eval_shape(lambda t, a, c: self.manual(t, a, c), self.trees, self.aux, dy)
-        diff = [i for i, a in enumerate(self.leaves) if is_float(a)]
+        diff = [i for i, a in enumerate(self.leaves) if is_floating(a)]
         for g, (prefix, tree) in enumerate(self.groups):
             idx = [i for i in diff if self.owner[i] == g]
             if not idx:

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .draw import default_dtype, is_float
+from .._grad import is_floating
+from .draw import default_dtype, lowest_float
 from .engine import run
 from .refs import x64
 from .report import GradientReport
@@ -166,7 +167,7 @@ def _fill(args, gen, dtype, keep=None) -> tuple:
                 return _draw(x, gen, dtype, i)
             if isinstance(x, float) or (hasattr(x, "dtype") and hasattr(x, "shape")):
                 x = jnp.asarray(x)
-                return x.astype(dtype) if dtype is not None and is_float(x) else x
+                return x.astype(dtype) if dtype is not None and is_floating(x) else x
             return x
 
         values.append(jax.tree_util.tree_map(leaf, a, is_leaf=_is_shape))
@@ -191,7 +192,7 @@ def _draw(spec, gen, dtype, i):
 
 def _argnums(argnums, values) -> tuple:
     n = len(values)
-    has_float = [any(is_float(a) for a in jax.tree_util.tree_leaves(v)) for v in values]
+    has_float = [any(is_floating(a) for a in jax.tree_util.tree_leaves(v)) for v in values]
     if argnums is None:
         argnums = tuple(i for i in range(n) if has_float[i])
         if not argnums:
@@ -260,7 +261,7 @@ def _check_at(f, reference, values, argnums, names, dtype, **kw) -> GradientRepo
     y = jax.eval_shape(lambda t, a: fn(t, a), tuple(values[i] for i in argnums), dynamic)
     if reference is not None:
         _same_outputs(y, jax.eval_shape(lambda t, a: ref(t, a), tuple(values[i] for i in argnums), dynamic))
-    low = dtype or _lowest([values[i] for i in argnums], y)
+    low = dtype or lowest_float([[values[i] for i in argnums], y])
     methods = ("fd", "vjp") if reference is not None else ("fd",)
     return run(_NAME, f"check_vjp({_fn_name(f)})", fn, manual, groups, dynamic, dtype=low, methods=methods,
                jit=True, fd_dtype=jnp.float64, details=_details(low, values, argnums, y), reference=ref,
@@ -283,11 +284,6 @@ def _same_outputs(y, r) -> None:
 def _describe(tree) -> str:
     leaves = [f"{jnp.dtype(a.dtype).name}{list(a.shape)}" for a in jax.tree_util.tree_leaves(tree)]
     return leaves[0] if len(leaves) == 1 and not isinstance(tree, (tuple, list, dict)) else f"({', '.join(leaves)})"
-
-
-def _lowest(trees, y) -> np.dtype:
-    dts = [jnp.dtype(a.dtype) for a in jax.tree_util.tree_leaves([trees, y]) if is_float(a)]
-    return min(dts, key=lambda d: jnp.finfo(d).bits * 10 + jnp.finfo(d).nmant) if dts else jnp.dtype(default_dtype())
 
 
 def _details(dtype, values, argnums, y) -> str:

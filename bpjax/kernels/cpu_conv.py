@@ -201,7 +201,7 @@ def dx_by_columns(dy, y, w, x_shape, *, activation, strides, pads, in_dilation, 
         dcols = (dz.reshape(-1, c_out) @ wt).reshape(b, *out, math.prod(kernel), c_in)
         dxp = sum(place_view(dcols[..., i, :], kappa, dilation, strides, padded)
                   for i, kappa in enumerate(kernel_offsets(kernel)))                 # (b, *padded, C_in)
-        dxp = lax.pad(dxp, jnp.zeros((), dxp.dtype), [(0, 0, 0), *((-lo, -hi, 0) for lo, hi in pads), (0, 0, 0)])
+        dxp = lax.pad(dxp, jnp.zeros((), dxp.dtype), pad_config([(-lo, -hi) for lo, hi in pads]))
         return lax.slice(dxp, (0,) * dxp.ndim, dxp.shape, (1, *in_dilation, 1))  # (b, *spatial, C_in)
 
     return _chunked(one, b, dy, *([] if y is None else [y]))

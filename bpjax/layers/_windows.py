@@ -131,10 +131,9 @@ def shifted_view(xp, kappa, dilation, strides, out):
 def place_view(v, kappa, dilation, strides, padded_spatial):
     """The adjoint of ``shifted_view``: v (N, *out, C) put at positions κ·d + o·s of a zero array
     (N, *padded_spatial, C)."""
-    cfg = [(0, 0, 0)]
-    for k, d, s, o, size in zip(kappa, dilation, strides, v.shape[1:-1], padded_spatial):
-        cfg.append((k * d, size - k * d - ((o - 1) * s + 1), s - 1))
-    return lax.pad(v, jnp.zeros((), v.dtype), cfg + [(0, 0, 0)])
+    pads = [(k * d, size - k * d - ((o - 1) * s + 1))
+            for k, d, s, o, size in zip(kappa, dilation, strides, v.shape[1:-1], padded_spatial)]
+    return lax.pad(v, jnp.zeros((), v.dtype), pad_config(pads, strides))
 
 
 class Geometry(NamedTuple):
@@ -155,9 +154,12 @@ def plain_conv(x, w, g: Geometry):
                                     feature_group_count=g.groups)
 
 
-def pad_config(pads, in_dilation):
-    """lax.pad's config for xp: (lo, hi) and u − 1 interior zeros on each spatial axis."""
-    return [(0, 0, 0), *((lo, hi, u - 1) for (lo, hi), u in zip(pads, in_dilation)), (0, 0, 0)]
+def pad_config(pads, in_dilation=None) -> list:
+    """lax.pad's config for an array (N, *spatial, C): on each spatial axis (lo, hi) cells
+    before and after (negative: cropped) and, with an input dilation u, u − 1 between
+    neighbours; nothing on the batch and channel axes."""
+    interior = (0,) * len(pads) if in_dilation is None else tuple(u - 1 for u in in_dilation)
+    return [(0, 0, 0), *((lo, hi, i) for (lo, hi), i in zip(pads, interior)), (0, 0, 0)]
 
 
 #: The activations a conv layer can apply to its output: y = f(z), and f'(z) from y.

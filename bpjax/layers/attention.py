@@ -29,7 +29,8 @@ from jax import lax
 from .. import initializers, kernels
 from ..kernels import flash as _flash
 from .basic import dense, gelu
-from .._core import Layer, accumulation_dtype, check_float_input, check_positive_int, make_layer, sum_acc
+from .._checks import check_float_input, check_positive_int
+from .._core import Layer, accumulation_dtype, make_layer, sum_acc
 from .norm import layer_norm
 from .structure import embedding
 
@@ -353,9 +354,9 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, masked: bool =
 
     if masked:
         return make_layer(name, init, forward, backward, check=check, tuple_input=True,
-                          float_input=False, min_ndim=2)
+                          float_input=False, min_ndim=2, per_example="from_residuals")
     return make_layer(name, init, forward, backward, check=check, ndim=3,
-                      meaning="(batch, time, features)")
+                      meaning="(batch, time, features)", per_example="from_residuals")
 
 
 # ----------------------------------------------------------------------------- transformer block
@@ -443,7 +444,7 @@ def transformer_block(num_heads: int, *, mlp_ratio: int = 4, causal: bool = True
             raise ValueError(f"{name}: expected x.shape == (N, T, {d_model}), got x.shape={tuple(x.shape)}")
 
     return make_layer(name, init, forward, backward, check=check, ndim=3,
-                      meaning="(batch, time, features)")
+                      meaning="(batch, time, features)", per_example="combinator")
 
 
 # ----------------------------------------------------------------------------- GPT
@@ -545,4 +546,4 @@ def gpt(vocab_size: int, *, dim: int, num_heads: int, num_layers: int, max_len: 
             raise ValueError(f"{name}: expected at most max_len={max_len} positions, got ids.shape={tuple(ids.shape)}")
 
     return make_layer(name, init, forward, backward, check=check, ndim=2, float_input=False,
-                      meaning="(batch, time) of integer ids")
+                      meaning="(batch, time) of integer ids", per_example="gpt")

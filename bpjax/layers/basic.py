@@ -10,7 +10,8 @@ from jax.scipy.special import erf
 
 from .. import initializers
 from .. import kernels
-from .._core import Layer, accumulation_dtype, check_positive_int, check_real, make_layer, sum_acc
+from .._checks import check_positive_int, check_real
+from .._core import Layer, accumulation_dtype, make_layer, sum_acc
 
 __all__ = [
     "dense", "identity", "relu", "leaky_relu", "elu", "sigmoid", "tanh", "softplus", "gelu",
@@ -75,7 +76,7 @@ def dense(out_dim: int, *, use_bias: bool = True, w_init="glorot_uniform", b_ini
             raise ValueError(f"dense: expected x.shape[-1] == {d_in}, got x.shape={tuple(x.shape)}")
 
     return make_layer("dense", init, forward, backward, check=check, min_ndim=2,
-                      meaning="(batch, ..., features)")
+                      meaning="(batch, ..., features)", per_example="dense")
 
 
 # ----------------------------------------------------------------------------- activations

@@ -4,7 +4,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .._core import Layer, make_layer, shape_record
+from .._checks import shape_record
+from .._core import Layer, check_is_layer, make_layer
 
 __all__ = ["sequential", "residual", "parallel", "concat", "add"]
 
@@ -17,9 +18,7 @@ def _check_layers(name, layers):
     if not layers:
         raise ValueError(f"{name}: expected at least one layer, got none")
     for i, layer in enumerate(layers):
-        if not isinstance(layer, Layer):
-            raise TypeError(f"{name}: expected a bpjax.Layer at position {i}, got {type(layer).__name__}"
-                            " (did you forget to call the factory, e.g. relu() rather than relu?)")
+        check_is_layer(name, None, layer, position=i)
 
 
 def sequential(*layers: Layer) -> Layer:
@@ -58,7 +57,8 @@ def sequential(*layers: Layer) -> Layer:
 
     # The first layer checks x's dtype: integer ids are right for an embedding, wrong for dense;
     # and whether x may be a tuple (a first layer that is a join).
-    return make_layer("sequential", init, forward, backward, float_input=False, passes_tuples=True)
+    return make_layer("sequential", init, forward, backward, float_input=False, passes_tuples=True,
+                      per_example="combinator")
 
 
 def residual(layer: Layer) -> Layer:
@@ -87,7 +87,7 @@ def residual(layer: Layer) -> Layer:
         dparams, dx_f = layer.backward(params, res, dy)
         return dparams, dy + dx_f
 
-    return make_layer("residual", init, forward, backward)
+    return make_layer("residual", init, forward, backward, per_example="combinator")
 
 
 # ----------------------------------------------------------------------------- fan-out and joins
@@ -124,7 +124,7 @@ def parallel(*layers: Layer) -> Layer:
             dx = dx + dx_b                                       # (N, ...)
         return tuple(g[0] for g in grads), dx
 
-    return make_layer("parallel", init, forward, backward)
+    return make_layer("parallel", init, forward, backward, per_example="combinator")
 
 
 def concat(axis: int = -1) -> Layer:

@@ -24,9 +24,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import initializers, kernels
-from .._core import Layer, accumulation_dtype, check_positive_int, make_layer, sum_acc
+from .._checks import check_positive_int
+from .._core import Layer, accumulation_dtype, make_layer, sum_acc
 from ._windows import (ACTIVATIONS, AXES, DIMENSION_NUMBERS, Geometry, check_padding, conv_out_shape, explicit_pads,
-                       kernel_offsets, per_axis, plain_conv, positive_ints, promote, spatial_rank, transpose_pads)
+                       kernel_offsets, pad_config, per_axis, plain_conv, positive_ints, promote, spatial_rank, transpose_pads)
 
 __all__ = ["conv", "conv_transpose"]
 
@@ -109,7 +110,7 @@ def _conv_dw(x, dy, kernel, g: Geometry):
         return jnp.transpose(dw, (*spatial, 0, r + 1))                       # (*K, C_in/G, C_out)
     c_in, c_out = x.shape[-1], dy.shape[-1]
     m = math.prod(dy.shape[:-1])
-    cfg = [(0, 0, 0), *((lo, hi, u - 1) for (lo, hi), u in zip(pads, in_dilation)), (0, 0, 0)]
+    cfg = pad_config(pads, in_dilation)
     dy2 = dy.reshape(m, groups, c_out // groups)                              # (M, G, C_out/G)
     # One offset at a time, in a scan rather than a Python loop: XLA then holds one view, not
     # all ∏K of them. The zero padding is done inside the loop with a fill XLA cannot prove
@@ -261,9 +262,9 @@ def _conv_layer(name, out_channels, kernel_size, strides, padding, dilation, gro
 
     if rank is None:
         return make_layer(name, init, forward, backward, check=check, min_ndim=3,
-                          meaning="(batch, *spatial, channels)")
+                          meaning="(batch, *spatial, channels)", per_example="from_residuals")
     return make_layer(name, init, forward, backward, check=check, ndim=rank + 2,
-                      meaning=f"(batch, {AXES[rank]})")
+                      meaning=f"(batch, {AXES[rank]})", per_example="from_residuals")
 
 
 def conv(out_channels: int, kernel_size, *, strides=1, padding="SAME", dilation=1, groups: int = 1,

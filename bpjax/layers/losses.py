@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _core
-from .._core import Loss, accumulation_dtype, check_real, concrete, make_loss, num_rows
+from .._checks import check_real, concrete, num_rows
+from .._core import Loss, accumulation_dtype, make_loss
 
 __all__ = ["squared_error", "mean_squared_error", "softmax_cross_entropy",
            "sigmoid_binary_cross_entropy", "huber"]

@@ -18,7 +18,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from .._core import Layer, accumulation_dtype, check_positive_int, check_real, make_layer
+from .._checks import check_positive_int, check_real
+from .._core import Layer, accumulation_dtype, make_layer
 
 __all__ = ["batch_norm", "layer_norm", "rms_norm", "group_norm"]
 
@@ -174,7 +175,7 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, *, axis_name=None,
             raise ValueError(f"{name}: expected at least one row per channel, got x.shape={tuple(x.shape)}")
 
     return make_layer(name, init, forward, backward, check=check, min_ndim=2,
-                      meaning="(batch, ..., channels)")
+                      meaning="(batch, ..., channels)", per_example="mixes_examples")
 
 
 # ----------------------------------------------------------------------------- layer norm
@@ -222,7 +223,7 @@ def layer_norm(eps: float = 1e-5, *, param_dtype=jnp.float32) -> Layer:
         _check_channels(name, "features", params["scale"].shape[0], x)
 
     return make_layer(name, init, forward, backward, check=check, min_ndim=2,
-                      meaning="(batch, ..., features)")
+                      meaning="(batch, ..., features)", per_example="norm")
 
 
 # ----------------------------------------------------------------------------- RMS norm
@@ -269,7 +270,7 @@ def rms_norm(eps: float = 1e-6, *, param_dtype=jnp.float32) -> Layer:
         _check_channels(name, "features", params["scale"].shape[0], x)
 
     return make_layer(name, init, forward, backward, check=check, min_ndim=2,
-                      meaning="(batch, ..., features)")
+                      meaning="(batch, ..., features)", per_example="norm")
 
 
 # ----------------------------------------------------------------------------- group norm
@@ -332,4 +333,4 @@ def group_norm(num_groups: int, eps: float = 1e-5, *, param_dtype=jnp.float32) -
         _check_channels(name, "channels", params["scale"].shape[0], x)
 
     return make_layer(name, init, forward, backward, check=check, min_ndim=2,
-                      meaning="(batch, ..., channels)")
+                      meaning="(batch, ..., channels)", per_example="norm")

@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._windows import (AXES, explicit_pads, kernel_offsets, check_padding, per_axis, place_view, positive_ints, spatial_rank, shifted_view)
-from .._core import Layer, make_layer, shape_record
+from ._windows import (AXES, explicit_pads, kernel_offsets, check_padding, out_size, pad_config, per_axis, place_view, positive_ints,
+                       spatial_rank, shifted_view)
+from .._checks import shape_record
+from .._core import Layer, make_layer
 
 __all__ = ["max_pool", "avg_pool", "global_avg_pool", "global_max_pool"]
 
@@ -42,7 +44,7 @@ def _windows(name: str, window, strides, padding):
         if any(lo >= k or hi >= k for k, (lo, hi) in zip(w, pads)):
             raise ValueError(f"{name}: expected padding smaller than the window {w} on each side, "
                              f"got padding {pads}")
-        out = tuple((n + lo + hi - k) // st + 1 for n, k, st, (lo, hi) in zip(spatial, w, s, pads))
+        out = tuple(out_size(n, k, st, lo, hi) for n, k, st, (lo, hi) in zip(spatial, w, s, pads))
         if min(out) < 1:
             raise ValueError(f"{name}: expected the window {w} to fit in the padded input along every "
                              f"spatial axis, got spatial shape {tuple(spatial)} with padding {pads}")
@@ -63,8 +65,7 @@ def _check_spatial(name, arg, shape, spatial):
 
 def _pad(x, pads, value):
     """x padded with ``value`` by (lo, hi) along each spatial axis."""
-    cfg = [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)]
-    return lax.pad(x, jnp.asarray(value, x.dtype), cfg)
+    return lax.pad(x, jnp.asarray(value, x.dtype), pad_config(pads))
 
 
 def _crop(xp, pads, spatial):

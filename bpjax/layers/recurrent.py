@@ -38,7 +38,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import initializers
-from .._core import (Layer, accumulation_dtype, check_float_input, check_positive_int, make_layer, shape_record, sum_acc)
+from .._checks import check_float_input, check_positive_int, shape_record
+from .._core import Layer, accumulation_dtype, make_layer, sum_acc
 
 __all__ = ["rnn", "gru", "lstm", "bidirectional"]
 
@@ -444,9 +445,9 @@ def bidirectional(layer: Layer) -> Layer:
         if xs.ndim != 3:
             raise ValueError(f"{name}: expected x.ndim == 3 (batch, time, features), got x.shape={tuple(xs.shape)}")
 
-    plain = make_layer(name, init, forward, backward, check=check)
+    plain = make_layer(name, init, forward, backward, check=check, per_example="combinator")
     tupled = make_layer(name, init, forward, backward, check=check, tuple_input=True,
-                        float_input=False, min_ndim=2)
+                        float_input=False, min_ndim=2, per_example="combinator")
 
     def init_(key, in_shape):
         is_tuple = len(in_shape) > 0 and hasattr(in_shape[0], "__len__")
@@ -456,4 +457,4 @@ def bidirectional(layer: Layer) -> Layer:
         chosen = tupled if isinstance(x, (tuple, list)) else plain
         return chosen.forward(params, state, x, key=key, train=train)
 
-    return Layer(init_, forward_, plain.backward)
+    return Layer(init_, forward_, plain.backward, name)

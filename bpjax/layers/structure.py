@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from .. import initializers
-from .._core import (Layer, accumulation_dtype, check_positive_int, check_real, concrete, make_layer, shape_record)
+from .._checks import check_positive_int, check_real, concrete, shape_record
+from .._core import Layer, accumulation_dtype, make_layer
 
 __all__ = ["dropout", "embedding", "flatten", "reshape"]
 
@@ -122,7 +123,7 @@ def embedding(vocab_size: int, dim: int, *, table_init=jax.nn.initializers.norma
                 raise ValueError(f"{name}: expected indices in [0, {vocab_size}), got indices in [{lo}, {hi}]")
 
     return make_layer(name, init, forward, backward, check=check, float_input=False,
-                      meaning="(batch, ...) of integer ids")
+                      meaning="(batch, ...) of integer ids", per_example="embedding")
 
 
 # ----------------------------------------------------------------------------- flatten, reshape

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._core import describe
+from .._checks import describe
 
 
 class TrainingError(RuntimeError):
