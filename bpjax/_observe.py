@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _core
+from ._grad import value_and_grad
 
 __all__ = ["observe", "Entry", "sq_norm", "flatten_entries"]
 
@@ -364,7 +365,6 @@ def gradient_flow(model, loss, *, compute_dtype: Optional[Any] = None):
     step, ``gpt[1]{0}.transformer_block[3] (dense)``. Jittable; the steps are those of
     ``bp.value_and_grad``, observed with :func:`observe`.
     """
-    from ._grad import value_and_grad
     _core.check_model_and_loss("gradient_flow", model, loss)
     run = observe(value_and_grad(model, loss, compute_dtype=compute_dtype), _Flow())
 
@@ -405,7 +405,7 @@ class FlowRecorder:
     """
 
     def __init__(self, model, loss, x, y, plot_path=None):
-        run = observe(_value_and_grad()(model, loss), _FlowAndParams())
+        run = observe(value_and_grad(model, loss), _FlowAndParams())
 
         def probe(params, state):
             _, entries = run(params, state, x, y)
@@ -443,11 +443,6 @@ def _ratio(new, old) -> float:
     change = sum(float(np.sum((a - b) ** 2)) for a, b in pairs)
     size = sum(float(np.sum(b ** 2)) for _, b in pairs)
     return float(np.sqrt(change / max(size, 1e-300)))
-
-
-def _value_and_grad():
-    from ._grad import value_and_grad
-    return value_and_grad
 
 
 def _series(rows, what):

@@ -50,7 +50,17 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks, _core
-from ._observe import Client, View, _Tape, observe, param_size, paused, run_observed, sq_norm
+from ._grad import value_and_grad
+from ._observe import (
+    Client,
+    View,
+    _Tape,
+    observe,
+    param_size,
+    paused,
+    run_observed,
+    sq_norm,
+)
 
 __all__ = ["per_example_grad_norms", "clipped_grad"]
 
@@ -284,7 +294,6 @@ def per_example_grad_norms(model, loss, *, compute_dtype: Optional[Any] = None):
     Raises ``ValueError`` naming the layer for a model with ``batch_norm`` in training (it
     mixes examples). The loss must be a mean over examples (every bpjax loss is).
     """
-    from ._grad import value_and_grad
     _core.check_model_and_loss("per_example_grad_norms", model, loss)
     vg = value_and_grad(model, loss, compute_dtype=compute_dtype)
 
@@ -332,7 +341,6 @@ def clipped_grad(model, loss, clip_norm: float):
 
 def _clipped(model, loss, c: float):
     """``f(params, state, x, target, key) -> (value, new_state, y, clipped grads, norms)``."""
-    from ._observe import Client
 
     def passes(params, state, x, target, key):
         y, new_state, res = model.forward(params, state, x, key=key, train=True)       # forward

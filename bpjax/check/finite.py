@@ -29,6 +29,7 @@ from jax.experimental import checkify
 
 from .. import _core
 from .._core import Layer, Loss
+from .._grad import value_and_grad
 
 __all__ = ["check_finite", "debug_nans"]
 
@@ -176,6 +177,5 @@ def debug_nans(model: Layer, loss: Loss, *, jit: bool = True) -> Callable:
     """``bp.value_and_grad(model, loss)`` under :func:`check_finite`: the same
     ``f(params, state, x, target, *, key=None) -> ((value, new_state), grads)``, which raises
     ``FloatingPointError`` naming the first layer whose forward or backward made a NaN or Inf."""
-    from .._grad import value_and_grad
     _core.check_model_and_loss("debug_nans", model, loss)
     return check_finite(value_and_grad(model, loss), jit=jit)

@@ -10,9 +10,12 @@ import sys
 import time
 from typing import Callable, NamedTuple, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 import bpjax as bp
+
 from ..check import cases, draw
 
 
@@ -41,8 +44,6 @@ class FunctionCheck(NamedTuple):
 def run_check(label: str, obj, config, *, dtype, seed: int, methods: Sequence[str], rtol, directions: int):
     """Check one layer or loss with its case (a ``LayerCase``, ``LossCase`` or :class:`FunctionCheck`);
     returns a ``GradientReport`` titled ``label``."""
-    import jax
-    import jax.numpy as jnp
 
 
     if isinstance(config, FunctionCheck):
@@ -136,8 +137,6 @@ def _parse_shape(text: str) -> tuple:
 
 
 def _gradcheck(args) -> int:
-    import jax
-    import jax.numpy as jnp
 
     try:
         dtype = jnp.dtype(args.dtype)
