@@ -33,7 +33,7 @@ jax.config.update("jax_enable_x64", True)
 def pytest_configure(config):
     """Print the 15 slowest tests at the end of every run (unless --durations says otherwise),
     so that a test that got slow is seen the day it does."""
-    if not config.getoption("durations"):
+    if config.getoption("durations") is None:                  # --durations=0 still prints them all
         config.option.durations = 15
 
 
@@ -42,9 +42,9 @@ def pytest_configure(config):
 #: time was 1.5 of 2 cores); first, the quick files fill in around them. The README's command
 #: hands whole files to the workers (``--dist loadfile``), so that a module-scoped fixture that
 #: trains a run (test_runs, test_faults, test_multiprocess) runs once, not once per worker.
-SLOW_FIRST = ("test_gpu_check", "test_multiprocess", "test_distributed", "test_faults", "test_fuzz", "test_runs",
-              "test_per_example", "test_autodiff_speed", "test_train_gpt", "test_scripts", "test_train",
-              "test_gradient_flow", "test_bench")
+SLOW_FIRST = ("test_gpu_check", "test_multiprocess", "test_crosscheck", "test_distributed", "test_faults", "test_bf16",
+              "test_fuzz", "test_runs", "test_per_example", "test_autodiff_speed", "test_train_gpt", "test_scripts",
+              "test_train", "test_gradient_flow", "test_bench")
 
 
 def pytest_collection_modifyitems(session, config, items):
