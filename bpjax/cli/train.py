@@ -23,6 +23,7 @@ from ..layers import losses as _losses
 from ..models import MODELS, fitting, output_shape
 from ..train import FitResult, TrainingError, fit, runs
 from ..train.checkpoint import _to_save
+from ..train.recipes import DEFAULT_MODEL, RECIPES
 
 
 def add_arguments(p) -> None:
@@ -80,25 +81,6 @@ def add_arguments(p) -> None:
                    help="with --coordinator: this process's index, 0 .. --num-processes - 1 (0 coordinates)")
     p.add_argument("--init-timeout", type=float, default=60.0,
                    help="with --coordinator: seconds to wait for every process before exiting with an error")
-
-
-#: The model ``bpjax train --dataset D`` trains when no ``--model`` is given.
-DEFAULT_MODEL = {"mnist1d": "resnet1d", "digits": "digits_cnn", "xor": "textbook_mlp", "regression": "textbook_mlp"}
-
-
-#: How ``bpjax train`` trains each model unless an option says otherwise ("*": every other model).
-#: The paper's MNIST-1D models keep the paper's Adam at 1e-2 and batch 100 (here with a cosine
-#: decay and early stopping); ``resnet1d`` takes AdamW with weight decay over 30 epochs, which
-#: passes the human expert's 96% in under a minute on a 2-core CPU (README); the textbook's
-#: sigmoid network needs small batches and a larger step to leave the plateau of XOR.
-RECIPES: Dict[str, Dict[str, Any]] = {
-    "*": dict(epochs=40, batch_size=100, optimizer="adam", lr=1e-2, schedule="cosine", weight_decay=0.0,
-              patience=10),
-    "resnet1d": dict(epochs=30, batch_size=100, optimizer="adamw", lr=3e-3, schedule="cosine",
-                     weight_decay=1e-4, patience=0),
-    "textbook_mlp": dict(epochs=100, batch_size=16, optimizer="adam", lr=3e-2, schedule="cosine",
-                         weight_decay=0.0, patience=20),
-}
 
 
 def apply_recipe(args) -> None:

@@ -15,21 +15,18 @@ and the validation split are all derived from one seed, so a run is reproducible
 resumed from a checkpoint reaches the same params as an uninterrupted one (bit for bit on CPU).
 
 The parts: :mod:`.loop` (``fit`` and the compiled steps), :mod:`.evaluate`,
-:mod:`.checkpoint`, :mod:`.metrics` (rows and the plot) and :mod:`.runs` (run folders,
-``load_run``). The ``bpjax train`` command that drives them is :mod:`bpjax.cli.train`.
+:mod:`.checkpoint`, :mod:`.metrics` (rows and the plot), :mod:`.recipes` (each model's default
+options) and :mod:`.runs` (run folders, ``load_run``). The ``bpjax train`` command that drives
+them is :mod:`bpjax.cli.train`.
 """
 from . import runs
 from .checkpoint import TrainingError
 from .evaluate import evaluate, make_eval_step
-from .loop import (
-           FitResult,
-           epoch_order,
-           fit,
-           make_train_chunk,
-           make_train_step,
-           split_validation,
-)
+from .loop import (DISPATCH_SECONDS, MAX_STEPS_PER_DISPATCH, FitResult, epoch_order, fit, make_train_chunk,
+                   make_train_step, split_validation)
 from .metrics import plot_history
+from .recipes import DEFAULT_MODEL, RECIPES
 
 __all__ = ["fit", "FitResult", "evaluate", "make_eval_step", "make_train_step", "make_train_chunk", "epoch_order",
-           "split_validation", "TrainingError", "plot_history", "runs"]
+           "split_validation", "TrainingError", "plot_history", "runs", "DEFAULT_MODEL", "RECIPES",
+           "DISPATCH_SECONDS", "MAX_STEPS_PER_DISPATCH"]
