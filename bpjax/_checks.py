@@ -155,6 +155,38 @@ def shape_record(x) -> jax.Array:
     return jnp.zeros((0, *x.shape[1:]), x.dtype)
 
 
+def input_record(x):
+    """A zero-size record of an input's full shape and dtype (``(0, *x.shape)``), or a tuple of
+    them for a tuple input: what a combinator keeps in its residuals so that it can check the
+    ``dx`` each of its layers returns against the input that layer was given, at no memory cost."""
+    if isinstance(x, (tuple, list)):
+        return tuple(input_record(e) for e in x)
+    return jnp.zeros((0, *x.shape), x.dtype)
+
+
+def check_dx(name: str, dx, record) -> None:
+    """Raise unless ``dx`` (what ``name``'s backward returned for its input) has the shape and
+    dtype that :func:`input_record` recorded for that input: a wrong ``dx`` would otherwise
+    surface as an XLA error in the layer below, or broadcast silently. Integer inputs (token
+    ids) have no gradient and are not checked."""
+    if isinstance(record, tuple):
+        if not isinstance(dx, (tuple, list)) or len(dx) != len(record):
+            raise TypeError(f"{name}: expected backward to return dx as a tuple of {len(record)} arrays "
+                            f"(one per input), got {describe(dx)}")
+        for i, (d, r) in enumerate(zip(dx, record)):
+            check_dx(f"{name} (input {i})", d, r)
+        return
+    if not jnp.issubdtype(record.dtype, jnp.floating):
+        return
+    want, got = tuple(record.shape[1:]), getattr(dx, "shape", None)
+    if got is None or tuple(got) != want:
+        raise ValueError(f"{name}: expected backward to return dx.shape == {want} (the shape of its input x), "
+                         f"got {describe(dx) if got is None else tuple(got)}")
+    if jnp.dtype(dx.dtype) != jnp.dtype(record.dtype):
+        raise TypeError(f"{name}: expected backward to return dx of dtype {jnp.dtype(record.dtype).name} "
+                        f"(the dtype of its input x), got {jnp.dtype(dx.dtype).name}")
+
+
 @functools.lru_cache(maxsize=4096)
 def abstract_init(init: Callable, in_shape: Shape):
     """Shapes and structure of ``init``'s params and state for ``in_shape``, without computing them."""

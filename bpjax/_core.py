@@ -9,6 +9,7 @@ on (:class:`Hook`: ``bpjax.check_finite``, ``bpjax.observe``), if any.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any, Callable, NamedTuple, Optional, Protocol, Union
 
@@ -120,6 +121,24 @@ class FinishingHook(_Calls, Protocol):
 _HOOKS: list[Union[Hook, FinishingHook]] = []
 
 
+#: The backwards of the layers that a gradient check (``check_layer``, ``check_model``) is
+#: checking: their report shows a ``dparams`` leaf of the wrong shape as a failed row, next to
+#: every other leaf's comparison, so ``make_layer`` does not raise for it (see
+#: :func:`shapes_reported`). Layers inside them still raise, naming the layer.
+_SHAPES_REPORTED: set = set()
+
+
+@contextlib.contextmanager
+def shapes_reported(layer: Layer):
+    """While in this block, ``layer``'s own backward returns ``dparams`` of any shape, for a
+    gradient check to report."""
+    _SHAPES_REPORTED.add(layer.backward)
+    try:
+        yield
+    finally:
+        _SHAPES_REPORTED.discard(layer.backward)
+
+
 # ----------------------------------------------------------------------------- is it a layer?
 
 
@@ -200,8 +219,10 @@ def make_layer(
     ``forward`` then checks, in order, at trace time: that ``x`` is a floating-point array
     (unless ``float_input=False``) of the right rank; that ``params`` and ``state`` have the
     structure ``init`` gives for ``x.shape[1:]`` (``TypeError`` showing both); the layer's
-    own ``check(params, state, x)``; and finally every leaf's shape. ``backward`` casts
-    ``dparams`` to the dtypes of ``params``.
+    own ``check(params, state, x)``; and finally every leaf's shape. ``backward`` checks that
+    ``dparams`` has the tree and every leaf's shape of ``params`` (``ValueError`` naming the
+    leaf) and casts it to the dtypes of ``params``; the combinators check each layer's ``dx``
+    against the shape and dtype of the input it was given.
 
     With ``tuple_input=True`` (the joins: ``concat``, ``add``) ``x`` is a non-empty tuple
     (or list, taken as a tuple) of arrays: each element gets the dtype and rank checks, all
@@ -267,19 +288,21 @@ def make_layer(
         return finish(params, out)
 
     def finish(params, out):
-        """The checks of what ``backward`` returned: a pair, dparams cast to params' dtypes."""
+        """The checks of what ``backward`` returned: a pair whose dparams has the tree and leaf shapes
+        of params (floating where params are), cast to params' dtypes (a bfloat16 layer may
+        return float32 accumulations)."""
         if not isinstance(out, tuple) or len(out) != 2:
             raise TypeError(f"{name}: expected backward to return a pair (dparams, dx), got {describe(out)}")
         dparams, dx = out
-        try:
+        if backward_ in _SHAPES_REPORTED:               # a gradient check's report shows the shapes
             return cast_like(dparams, params), dx
-        except (TypeError, ValueError, AttributeError):
-            if jax.tree_util.tree_structure(dparams) == jax.tree_util.tree_structure(params):
-                raise
+        if jax.tree_util.tree_structure(dparams) != jax.tree_util.tree_structure(params):
             raise TypeError(f"{name}: expected backward to return dparams with the tree structure of params, "
                             f"got another tree.\n"
                             f"  expected: {describe(params)}\n"
-                            f"  got:      {describe(dparams)}") from None
+                            f"  got:      {describe(dparams)}")
+        check_tree(name, "backward's dparams", params, dparams, shapes=True)   # shapes, and float where float
+        return cast_like(dparams, params), dx
 
     for f in (init_, forward_, backward_):
         f.__qualname__ = f"{name}.{f.__name__.rstrip('_')}"

@@ -359,3 +359,79 @@ def test_gradcheck_cli_rejects_a_dtype_it_cannot_check(dtype, capsys):
     assert cli.main(["gradcheck", "dense", "--dtype", dtype]) == 2
     assert capsys.readouterr().err.strip() == (
         f"bpjax gradcheck: expected --dtype float64, float32, float16 or bfloat16, got {dtype!r}")
+
+
+# ----------------------------------------------------------------------------- a custom backward's shapes
+
+
+def _scale_layer(bad: str):
+    """y = a ⊙ x, whose backward returns dparams['a'] per example (``bad="dparams"``: (N, D) for
+    params of shape (D,)) or dx summed over features (``bad="dx"``: (N, 1) for x of shape (N, D))."""
+    def init(key, in_shape):
+        return {"a": jnp.linspace(0.5, 1.5, in_shape[-1])}, (), in_shape
+
+    def forward(params, state, x, *, key=None, train=True):
+        return x * params["a"], state, (x, params["a"])
+
+    def backward(params, res, dy):
+        x, a = res
+        da = dy * x if bad == "dparams" else jnp.sum(dy * x, axis=0)
+        dx = jnp.sum(dy * a, axis=1, keepdims=True) if bad == "dx" else dy * a
+        return {"a": da}, dx
+
+    return bp.make_layer("scale", init, forward, backward)
+
+
+_BAD_BACKWARD = {
+    "dparams": (ValueError, "scale: expected backward's dparams['a'].shape == (4,), got (6, 4)"),
+    "dx": (ValueError, "sequential[1] (scale): expected backward to return dx.shape == (6, 4) "
+                       "(the shape of its input x), got (6, 1)"),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(_BAD_BACKWARD))
+def test_a_wrong_shaped_gradient_is_named_where_it_happens_under_jit(bad):
+    """The README promises dparams of params' shapes: a per-example (N, D) gradient for params
+    (D,) was accepted and broadcast the params by the next optimizer step; a wrong dx ended in an
+    XLA error of the layer below."""
+    net = bp.sequential(bp.dense(4), _scale_layer(bad), bp.dense(2))
+    params, state, _ = net.init(jax.random.PRNGKey(0), (3,))
+    f = jax.jit(bp.value_and_grad(net, bp.softmax_cross_entropy()))
+    error, message = _BAD_BACKWARD[bad]
+    with pytest.raises(error, match=re.escape(message)):
+        f(params, state, jnp.ones((6, 3)), jnp.zeros(6, jnp.int32))
+
+
+def test_a_wrong_dx_dtype_is_named():
+    def init(key, in_shape):
+        return (), (), in_shape
+
+    half = bp.make_layer("half", init, lambda p, s, x, *, key=None, train=True: (x / 2, s, ()),
+                         lambda p, res, dy: ((), (dy / 2).astype(jnp.float16)))
+    net = bp.sequential(bp.dense(3), half)
+    params, state, _ = net.init(jax.random.PRNGKey(0), (2,))
+    _, _, res = net.forward(params, state, jnp.ones((4, 2), jnp.float32))
+    with pytest.raises(TypeError, match=re.escape("sequential[1] (half): expected backward to return dx of dtype "
+                                                  "float32 (the dtype of its input x), got float16")):
+        net.backward(params, res, jnp.ones((4, 3), jnp.float32))
+
+
+@pytest.mark.parametrize("wrap", ["residual", "parallel"])
+def test_the_other_combinators_check_dx(wrap):
+    """residual's dy + dx_f would broadcast a (N, 1) dx silently; parallel sums the branches' dx."""
+    layer = _scale_layer("dx")
+    net = bp.residual(layer) if wrap == "residual" else bp.sequential(bp.parallel(layer, bp.dense(4)), bp.add())
+    params, state, _ = net.init(jax.random.PRNGKey(0), (4,))
+    _, _, res = net.forward(params, state, jnp.ones((6, 4)))
+    where = "residual (scale)" if wrap == "residual" else "parallel[0] (scale)"
+    with pytest.raises(ValueError, match=re.escape(f"{where}: expected backward to return dx.shape == (6, 4)")):
+        net.backward(params, res, jnp.ones((6, 4)))
+
+
+def test_check_layer_reports_a_wrong_shaped_gradient_and_names_one_inside():
+    """The layer checked gets a failed row (its other leaves still compared); a layer inside it is
+    named by the error of its combinator."""
+    report = bp.check_layer(_scale_layer("dparams"), (4,), batch=3)
+    assert not report.ok and "shape (3, 4), expected (4,)" in str(report)
+    with pytest.raises(ValueError, match=re.escape("sequential[1] (scale): expected backward to return dx.shape")):
+        bp.check_layer(bp.sequential(bp.dense(4), _scale_layer("dx")), (3,), batch=3)

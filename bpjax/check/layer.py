@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._core import Layer, Loss, check_is_layer, check_is_loss, check_model_and_loss
+from .._core import Layer, Loss, check_is_layer, check_is_loss, check_model_and_loss, shapes_reported
 from .._grad import cast_floating, is_floating, value_and_grad
 from .compare import TOLERANCES  # noqa: F401  (the default tolerances, documented here)
 from .draw import default_dtype as _default_dtype
@@ -140,9 +140,10 @@ def check_layer(layer: Layer, in_shape=None, *, batch: int = 3, dtype=None, para
     xs = ", ".join(f"{_dtype_name(a.dtype)}{list(a.shape)}" for a in jax.tree_util.tree_leaves(x))
     details = f"{dtype.name} · x {xs} · {'random' if cotangent is None else 'given'} cotangent dy"
     title = f"check_layer({_layer_name(layer)})"
-    return _run(name, title, fn, manual, [("dparams", params), ("dx", x)], {"state": state, "key": key},
-                dtype=dtype, methods=methods, rtol=rtol, atol=atol, directions=directions, seed=seed,
-                cotangent=cotangent, jit=jit, fd_dtype=fd_dtype, min_order=min_order, details=details)
+    with shapes_reported(layer):
+        return _run(name, title, fn, manual, [("dparams", params), ("dx", x)], {"state": state, "key": key},
+                    dtype=dtype, methods=methods, rtol=rtol, atol=atol, directions=directions, seed=seed,
+                    cotangent=cotangent, jit=jit, fd_dtype=fd_dtype, min_order=min_order, details=details)
 
 
 def check_model(model: Layer, loss: Loss, params, state, x, target, *, key=None, train: bool = True,
@@ -188,10 +189,11 @@ def check_model(model: Layer, loss: Loss, params, state, x, target, *, key=None,
     xs = ", ".join(f"{_dtype_name(a.dtype)}{list(a.shape)}" for a in jax.tree_util.tree_leaves(x))
     details = f"{_why_dtype(dtype, params, x)} · x {xs} · {'random' if cotangent is None else 'given'} dvalue"
     title = f"check_model({_layer_name(model)}, {_layer_name(loss)})"
-    return _run(name, title, fn, manual, [("dparams", params), ("dx", x)],
-                {"state": state, "key": key, "target": target},
-                dtype=dtype, methods=methods, rtol=rtol, atol=atol, directions=directions, seed=seed,
-                cotangent=cotangent, jit=jit, fd_dtype=fd_dtype, min_order=min_order, details=details)
+    with shapes_reported(model):
+        return _run(name, title, fn, manual, [("dparams", params), ("dx", x)],
+                    {"state": state, "key": key, "target": target},
+                    dtype=dtype, methods=methods, rtol=rtol, atol=atol, directions=directions, seed=seed,
+                    cotangent=cotangent, jit=jit, fd_dtype=fd_dtype, min_order=min_order, details=details)
 
 
 def check_loss(loss: Loss, pred, target, *, seed: int = 0, methods: Sequence[str] = METHODS,

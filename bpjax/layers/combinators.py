@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .._checks import shape_record
+from .._checks import check_dx, input_record, shape_record
 from .._core import Layer, check_is_layer, make_layer
 
 __all__ = ["sequential", "residual", "parallel", "concat", "add"]
@@ -27,8 +27,11 @@ def sequential(*layers: Layer) -> Layer:
     Forward::   h₀ = x,  h_i = f_i(h_{i−1}),  y = h_L      keeping every layer's residuals r_i
     Backward::  dh_L = dy,  (dθ_i, dh_{i−1}) = f_i.backward(θ_i, r_i, dh_i)  for i = L … 1
 
-    Params, state and residuals are tuples with one entry per layer. A ``key`` is split once
-    per layer. ``dx`` is ``None`` when the first layer takes integer ids (``embedding``).
+    Params and state are tuples with one entry per layer; the residuals are that tuple of the
+    layers' residuals and a zero-size record of each layer's input, against which each layer's
+    ``dx`` is checked (a wrong shape is named where it happens, not in the layer below). A
+    ``key`` is split once per layer. ``dx`` is ``None`` when the first layer takes integer ids
+    (``embedding``).
     """
     _check_layers("sequential", layers)
     n = len(layers)
@@ -42,17 +45,20 @@ def sequential(*layers: Layer) -> Layer:
         return tuple(params), tuple(states), shape
 
     def forward(params, state, x, *, key=None, train=True):
-        new_states, residuals = [], []
+        new_states, residuals, inputs = [], [], []
         for layer, p, s, k in zip(layers, params, state, _split(key, n)):
+            inputs.append(input_record(x))                           # h_{i−1}'s shape and dtype, zero-size
             x, s, r = layer.forward(p, s, x, key=k, train=train)   # walk forward, keep residuals
             new_states.append(s)
             residuals.append(r)
-        return x, tuple(new_states), tuple(residuals)
+        return x, tuple(new_states), (tuple(residuals), tuple(inputs))
 
     def backward(params, res, dy):
+        residuals, inputs = res
         dparams = [None] * n
         for i in reversed(range(n)):                                 # walk back in reverse
-            dparams[i], dy = layers[i].backward(params[i], res[i], dy)
+            dparams[i], dy = layers[i].backward(params[i], residuals[i], dy)
+            check_dx(f"sequential[{i}] ({layers[i].name})", dy, inputs[i])
         return tuple(dparams), dy
 
     # The first layer checks x's dtype: integer ids are right for an embedding, wrong for dense;
@@ -85,6 +91,7 @@ def residual(layer: Layer) -> Layer:
 
     def backward(params, res, dy):
         dparams, dx_f = layer.backward(params, res, dy)
+        check_dx(f"residual ({layer.name})", dx_f, input_record(dy))   # dy + dx_f must not broadcast
         return dparams, dy + dx_f
 
     return make_layer("residual", init, forward, backward, per_example="combinator")
@@ -100,7 +107,8 @@ def parallel(*layers: Layer) -> Layer:
     Backward::  (dθ_b, dx_b) = f_b.backward(θ_b, r_b, dy_b)  for each branch b
                 dx = Σ_b dx_b                            (N, ...)  (x was used B times)
 
-    Params, state and residuals are tuples with one entry per branch; ``init`` returns a tuple
+    Params and state are tuples with one entry per branch, the residuals that tuple and a
+    zero-size record of x (each branch's ``dx`` is checked against it); ``init`` returns a tuple
     of output shapes. A ``key`` is split once per branch. Join the branches with
     :func:`concat` or :func:`add`: ``sequential(parallel(a, b), concat())`` is an Inception
     block, ``sequential(parallel(f, shortcut), add())`` a ResNet block with a projection.
@@ -115,10 +123,13 @@ def parallel(*layers: Layer) -> Layer:
     def forward(params, state, x, *, key=None, train=True):
         out = [layer.forward(p, s, x, key=k, train=train)
                for layer, p, s, k in zip(layers, params, state, _split(key, n))]
-        return tuple(o[0] for o in out), tuple(o[1] for o in out), tuple(o[2] for o in out)
+        return tuple(o[0] for o in out), tuple(o[1] for o in out), (tuple(o[2] for o in out), input_record(x))
 
     def backward(params, res, dy):
-        grads = [layer.backward(p, r, d) for layer, p, r, d in zip(layers, params, res, dy)]
+        residuals, x_record = res
+        grads = [layer.backward(p, r, d) for layer, p, r, d in zip(layers, params, residuals, dy)]
+        for b, (layer, (_, dx_b)) in enumerate(zip(layers, grads)):
+            check_dx(f"parallel[{b}] ({layer.name})", dx_b, x_record)
         dx = grads[0][1]
         for _, dx_b in grads[1:]:
             dx = dx + dx_b                                       # (N, ...)
