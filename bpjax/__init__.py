@@ -49,5 +49,5 @@ __all__ = [
     "value_and_grad", "reference_value_and_grad", "as_jax_fn", "initializers", "cast_floating",
     "check_layer", "check_model", "check_loss", "assert_gradients_close", "GradientReport",
     "per_example_grads", "check_finite", "debug_nans", "load_run",
-    "gradient_flow", "per_example_grad_norms", "check_vjp", "assert_vjp_close",
+    "gradient_flow", "per_example_grad_norms", "clipped_grad", "check_vjp", "assert_vjp_close",
 ]

@@ -59,6 +59,18 @@ def check_real(name: str, arg: str, value) -> float:
     return v
 
 
+def check_key(name: str, key) -> None:
+    """Raise unless ``key`` is one PRNG key: ``jax.random.key(0)`` (a typed key of shape ()) or
+    ``jax.random.PRNGKey(0)`` (raw uint32 key data: 2 words, or 4 for the ``rbg`` generator)."""
+    dtype, shape = getattr(key, "dtype", None), tuple(getattr(key, "shape", ()))
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    if typed and shape == () or not typed and dtype == jnp.uint32 and shape in ((2,), (4,)):
+        return
+    got = repr(key) if dtype is None else f"{'key' if typed else jnp.dtype(dtype).name}{list(shape)}"
+    raise TypeError(f"{name}: expected key to be one PRNG key (jax.random.key(0) or "
+                    f"jax.random.PRNGKey(0)), got {got}")
+
+
 def check_float_input(name: str, arg: str, x) -> jax.Array:
     """Raise unless ``x`` is an array of a floating-point dtype; returns it as a JAX array."""
     if isinstance(x, (tuple, list)) and any(hasattr(e, "shape") for e in x):

@@ -16,8 +16,8 @@ from typing import Any, Callable, NamedTuple, Optional, Protocol, Union
 import jax
 import jax.numpy as jnp
 
-from ._checks import (abstract_init, check_float_input, check_in_shape, check_ndim, check_tree, check_tuple_input,
-                      check_x, describe, initialised_for, is_tuple_of_shapes, tuple_of_shapes)
+from ._checks import (abstract_init, check_float_input, check_in_shape, check_key, check_ndim, check_tree,
+                      check_tuple_input, check_x, describe, initialised_for, is_tuple_of_shapes, tuple_of_shapes)
 
 PyTree = Any
 
@@ -148,16 +148,25 @@ def _got(obj) -> str:
     return f"{type(obj).__name__} {fn}" if callable(obj) and fn else type(obj).__name__
 
 
-def _uncalled_hint(obj) -> str:
-    """`` (did you forget to call the factory, e.g. dense(...) rather than dense?)`` for a function."""
+def _uncalled_hint(obj, kind: str = "layer") -> str:
+    """What a function given where a layer (``kind="layer"``) or a loss was expected probably is:
+    bpjax's factory, or a user's factory of no arguments, not called (`` (did you forget to call
+    the factory, e.g. dense(...) rather than dense?)``); or a plain function of the arrays
+    (``lambda y, t: ...``), which needs ``make_layer`` / ``make_loss`` and a hand-written backward."""
     fn = getattr(obj, "__name__", None)
     if not callable(obj) or not fn or isinstance(obj, (Layer, Loss)):
         return ""
     try:
-        needs = any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        needs = sum(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
                     for p in inspect.signature(obj).parameters.values())
     except (TypeError, ValueError):
-        needs = False
+        needs = 0
+    ours = (getattr(obj, "__module__", None) or "").split(".")[0] == "bpjax"
+    if needs and not ours:
+        make = "bp.make_layer(name, init, forward, backward)" if kind == "layer" else \
+            "bp.make_loss(name, forward, backward)"
+        return (f" (a plain function is not a {kind}: a bpjax.{kind.title()} carries its hand-written backward; "
+                f"build one with {make}, or use a built-in {kind})")
     return f" (did you forget to call the factory, e.g. {fn}({'...' if needs else ''}) rather than {fn}?)"
 
 
@@ -178,7 +187,7 @@ def check_is_loss(name: str, arg: Optional[str], obj) -> None:
     (``bp.softmax_cross_entropy`` rather than ``bp.softmax_cross_entropy()``)."""
     if isinstance(obj, Loss):
         return
-    hint = _uncalled_hint(obj)
+    hint = _uncalled_hint(obj, "loss")
     what = f"{arg} to be a bpjax.Loss" if arg else "a bpjax.Loss"
     raise TypeError(f"{name}: expected {what}, got {_got(obj)}{hint}")
 
@@ -216,7 +225,8 @@ def make_layer(
 ) -> Layer:
     """Build a :class:`Layer` from raw functions, adding the checks every layer shares.
 
-    ``forward`` then checks, in order, at trace time: that ``x`` is a floating-point array
+    ``forward`` then checks, in order, at trace time: that ``key``, if given, is one PRNG key;
+    that ``x`` is a floating-point array
     (unless ``float_input=False``) of the right rank; that ``params`` and ``state`` have the
     structure ``init`` gives for ``x.shape[1:]`` (``TypeError`` showing both); the layer's
     own ``check(params, state, x)``; and finally every leaf's shape. ``backward`` checks that
@@ -248,6 +258,8 @@ def make_layer(
         return init(key, in_shape)
 
     def forward_(params, state, x, *, key=None, train=True):
+        if key is not None:
+            check_key(name, key)        # here, where it enters: a combinator splits it before its layers see it
         if tuple_input or (passes_tuples and isinstance(x, (tuple, list))
                            and any(hasattr(e, "shape") for e in x)):
             x = check_tuple_input(name, x, float_input=float_input, ndim=ndim, min_ndim=min_ndim,

@@ -335,6 +335,10 @@ case("dropout-float-key", lambda: fwd(bp.dropout(0.5), (5,), X, key=np.ones(2)),
      "dropout: expected key to be one PRNG key (jax.random.key(0) or jax.random.PRNGKey(0)), got float64[2]")
 case("dropout-batch-of-keys", lambda: fwd(bp.dropout(0.5), (5,), X, key=np.zeros((3, 2), np.uint32)), TypeError,
      "dropout: expected key to be one PRNG key (jax.random.key(0) or jax.random.PRNGKey(0)), got uint32[3, 2]")
+case("dropout-int-key-in-sequential", lambda: fwd(bp.sequential(bp.dense(3), bp.dropout(0.5)), (5,), X, key=0),
+     TypeError, "sequential: expected key to be one PRNG key (jax.random.key(0) or jax.random.PRNGKey(0)), got 0")
+case("dropout-raw-key-of-5-words", lambda: fwd(bp.dropout(0.5), (5,), X, key=np.zeros(5, np.uint32)), TypeError,
+     "dropout: expected key to be one PRNG key (jax.random.key(0) or jax.random.PRNGKey(0)), got uint32[5]")
 case("embedding-vocab", lambda: bp.embedding(0, 4), ValueError,
      "embedding: expected vocab_size to be an integer > 0, got 0")
 case("embedding-dim", lambda: bp.embedding(10, -1), ValueError, "embedding: expected dim to be an integer > 0, got -1")

@@ -1,6 +1,8 @@
 """Every hand-written backward equals jax.vjp of the same forward: one table, one test."""
 from __future__ import annotations
 
+import types
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -103,7 +105,14 @@ UTILITIES = {"Layer", "Loss", "make_layer", "make_loss", "value_and_grad",
              "reference_value_and_grad", "as_jax_fn", "initializers",
              "check_layer", "check_model", "check_loss", "assert_gradients_close", "GradientReport",
              "per_example_grads", "check_finite", "debug_nans", "cast_floating", "load_run",
-             "gradient_flow", "per_example_grad_norms", "check_vjp", "assert_vjp_close"}
+             "gradient_flow", "per_example_grad_norms", "clipped_grad", "check_vjp", "assert_vjp_close"}
+
+
+def test_every_public_function_is_in_all():
+    """``from bpjax import *`` and the docs' API list give what ``bpjax.<name>`` gives (clipped_grad was
+    missing); the submodules and the LAYERS / LOSSES tuples are not functions to export."""
+    public = {n for n, v in vars(bp).items() if not n.startswith("_") and not isinstance(v, types.ModuleType)}
+    assert public - set(bp.__all__) == {"LAYERS", "LOSSES"}
 
 
 def test_every_export_is_in_the_table():

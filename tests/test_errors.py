@@ -232,6 +232,20 @@ def test_uncalled_layer_factory_as_the_model():
         bp.value_and_grad(bp.dense, bp.squared_error())
 
 
+@pytest.mark.parametrize("kind", ["loss", "model"])
+def test_a_plain_function_is_pointed_to_make_loss_or_make_layer(kind):
+    """``lambda y, t: ...`` is not an uncalled factory: the hint says what a loss (layer) is."""
+    plain = lambda y, t: jnp.mean((y - t) ** 2)          # noqa: E731
+    args = (bp.dense(3), plain) if kind == "loss" else (jnp.tanh, bp.squared_error())
+    what = ("loss to be a bpjax.Loss, got function <lambda> (a plain function is not a loss: a bpjax.Loss "
+            "carries its hand-written backward; build one with bp.make_loss(name, forward, backward)"
+            if kind == "loss" else
+            "model to be a bpjax.Layer, got PjitFunction tanh (a plain function is not a layer: a bpjax.Layer "
+            "carries its hand-written backward; build one with bp.make_layer(name, init, forward, backward)")
+    with pytest.raises(TypeError, match=re.escape(f"value_and_grad: expected {what}")):
+        bp.value_and_grad(*args)
+
+
 def test_a_loss_where_a_layer_goes_and_back():
     with pytest.raises(TypeError, match=re.escape("value_and_grad: expected loss to be a bpjax.Loss, got Layer")):
         bp.value_and_grad(bp.dense(3), bp.relu())

@@ -2,6 +2,8 @@
 correct layers pass, and the hand-written gradients hold under jit, vmap and jax.checkpoint."""
 from __future__ import annotations
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bpjax as bp
+from bpjax import cli
 from helpers import assert_close, init_params, normal, rng
 
 # ----------------------------------------------------------------------------- planted bugs
@@ -253,7 +256,7 @@ def test_gradients_through_jax_checkpoint():
     # and the bridge: jax.grad through jax.checkpoint of a layer uses the hand-written backward
     bparams, _, _ = init_params(block, (4,), gen, jnp.float64)
     h, dy = normal(gen, (2, 4), jnp.float64), normal(gen, (2, 4), jnp.float64)
-    got = jax.grad(lambda p: jnp.sum(jax.checkpoint(bp.as_jax_fn(block))(p, h) * dy))(bparams)
+    got = jax.grad(lambda p: jnp.sum(jax.checkpoint(bp.as_jax_fn(block))(p, (), h) * dy))(bparams)
     _, _, res = block.forward(bparams, (), h)
     assert_close(got, block.backward(bparams, res, dy)[0], jnp.float64, "checkpoint")
 
@@ -329,3 +332,20 @@ def test_the_checker_is_in_parts_a_reader_can_hold():
         body = src[src.index(f"def {fn}("):]
         body = body[:body.index("\ndef ", 1)] if "\ndef " in body[1:] else body
         assert call in body, f"{fn} does not call the engine"
+
+
+def test_a_function_target_without_args_shapes_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    """``bpjax gradcheck mypkg.ops:softplus`` (no --args-shapes) called softplus() to build a layer
+    and ended in a raw TypeError with exit 1, the code of a failed check."""
+    (tmp_path / "trip_ops.py").write_text("import jax.numpy as jnp\n\ndef softplus(x):\n"
+                                          "    return jnp.logaddexp(x, 0.0)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert cli.main(["gradcheck", "trip_ops:softplus"]) == 2
+    finally:
+        sys.modules.pop("trip_ops", None)
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and err.startswith(
+        "bpjax gradcheck: expected --args-shapes (one shape per argument) for trip_ops:softplus, "
+        "a function of 1 argument, got none")

@@ -86,8 +86,22 @@ def _load_target(spec: str):
     return obj
 
 
-def _build(label: str, make):
+def _required_args(fn) -> int:
+    """How many positional arguments ``fn`` cannot be called without (0 when it has no signature)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 0
+    return sum(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
+
+def _build(label: str, make):
+    """The layer or loss a target names: ``make`` itself, or what calling it with no arguments returns."""
+    if callable(make) and not isinstance(make, (bp.Layer, bp.Loss)) and _required_args(make):
+        raise ValueError(f"bpjax gradcheck: expected --args-shapes (one shape per argument) for {label}, a function "
+                         f"of {_required_args(make)} argument{'s' if _required_args(make) != 1 else ''}, got none "
+                         f"(without it, a module:name target is a bpjax.Layer or bpjax.Loss, or a factory "
+                         f"of no arguments)")
     obj = make() if callable(make) and not isinstance(make, (bp.Layer, bp.Loss)) else make
     if not isinstance(obj, (bp.Layer, bp.Loss)):
         raise ValueError(f"bpjax gradcheck: expected {label} to be or to return a bpjax.Layer or bpjax.Loss, "

@@ -16,17 +16,6 @@ __all__ = ["dropout", "embedding", "flatten", "reshape"]
 # ----------------------------------------------------------------------------- dropout
 
 
-def _check_key(name, key):
-    """Raise unless ``key`` is one PRNG key: ``jax.random.key(0)`` or ``jax.random.PRNGKey(0)``."""
-    dtype, shape = getattr(key, "dtype", None), tuple(getattr(key, "shape", ()))
-    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-    if typed and shape == () or not typed and dtype == jnp.uint32 and shape == (2,):
-        return
-    got = repr(key) if dtype is None else f"{'key' if typed else jnp.dtype(dtype).name}{list(shape)}"
-    raise TypeError(f"{name}: expected key to be one PRNG key (jax.random.key(0) or "
-                    f"jax.random.PRNGKey(0)), got {got}")
-
-
 def dropout(rate: float) -> Layer:
     """Inverted dropout: each entry is zeroed with probability p = ``rate`` and the survivors
     are scaled by 1/(1 − p), so that E[y] = x and evaluation needs no rescaling.
@@ -58,7 +47,6 @@ def dropout(rate: float) -> Layer:
             return x, state, ()                                    # the identity: nothing to save
         if key is None:
             raise ValueError(f"{name}: expected a PRNG key in training (forward(..., key=key)), got key=None")
-        _check_key(name, key)
         keep = jax.random.bernoulli(key, 1.0 - p, x.shape)         # (N, ...)
         m = keep.astype(x.dtype) / jnp.asarray(1.0 - p, x.dtype)   # (N, ...)
         return x * m, state, (m,)
