@@ -5,9 +5,12 @@ from __future__ import annotations
 import ast
 import doctest
 import importlib
+import os
 import pathlib
 import re
 import shlex
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -98,18 +101,63 @@ def test_the_runs_module_example_loads_a_trained_model(xor_run):
 
 
 def test_the_readme_train_evaluate_predict_commands_run(tmp_path, monkeypatch, capsys):
-    """The README's block that trains XOR, evaluates and predicts, run as written in a temporary
-    folder (``inputs.npy`` made first)."""
+    """The README's block that trains XOR, evaluates and predicts, run as written in an empty
+    temporary folder: the block makes its own ``inputs.npy``."""
     readme = (ROOT / "README.md").read_text()
     (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "bpjax predict runs/xor" in b]
     monkeypatch.chdir(tmp_path)
-    np.save("inputs.npy", np.array([[0, 0], [0, 1], [1, 0], [1, 1]], np.float32))
     for line in block.strip().splitlines():
-        argv = shlex.split(line.split("#")[0])
+        argv = shlex.split(line) if line.startswith("python") else shlex.split(line.split("#")[0])
+        if argv[:2] == ["python", "-c"]:
+            exec(compile(argv[2], "README.md python -c", "exec"), {})
+            continue
         assert argv[0] == "bpjax", line
         assert cli.main(argv[1:] + (["--no-progress"] if argv[1] == "train" else [])) == 0, line
     assert np.load("outputs.npy").shape == (4, 2)
     assert "test acc" in capsys.readouterr().out
+
+
+def _readme_file_block(path: str) -> str:
+    """The README's code block that starts with the comment ``# <path>``."""
+    blocks = re.findall(r"^```\w*\n(.*?)^```$", (ROOT / "README.md").read_text(), re.S | re.M)
+    (block,) = [b for b in blocks if b.startswith(f"# {path}\n")]
+    return block
+
+
+def test_the_readme_gradcheck_examples_print_what_it_shows(tmp_path, monkeypatch, capsys):
+    """``mypkg/layers.py`` and ``mypkg/ops.py`` as the README shows them, checked by the commands it
+    shows: the layer's table and summary line as printed (the time aside), the function's pass."""
+    readme = (ROOT / "README.md").read_text()
+    (tmp_path / "mypkg").mkdir()
+    for name in ("layers", "ops"):
+        (tmp_path / "mypkg" / f"{name}.py").write_text(_readme_file_block(f"mypkg/{name}.py"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    shown = re.search(r"--in-shape 4`\nprints \(exit status 1\):\n\n```\n(.*?)```", readme, re.S).group(1)
+    untimed = lambda text: re.sub(r"\(\d+\.\d s\)", "(… s)", text).strip()      # noqa: E731
+    try:
+        assert cli.main(["gradcheck", "mypkg.layers:scale", "--in-shape", "4"]) == 1
+        assert untimed(capsys.readouterr().out) == untimed(shown)
+        assert cli.main(["gradcheck", "mypkg.ops:softplus", "--args-shapes", "3,4",
+                         "--reference", "mypkg.ops:plain_softplus"]) == 0
+        assert capsys.readouterr().out.rstrip().rsplit("\n", 1)[-1].startswith(
+            "bpjax gradcheck: 1 check in float64, all 1 passed")
+    finally:
+        for m in ("mypkg", "mypkg.layers", "mypkg.ops"):
+            sys.modules.pop(m, None)
+
+
+def test_the_readme_lists_every_model_and_dataset():
+    """``bpjax train --help lists the models (...) and datasets (...)``: all that the command
+    trains on (gru was missing)."""
+    from bpjax.datasets import DATASETS
+    from bpjax.models import MODELS
+
+    readme = (ROOT / "README.md").read_text()
+    models, datasets = re.search(r"`bpjax train --help` lists the models \((.*?)\)\s+and datasets \((.*?)\)",
+                                 readme, re.S).groups()
+    assert sorted(re.findall(r"`(\w+)`", models)) == sorted(MODELS)
+    assert sorted(re.findall(r"`(\w+)`", datasets)) == sorted(DATASETS)
 
 
 def _layout_sections(block: str) -> dict:
@@ -144,3 +192,17 @@ def test_the_readme_layout_names_every_module_and_script():
                if not re.search(rf"(?<![\w.]){re.escape(p.name)}",
                                 sections.get(p.parent.relative_to(ROOT).as_posix() + "/", ""))]
     assert not missing, f"README's layout does not name {missing} under their folders"
+
+def test_the_troubleshooting_names_a_clone_imported_as_a_namespace(tmp_path):
+    """A script run from the parent of a clone folder named ``bpjax`` imports the clone as a
+    namespace package: the error is Python's, so the README's troubleshooting names it (a root
+    ``__init__.py`` that raised would be imported by pytest, which makes a package of a folder
+    that has one)."""
+    (tmp_path / "bpjax").symlink_to(ROOT, target_is_directory=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", "import bpjax; bpjax.sequential"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    error = done.stderr.strip().splitlines()[-1]
+    assert error == "AttributeError: module 'bpjax' has no attribute 'sequential'"
+    troubleshooting = (ROOT / "README.md").read_text().split("**Troubleshooting.**")[1].split("\n\n")[0]
+    assert error.split(": ", 1)[1] in " ".join(troubleshooting.split()) and "rename the" in troubleshooting
