@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import signal
 import sys
@@ -342,8 +343,21 @@ def _join_processes(args) -> bool:
             raise ValueError(f"expected --coordinator HOST:PORT with --num-processes and --process-id, got "
                              f"--num-processes {args.num_processes} --process-id {args.process_id} without it")
         return True
+    _stdout_for_python_only()
     dist.initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.init_timeout, cli=True)
     return dist.is_main_process()
+
+
+def _stdout_for_python_only() -> None:
+    """Keep ``print`` on the terminal's stdout and send what C++ writes to file descriptor 1 to
+    ``/dev/null``: gloo, JAX's CPU collectives, prints ``[Gloo] Rank 1 is connected to 1 peer
+    ranks...`` there in every process, and process 1 should print nothing (errors go to stderr)."""
+    sys.stdout.flush()
+    python_stdout = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    sys.stdout = os.fdopen(python_stdout, "w", buffering=1, encoding=sys.stdout.encoding, errors="replace")
 
 
 def _mesh_from_args(args):
