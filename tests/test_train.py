@@ -242,6 +242,14 @@ def test_labels_out_of_range_are_refused_before_training(xor, split, bad, messag
 def test_float_labels_and_an_uncalled_loss_are_refused(xor):
     with pytest.raises(ValueError, match=r"fit \(test split\): expected integer class labels, got labels of dtype float64"):
         _fit(xor._replace(y_test=xor.y_test.astype(np.float64)), epochs=1)
+    unlabelled = xor._replace(y_train=xor.y_train.astype(np.float32), y_test=xor.y_test.astype(np.float32),
+                              num_classes=None)          # a dataset of float y, given to cross-entropy
+    dtype = r"expected integer labels for targets of shape \(32,\) \(probabilities have shape \(32, 2\)\), got dtype float32"
+    with pytest.raises(ValueError, match="^softmax_cross_entropy: " + dtype):
+        train.fit(models.textbook_mlp(2), bp.softmax_cross_entropy(), unlabelled, epochs=1, batch_size=32,
+                  progress=False, log=lambda s: None)
+    with pytest.raises(ValueError, match=dtype):
+        bp.softmax_cross_entropy().forward(np.zeros((32, 2), np.float32), np.zeros(32, np.float32))
     with pytest.raises(TypeError, match="did you forget to call the factory"):
         train.fit(models.textbook_mlp(2), bp.softmax_cross_entropy, xor, epochs=1, progress=False)
 
