@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
+import sys
 
 import jax
 import numpy as np
@@ -141,6 +143,10 @@ def test_train_help_lists_models_datasets_and_options(capsys):
     assert e.value.code == 0
     for word in ("cnn", "resnet1d", "mnist1d", "digits", "xor", "--resume", "--epochs", "--devices"):
         assert word in out, word
+    options = re.split(r"\n  (?=-)", out.split("options:")[1])      # one block per option
+    assert len(options) > 30
+    said_twice = [o.split()[0] for o in options if o.count("(default") > 1]
+    assert not said_twice, said_twice                     # e.g. "(default: the model's recipe) (default: None)"
 
 
 def test_missing_optional_package_names_the_install_command(monkeypatch):

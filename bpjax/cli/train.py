@@ -72,7 +72,7 @@ def add_arguments(p) -> None:
     p.add_argument("--dp-noise", type=float, default=None, metavar="SIGMA",
                    help="DP-SGD: Gaussian noise of std SIGMA*C/batch on the clipped mean gradient")
     p.add_argument("--dp-delta", type=float, default=None, metavar="DELTA",
-                   help="DP-SGD: report epsilon at this delta every epoch (default 1e-5)")
+                   help="DP-SGD: report epsilon at this delta every epoch (default: 1e-5)")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="train over several processes: process 0's address and a free port (every process "
                         "gets the same); then only process 0 prints and writes metrics, plot and summary")
@@ -358,6 +358,16 @@ def _mesh_from_args(args):
     return dist.make_mesh(args.devices) if args.devices else None
 
 
+class _DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: ...)" after each option's help, unless the help already says what
+    the default is or the default is ``None`` (an option left unset, which its help explains)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_parser(subparsers) -> None:
     """``bpjax train`` as a subcommand of the ``bpjax`` parser."""
 
@@ -367,6 +377,6 @@ def add_parser(subparsers) -> None:
                     "the hand-written backward: progress bar, metrics file, PNG of the curves, Orbax "
                     "checkpoints every epoch, exact --resume. Models: " + ", ".join(sorted(MODELS)) +
                     ". Datasets: " + ", ".join(sorted(DATASETS)) + ".",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_DefaultsOnce)
     add_arguments(p)
     p.set_defaults(run=command)
