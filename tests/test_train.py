@@ -350,10 +350,10 @@ def test_train_command_names_a_missing_dataset_package(tmp_path, capsys, monkeyp
 
 
 @pytest.mark.parametrize("module,words", [
-    ("orbax.checkpoint", "bpjax train: the checkpoints need orbax-checkpoint, which is not installed: pip install "
-                         "orbax-checkpoint (or pip install 'bpjax[train]')"),
-    ("matplotlib", "bpjax train: the plot needs matplotlib, which is not installed: pip install matplotlib (or pip "
-                   "install 'bpjax[train]'; --no-plot does without matplotlib)"),
+    ("orbax.checkpoint", ("bpjax train: the checkpoints need orbax-checkpoint, which is not installed: pip install "
+                          "orbax-checkpoint (or pip install 'bpjax[train]')")),
+    ("matplotlib", ("bpjax train: the plot needs matplotlib, which is not installed: pip install matplotlib (or pip "
+                    "install 'bpjax[train]'; --no-plot does without matplotlib)")),
 ])
 def test_train_command_names_a_missing_training_package_before_writing(tmp_path, capsys, monkeypatch, module, words):
     """`pip install -e .` without the train extra: one line, exit 2, and no run.json left behind
