@@ -132,6 +132,34 @@ def test_overwrite_removes_the_old_run_and_only_it(resumed_and_overwritten):
     assert (run / "notes.txt").read_text() == "mine"
 
 
+def _files(run):
+    """Every file of a run folder, by its path, with its bytes."""
+    return {str(f.relative_to(run)): f.read_bytes() for f in sorted(run.rglob("*")) if f.is_file()}
+
+
+def test_resume_of_a_run_that_stopped_early_changes_nothing(tmp_path):
+    """Its early stop fired after epoch 2 (no fall of the error counts under --min-delta 10):
+    --resume says the run had ended and leaves every file as it was, each time."""
+    run, stops = tmp_path / "run", [*BASE, "--epochs", "5", "--patience", "1", "--min-delta", "10"]
+    proc = _bpjax(*stops, "--out", run)
+    assert proc.returncode == 0 and "early stop after epoch 2" in proc.stdout, proc.stdout + proc.stderr
+    before = _files(run)
+    for _ in range(2):
+        proc = _bpjax(*stops, "--out", run, "--resume")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.stdout.strip().splitlines()[-1].startswith(
+            f"bpjax train: --resume: the run in {run} had ended (early stop after epoch 2); nothing changed: ")
+        assert "early stop after epoch 3" not in proc.stdout
+        assert _files(run) == before
+
+
+def test_resume_of_a_run_that_ran_all_its_epochs_changes_nothing(copy, capsys):
+    before = _files(copy)
+    assert cli.main([*TRAIN, "--out", str(copy), "--resume"]) == 0
+    assert f"the run in {copy} had ended (all its epochs run); nothing changed" in capsys.readouterr().out
+    assert _files(copy) == before
+
+
 def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path):
     (tmp_path / "thesis.tex").write_text("mine")
     _one_line_error(_bpjax(*TRAIN, "--out", tmp_path, "--overwrite"), str(tmp_path), "thesis.tex",

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
+import sys
 
 import jax
 import numpy as np
@@ -62,10 +64,50 @@ def test_early_stopping_when_validation_error_stops_falling(xor):
     assert result.stopped_early and len(result.history) == 3 and result.best_epoch == 1
 
 
+def test_resuming_a_run_that_stopped_early_trains_nothing(xor, tmp_path):
+    """Its early stop had fired: resumed, it stays stopped (rows and checkpoints as they were),
+    unless a larger patience is given, under which it goes on until that runs out."""
+    kw = dict(epochs=200, batch_size=32, min_delta=10.0, checkpoint_dir=tmp_path / "ck",
+              metrics_path=tmp_path / "m.jsonl")
+    _fit(xor, **kw, patience=2)
+    before = (tmp_path / "m.jsonl").read_bytes(), sorted(p.name for p in (tmp_path / "ck").iterdir())
+    logs = []
+    again = _fit(xor, **kw, patience=2, resume=True, log=logs.append)
+    assert again.already_ended and again.stopped_early and len(again.history) == 3 and again.best_epoch == 1
+    assert ((tmp_path / "m.jsonl").read_bytes(), sorted(p.name for p in (tmp_path / "ck").iterdir())) == before
+    assert any("the run had ended: early stop after epoch 3" in line for line in logs), logs
+    longer = _fit(xor, **kw, patience=4, resume=True)
+    assert not longer.already_ended and longer.stopped_early and [r["epoch"] for r in longer.history] == [1, 2, 3, 4, 5]
+
+
+def _run_state(best_val=np.inf, best_loss=np.inf, since_best=0, best_epoch=0):
+    return {"best_val": np.float64(best_val), "best_loss": np.float64(best_loss), "since_best": np.int64(since_best),
+            "best_epoch": np.int64(best_epoch), "best_params": None, "best_state": None}
+
+
+@pytest.mark.parametrize("errors,losses,min_delta,best,since_best", [
+    ([0.1, 0.0, 0.0, 0.0], [0.5, 0.4, 0.3, 0.35], 0.0, 3, 2),      # a tie of accuracies: the lower loss
+    ([0.1, 0.0, 0.0], [0.5, 0.4, 0.45], 0.0, 2, 1),                # a tie at a higher loss: kept
+    ([0.2, 0.1, 0.1], [0.5, 0.6, 0.4], 0.0, 3, 1),                 # the error first, then the loss
+    ([0.2, 0.15, 0.15], [0.5, 0.4, 0.3], 0.1, 1, 2),               # a fall under min_delta is no progress
+])
+def test_the_best_epoch_breaks_ties_of_the_error_by_the_validation_loss(errors, losses, min_delta, best, since_best):
+    """Early stopping counts only falls of the error; the params kept are those of the lowest
+    error and, of the epochs with that error, the lowest validation loss."""
+    run = _run_state()
+    for epoch, (error, loss) in enumerate(zip(errors, losses), start=1):
+        loop._update_best(run, error, loss, min_delta, epoch, np.full(2, epoch), {}, {})
+    assert int(run["best_epoch"]) == best and int(run["best_params"][0]) == best
+    assert int(run["since_best"]) == since_best
+
+
 def test_a_non_finite_loss_names_the_step(xor, tmp_path):
     bad = xor._replace(x_train=np.where(np.arange(len(xor.x_train))[:, None] == 5, np.nan, xor.x_train))
-    with pytest.raises(train.TrainingError, match=r"the loss became nan at step \d+ \(epoch 1, batch \d+\); the last good checkpoint is kept"):
+    with pytest.raises(train.TrainingError, match=r"the loss became nan at step \d+ \(epoch 1, batch \d+\); no checkpoint had been written yet$"):
         _fit(bad, epochs=2, batch_size=32, val_fraction=0.0, checkpoint_dir=tmp_path / "ck")
+    _fit(xor, epochs=1, batch_size=32, val_fraction=0.0, checkpoint_dir=tmp_path / "ck")
+    with pytest.raises(train.TrainingError, match=r"at step \d+ \(epoch 2, batch \d+\); the last good checkpoint is kept in "):
+        _fit(bad, epochs=2, batch_size=32, val_fraction=0.0, checkpoint_dir=tmp_path / "ck", resume=True)
 
 
 def test_a_checkpoint_from_another_model_is_refused(xor, tmp_path):
@@ -112,6 +154,9 @@ def test_train_command_trains_xor_with_its_defaults(tmp_path, capsys):
                            f"on xor in ") and f"the run is in {tmp_path / 'run'} " in last
     assert summary["test_acc"] >= 0.95
     assert (tmp_path / "run" / "curves.png").exists() and (tmp_path / "run" / "metrics.jsonl").exists()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    top = max(r["val_acc"] for r in rows)           # XOR's validation split: 100% is reached, then tied
+    assert summary["best_epoch"] == min((r for r in rows if r["val_acc"] == top), key=lambda r: r["val_loss"])["epoch"]
     steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
     per_epoch = steps[-1] - steps[-2]                        # one per epoch, named by global step
     assert steps[-1] == summary["epochs_run"] * per_epoch
@@ -141,6 +186,10 @@ def test_train_help_lists_models_datasets_and_options(capsys):
     assert e.value.code == 0
     for word in ("cnn", "resnet1d", "mnist1d", "digits", "xor", "--resume", "--epochs", "--devices"):
         assert word in out, word
+    options = re.split(r"\n  (?=-)", out.split("options:")[1])      # one block per option
+    assert len(options) > 30
+    said_twice = [o.split()[0] for o in options if o.count("(default") > 1]
+    assert not said_twice, said_twice                     # e.g. "(default: the model's recipe) (default: None)"
 
 
 def test_missing_optional_package_names_the_install_command(monkeypatch):
@@ -242,6 +291,14 @@ def test_labels_out_of_range_are_refused_before_training(xor, split, bad, messag
 def test_float_labels_and_an_uncalled_loss_are_refused(xor):
     with pytest.raises(ValueError, match=r"fit \(test split\): expected integer class labels, got labels of dtype float64"):
         _fit(xor._replace(y_test=xor.y_test.astype(np.float64)), epochs=1)
+    unlabelled = xor._replace(y_train=xor.y_train.astype(np.float32), y_test=xor.y_test.astype(np.float32),
+                              num_classes=None)          # a dataset of float y, given to cross-entropy
+    dtype = r"expected integer labels for targets of shape \(32,\) \(probabilities have shape \(32, 2\)\), got dtype float32"
+    with pytest.raises(ValueError, match="^softmax_cross_entropy: " + dtype):
+        train.fit(models.textbook_mlp(2), bp.softmax_cross_entropy(), unlabelled, epochs=1, batch_size=32,
+                  progress=False, log=lambda s: None)
+    with pytest.raises(ValueError, match=dtype):
+        bp.softmax_cross_entropy().forward(np.zeros((32, 2), np.float32), np.zeros(32, np.float32))
     with pytest.raises(TypeError, match="did you forget to call the factory"):
         train.fit(models.textbook_mlp(2), bp.softmax_cross_entropy, xor, epochs=1, progress=False)
 
@@ -256,7 +313,7 @@ def test_train_command_names_bad_labels_in_one_line(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert err.startswith("bpjax train: fit (training split): expected labels in [0, 2), got labels in [0, 7]")
-    assert not any((tmp_path / "run").iterdir())             # no half-run left to refuse the next try
+    assert not (tmp_path / "run").exists()                   # no half-run left to refuse the next try
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -290,6 +347,39 @@ def test_train_command_names_a_missing_dataset_package(tmp_path, capsys, monkeyp
     assert cli.main(["train", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     assert capsys.readouterr().err == ("bpjax train: --dataset mnist1d: this dataset needs the 'mnist1d' package: "
                                        "pip install mnist1d (or pip install 'bpjax[train]')\n")
+
+
+@pytest.mark.parametrize("module,words", [
+    ("orbax.checkpoint", ("bpjax train: the checkpoints need orbax-checkpoint, which is not installed: pip install "
+                          "orbax-checkpoint (or pip install 'bpjax[train]')")),
+    ("matplotlib", ("bpjax train: the plot needs matplotlib, which is not installed: pip install matplotlib (or pip "
+                    "install 'bpjax[train]'; --no-plot does without matplotlib)")),
+])
+def test_train_command_names_a_missing_training_package_before_writing(tmp_path, capsys, monkeypatch, module, words):
+    """`pip install -e .` without the train extra: one line, exit 2, and no run.json left behind
+    that would refuse the next try as a second run."""
+    from bpjax import cli
+    monkeypatch.setitem(sys.modules, module, None)           # `import module` raises ImportError
+    argv = ["train", "--dataset", "xor", "--epochs", "1", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == words + "\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_fails_at_its_start_leaves_no_run_behind(tmp_path, monkeypatch):
+    from bpjax import cli
+
+    def failing(*a, **k):
+        raise RuntimeError("failed before the first checkpoint")
+
+    monkeypatch.setattr(train_cli, "fit", failing)
+    with pytest.raises(RuntimeError, match="before the first checkpoint"):
+        cli.main(["train", "--dataset", "xor", "--out", str(tmp_path / "run"), "--no-progress"])
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(RuntimeError):
+        cli.main(["train", "--dataset", "xor", "--out", str(tmp_path / "mine"), "--no-progress"])
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())   # the folder was the user's
 
 
 def test_the_module_docstring_example_runs(monkeypatch):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import pathlib
@@ -73,7 +74,7 @@ def add_arguments(p) -> None:
     p.add_argument("--dp-noise", type=float, default=None, metavar="SIGMA",
                    help="DP-SGD: Gaussian noise of std SIGMA*C/batch on the clipped mean gradient")
     p.add_argument("--dp-delta", type=float, default=None, metavar="DELTA",
-                   help="DP-SGD: report epsilon at this delta every epoch (default 1e-5)")
+                   help="DP-SGD: report epsilon at this delta every epoch (default: 1e-5)")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="train over several processes: process 0's address and a free port (every process "
                         "gets the same); then only process 0 prints and writes metrics, plot and summary")
@@ -121,6 +122,10 @@ def command(args) -> int:
     except ValueError as e:
         print(f"bpjax train: {e}", file=sys.stderr)
         return 2
+    problem = _missing_packages(args, dp)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     out = pathlib.Path(args.out or f"runs/{args.model}-{args.dataset}-s{args.seed}")
     try:
         data = load(args.dataset)
@@ -134,8 +139,9 @@ def command(args) -> int:
         return 2
     loss = _losses.squared_error() if data.num_classes is None else _losses.softmax_cross_entropy()
     model = MODELS[args.model](**model_args)
-    held_run = runs.holds_run(out)
+    held_run, created = runs.holds_run(out), not out.exists()
     nothing_to_resume = main and args.resume and not held_run
+    fresh = main and not (args.resume and held_run)         # a new run (of this process) from here on
     problem = _prepare_run_dir(out, args) if main else None
     if _agree_to_stop(problem is not None):                 # every process stops, or none
         if problem:
@@ -143,7 +149,7 @@ def command(args) -> int:
         return 2
     if nothing_to_resume:
         say(f"bpjax train: --resume: {out} holds no run yet; starting one")
-    if main:
+    if fresh:                                               # a resumed run keeps its run.json, the same
         runs.write_info(out, {**run_arguments(args), "model_args": model_args, "in_shape": list(data.in_shape),
                               "x_dtype": str(data.x_train.dtype), "loss": loss_name(data)})
     n_train = int(round(data.x_train.shape[0] * (1 - args.val_fraction)))
@@ -162,22 +168,67 @@ def command(args) -> int:
                      compute_dtype=None if args.dtype == "float32" else jnp.dtype(args.dtype),
                      epoch_hook=_grad_flow_hook(args, model, loss, data, out, main), dp=dp)
     except TrainingError as e:
+        _forget_a_failed_start(out, fresh, created)
         print(f"bpjax train: {e}", file=sys.stderr)
         return 1
     except ValueError as e:                     # the data or the options do not fit the model
-        if main and not held_run:
-            runs.remove_run(out)                # refused before training: leave no run behind
+        _forget_a_failed_start(out, fresh, created)
         print(f"bpjax train: {e}", file=sys.stderr)
         return 2
+    except BaseException:
+        _forget_a_failed_start(out, fresh, created)
+        raise
     if result.interrupted_by:
         say(f"bpjax train: stopped by {result.interrupted_by}; run again with --resume to continue")
         return 128 + int(getattr(signal, result.interrupted_by))
+    if _agree_to_stop(main and result.already_ended and (out / runs.MODEL_DIR).is_dir()
+                      and (out / "summary.json").is_file()):           # a finished run: nothing to do
+        say(already_ended_line(result, out))
+        return 0
     runs.save_model(out, result.params, result.state, to_save=_to_save)      # every process: orbax coordinates
     if not main:
         return 0
     _write_summary(args, result, out)
     print(final_line(args, result, out, time.perf_counter() - started))
     return 0
+
+
+def _missing_packages(args, dp) -> Optional[str]:
+    """The one line naming the packages of the ``train`` extra that this run needs and cannot
+    import, or ``None``: checked before anything is written, so that a run never fails for one
+    half-way. (The datasets' own packages, mnist1d and scikit-learn, are named by their loaders.)"""
+    needed = [("orbax.checkpoint", "orbax-checkpoint", "the checkpoints need")]
+    if not args.no_plot:
+        needed.append(("matplotlib", "matplotlib", "the plot needs"))
+    if dp is not None:
+        needed.append(("dp_accounting", "dp-accounting", "DP-SGD's epsilon needs"))
+    missing = [(package, who) for module, package, who in needed if not _importable(module)]
+    if not missing:
+        return None
+    return (f"bpjax train: {' and '.join(f'{who} {package}' for package, who in missing)}, which "
+            f"{'is' if len(missing) == 1 else 'are'} not installed: pip install "
+            f"{' '.join(package for package, _ in missing)} (or pip install 'bpjax[train]'"
+            f"{'; --no-plot does without matplotlib' if 'matplotlib' in dict(missing) else ''})")
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def _forget_a_failed_start(out: pathlib.Path, ours: bool, created: bool) -> None:
+    """After a new run (``ours``: not a resumed one) failed before its first checkpoint: remove
+    what it wrote, and the folder if it made it, so that the next try is not refused as a second
+    run. A run with a checkpoint is kept, to be resumed."""
+    ckpts = out / "checkpoints"
+    if not ours or (ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())):
+        return
+    runs.remove_run(out)
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _announce(args, data: Dataset, out: pathlib.Path, dp, say) -> None:
@@ -236,6 +287,17 @@ def final_line(args, result: FitResult, out: pathlib.Path, seconds: float) -> st
     return (f"bpjax train: {args.model} reached {figure} on {args.dataset} in {seconds:.0f} s "
             f"({result.seconds:.0f} s of training, {epochs}); the run is in {out} "
             f"(bpjax evaluate {out}; bpjax predict {out} X.npy --out Y.npy)")
+
+
+def already_ended_line(result: FitResult, out: pathlib.Path) -> str:
+    """What ``bpjax train --resume`` says of a run that had ended, which it leaves as it was."""
+    why = f"early stop after epoch {len(result.history)}" if result.stopped_early else "all its epochs run"
+    if "acc" in result.test:
+        figure = f"{100 * result.test['acc']:.1f}% test accuracy"
+    else:
+        figure = f"test loss {result.test['loss']:.4g}"
+    return (f"bpjax train: --resume: the run in {out} had ended ({why}); nothing changed: {figure}, best epoch "
+            f"{result.best_epoch} of {len(result.history)} (bpjax evaluate {out})")
 
 
 #: The options whose values define a run, by their key in run.json: ``--resume`` continues a run
@@ -372,6 +434,16 @@ def _mesh_from_args(args):
     return dist.make_mesh(args.devices) if args.devices else None
 
 
+class _DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: ...)" after each option's help, unless the help already says what
+    the default is or the default is ``None`` (an option left unset, which its help explains)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_parser(subparsers) -> None:
     """``bpjax train`` as a subcommand of the ``bpjax`` parser."""
 
@@ -381,6 +453,6 @@ def add_parser(subparsers) -> None:
                     "the hand-written backward: progress bar, metrics file, PNG of the curves, Orbax "
                     "checkpoints every epoch, exact --resume. Models: " + ", ".join(sorted(MODELS)) +
                     ". Datasets: " + ", ".join(sorted(DATASETS)) + ".",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_DefaultsOnce)
     add_arguments(p)
     p.set_defaults(run=command)

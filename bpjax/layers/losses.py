@@ -191,6 +191,10 @@ def softmax_cross_entropy(label_smoothing: float = 0.0) -> Loss:
             elif labels is None and _core._HOOKS and hasattr(_core._HOOKS[-1], "labels"):
                 _core._HOOKS[-1].labels(name, target, pred.shape[-1])   # check mode: checked under jit
         elif jnp.issubdtype(target.dtype, jnp.floating):
+            if tuple(target.shape) == tuple(pred.shape[:-1]):      # labels' shape: the dtype is wrong
+                raise ValueError(f"{name}: expected integer labels for targets of shape {tuple(target.shape)} "
+                                 f"(probabilities have shape {tuple(pred.shape)}), got dtype "
+                                 f"{jnp.dtype(target.dtype).name}")
             if tuple(target.shape) != tuple(pred.shape):
                 raise ValueError(f"{name}: expected probability targets of shape {tuple(pred.shape)} or integer "
                                  f"labels of shape {tuple(pred.shape[:-1])}, got target.shape={tuple(target.shape)}")

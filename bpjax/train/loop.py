@@ -38,6 +38,7 @@ class FitResult:
     stopped_early: bool
     seconds: float
     interrupted_by: Optional[str] = None   # "SIGINT"/"SIGTERM" when a signal stopped the run
+    already_ended: bool = False            # resumed a run that had ended: nothing trained or written
 
 
 def _step_fn(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, *,
@@ -200,7 +201,8 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
       patience, min_delta: stop when the validation error has not fallen by more than
         ``min_delta`` for ``patience`` epochs (``None``: never stop early). The error is the
         classification error (1 − accuracy) for classification and the loss for regression.
-      restore_best: return the params of the epoch with the lowest validation error.
+      restore_best: return the params of the epoch with the lowest validation error (of the
+        epochs with the same error, the one with the lowest validation loss).
       checkpoint_dir: save the whole run state (params, optimizer state, layer state, epoch,
         data-order key, early-stopping state) there after every epoch, with Orbax (named by the
         global step). SIGINT and SIGTERM stop the run at the end of the current chunk of steps
@@ -208,7 +210,9 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
         epoch's ``train_loss`` row averages only the batches run after the resume). Where in
         the epoch an interrupt lands depends on the chunk size, not the result: a resumed run
         reaches the same params bit for bit.
-      resume: continue from the latest checkpoint in ``checkpoint_dir``.
+      resume: continue from the latest checkpoint in ``checkpoint_dir``. A run that had ended
+        (its early stop fired under ``patience``, or all its ``epochs`` ran) trains nothing and
+        writes nothing: the result says ``already_ended``.
       metrics_path: append one row per epoch (``.jsonl``, or ``.csv`` by suffix).
       plot_path: save a PNG of the loss and accuracy curves.
       progress: show a tqdm progress bar with the running loss and accuracy.
@@ -252,9 +256,13 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
                  mesh=mesh, fsdp=fsdp, compute_dtype=compute_dtype, steps_per_dispatch=steps_per_dispatch,
                  dp=dp, k_dropout=k_dropout, ckpt=ckpt, metrics_path=metrics_path, log=log)
     t0 = time.perf_counter()
-    carry, stopped_early, caught = _train_epochs(
-        t, run, history, epochs=epochs, patience=patience, min_delta=min_delta,
-        stop_after_epoch=stop_after_epoch, epoch_hook=epoch_hook, dp=dp, progress=progress, t0=t0)
+    ended = _ended(run, epochs, patience, min_delta, log)
+    if ended:
+        carry, stopped_early, caught = t.carry, ended == "early", None
+    else:
+        carry, stopped_early, caught = _train_epochs(
+            t, run, history, epochs=epochs, patience=patience, min_delta=min_delta,
+            stop_after_epoch=stop_after_epoch, epoch_hook=epoch_hook, dp=dp, progress=progress, t0=t0)
 
     params, state = carry[0], carry[1]
     if restore_best and int(run["best_epoch"]) > 0:
@@ -262,10 +270,10 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
     test = evaluate(model, loss, params, state, data.x_test, data.y_test, classification=t.classification,
                     eval_step=t.eval_step)
     seconds = time.perf_counter() - t0
-    if plot_path and history:
+    if plot_path and history and not (ended and pathlib.Path(plot_path).exists()):
         plot_history(history, plot_path, title=f"{data.name}")
     return FitResult(params, state, history, test, int(run["best_epoch"]), stopped_early, seconds,
-                     signal.Signals(caught).name if caught else None)
+                     signal.Signals(caught).name if caught else None, already_ended=bool(ended))
 
 
 @dataclasses.dataclass
@@ -357,9 +365,25 @@ def _end_epoch(t: _Training, run, history, carry, epoch, losses, corrects, t0, m
     t.log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
                    if not k.startswith("grad_flow/")))
     error = 1.0 - row["val_acc"] if t.classification else row["val_loss"]
-    _update_best(run, error, min_delta, epoch, params, state, opt_state)
+    _update_best(run, error, row["val_loss"], min_delta, epoch, params, state, opt_state)
     if t.ckpt:
         t.ckpt.save(epoch * t.steps_per_epoch, run)
+
+
+def _ended(run, epochs, patience, min_delta, log) -> Optional[str]:
+    """Why a resumed run has nothing left to train, saying so: "early" (its early stop had fired,
+    or fires under this ``patience``) or "epochs" (all ``epochs`` ran); ``None`` to train."""
+    done = int(run["epoch"])
+    if done == 0 or int(run["batch"]):                 # a fresh run, or one stopped mid-epoch
+        return None
+    if patience is not None and int(run["since_best"]) >= patience:
+        log(f"the run had ended: early stop after epoch {done}, the validation error had not fallen by more "
+            f"than {min_delta:g} for {patience} epochs (best: epoch {int(run['best_epoch'])}); nothing to train")
+        return "early"
+    if done >= epochs:
+        log(f"the run had ended: {done} epochs run, of epochs={epochs}; nothing to train")
+        return "epochs"
+    return None
 
 
 def _stop_reason(run, epoch, signals, patience, min_delta, stop_after_epoch, log) -> Optional[str]:
@@ -487,10 +511,14 @@ def _check_finite(losses, step0, epoch, first, ckpt):
     if np.all(np.isfinite(losses)):
         return
     bad = int(np.argmax(~np.isfinite(losses)))
-    raise TrainingError(
-        f"fit: the loss became {losses[bad]} at step {step0 + bad + 1} (epoch {epoch}, batch "
-        f"{first + bad + 1}); the last good checkpoint "
-        f"{'is kept in ' + str(ckpt.directory) if ckpt else 'was not written (no checkpoint_dir)'}")
+    if ckpt is None:
+        kept = "the last good checkpoint was not written (no checkpoint_dir)"
+    elif ckpt.latest() is None:
+        kept = "no checkpoint had been written yet"
+    else:
+        kept = f"the last good checkpoint is kept in {ckpt.directory}"
+    raise TrainingError(f"fit: the loss became {losses[bad]} at step {step0 + bad + 1} (epoch {epoch}, batch "
+                        f"{first + bad + 1}); {kept}")
 
 
 def _epoch_row(model, loss, params, state, x_val, y_val, eval_step, classification, epoch,
@@ -509,14 +537,16 @@ def _epoch_row(model, loss, params, state, x_val, y_val, eval_step, classificati
     return row
 
 
-def _update_best(run, error, min_delta, epoch, params, state, opt_state):
-    """Record the finished epoch in the run state, and it as the best when the error fell."""
+def _update_best(run, error, val_loss, min_delta, epoch, params, state, opt_state):
+    """Record the finished epoch in the run state, and it as the best when the error fell by more
+    than ``min_delta`` (which early stopping counts as progress) or stayed the same at a lower
+    validation loss (a tie of accuracies, broken by the loss: not progress, but better params)."""
     run.update(params=params, state=state, opt_state=opt_state, epoch=np.int64(epoch), batch=np.int64(0))
-    if error < float(run["best_val"]) - min_delta:
-        run.update(best_val=np.float64(error), since_best=np.int64(0), best_epoch=np.int64(epoch),
+    fell = error < float(run["best_val"]) - min_delta
+    run["since_best"] = np.int64(0 if fell else int(run["since_best"]) + 1)
+    if fell or (error == float(run["best_val"]) and val_loss < float(run["best_loss"])):
+        run.update(best_val=np.float64(error), best_loss=np.float64(val_loss), best_epoch=np.int64(epoch),
                    best_params=_copy(params), best_state=_copy(state))
-    else:
-        run["since_best"] = np.int64(int(run["since_best"]) + 1)
 
 
 def _start_or_resume(model, optimizer, data, seed, ckpt, resume, metrics_path, log):
@@ -528,19 +558,22 @@ def _start_or_resume(model, optimizer, data, seed, ckpt, resume, metrics_path, l
     run = {"params": params, "state": state, "opt_state": optimizer.init(params),
            "epoch": np.int64(0),        # completed epochs
            "batch": np.int64(0),        # completed batches of the epoch after them (an interrupt)
-           "data_key": data_key, "best_val": np.float64(np.inf), "since_best": np.int64(0),
-           "best_epoch": np.int64(0), "best_params": _copy(params), "best_state": _copy(state)}
+           "data_key": data_key, "best_val": np.float64(np.inf), "best_loss": np.float64(np.inf),
+           "since_best": np.int64(0), "best_epoch": np.int64(0), "best_params": _copy(params),
+           "best_state": _copy(state)}
     history: List[Dict[str, float]] = []
     if resume and ckpt and ckpt.latest() is not None:
         run = ckpt.restore(ckpt.latest(), run)
-        history = _read_history(metrics_path, int(run["epoch"])) if metrics_path else []
+        rows = _read_history(metrics_path, np.inf)
+        history = [r for r in rows if r["epoch"] <= int(run["epoch"])]
+        if len(history) < len(rows):                # rows of epochs after the checkpoint (killed between)
+            _rewrite_rows(metrics_path, history)
         log(f"resumed from {ckpt.directory / str(ckpt.latest())}: epoch {int(run['epoch'])} done"
             + (f", {int(run['batch'])} batches of epoch {int(run['epoch']) + 1}" if int(run["batch"]) else ""))
     elif metrics_path and metrics_path.exists():
         metrics_path.unlink()
     if metrics_path:
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        _rewrite_rows(metrics_path, history)
     return run, history, k_dropout
 
 

@@ -11,7 +11,7 @@ DEFAULT_MODEL = {"mnist1d": "resnet1d", "digits": "digits_cnn", "xor": "textbook
 #: How ``bpjax train`` trains each model unless an option says otherwise ("*": every other model).
 #: The paper's MNIST-1D models keep the paper's Adam at 1e-2 and batch 100 (here with a cosine
 #: decay and early stopping); ``resnet1d`` takes AdamW with weight decay over 30 epochs, which
-#: passes the human expert's 96% in under a minute on a 2-core CPU (README); the textbook's
+#: passes the human expert's 96% in about a minute or less on a 2-core CPU (README); the textbook's
 #: sigmoid network needs small batches and a larger step to leave the plateau of XOR.
 RECIPES: Dict[str, Dict[str, Any]] = {
     "*": dict(epochs=40, batch_size=100, optimizer="adam", lr=1e-2, schedule="cosine", weight_decay=0.0,
