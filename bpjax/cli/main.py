@@ -25,12 +25,13 @@ import argparse
 from typing import Optional, Sequence
 
 from .. import __version__
+from .audit import add_parser as add_audit_parser
 from .gradcheck import add_parser as add_gradcheck_parser
 from .runs import add_evaluate_parser, add_predict_parser
 from .train import add_parser as add_train_parser
 
 #: The subcommands: each adds its parser and sets ``run`` (args -> exit status).
-SUBCOMMANDS = [add_train_parser, add_evaluate_parser, add_predict_parser, add_gradcheck_parser]
+SUBCOMMANDS = [add_train_parser, add_evaluate_parser, add_predict_parser, add_gradcheck_parser, add_audit_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
