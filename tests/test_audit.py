@@ -100,7 +100,7 @@ def test_bpjax_audit_prints_both_epsilons_and_exits_1_on_a_broken_run(capsys):
             "--no-progress"]
     assert cli.main(argv + ["--break-noise", "10"]) == 1
     out = capsys.readouterr().out
-    for text in ("deliberately broken: σ/10", "accountant: epsilon 1", "audit: epsilon >= 2.", "95% confidence",
+    for text in ("deliberately broken: σ/10", "accountant: epsilon 1", "lower bound: epsilon >= 2.", "95% confidence",
                  "200 canaries", "VIOLATED: the lower bound"):
         assert text in out, out
     for bad, msg in ((["--canaries", "1"], "expected canaries to be an integer >= 2, got 1"),

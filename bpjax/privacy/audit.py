@@ -417,7 +417,7 @@ def describe(result: AuditResult) -> Sequence[str]:
     pct = f"{100 * result.confidence:g}%"
     lines = [f"accountant: epsilon {result.epsilon_claimed:.4g} at delta {result.delta:g} (dp-accounting RDP, "
              f"noise {result.noise_accounted:.4g}, {result.steps} steps counted as Poisson sampling at rate {q:.4g})",
-             f"audit: epsilon >= {result.epsilon_lower:.4g} at {pct} confidence, from {result.canaries} canaries "
+             f"lower bound: epsilon >= {result.epsilon_lower:.4g} at {pct} confidence, from {result.canaries} canaries "
              f"({result.included} in): {result.correct} of {result.guesses} guesses right (the best of the guess counts "
              f"tried, Bonferroni); with every guess right this audit could show at most {result.largest_bound:.3g}",
              f"model: test accuracy {100 * result.test_acc:.1f}%, {result.examples} training examples, "
