@@ -340,7 +340,10 @@ def clipped_grad(model, loss, clip_norm: float):
 
 
 def _clipped(model, loss, c: float):
-    """``f(params, state, x, target, key) -> (value, new_state, y, clipped grads, norms)``."""
+    """``f(params, state, x, target, key, mask=None) -> (value, new_state, y, clipped grads,
+    norms)``. With ``mask`` (N,) bool (DP-SGD's padded batches, :mod:`bpjax.privacy`) the clip
+    factor of a row outside it is 0, so that its gradient adds exactly nothing, and its norm is
+    returned as 0: grads = (1/N) Σ_{n in mask} min(1, C/‖g_n‖) g_n."""
 
     def passes(params, state, x, target, key):
         y, new_state, res = model.forward(params, state, x, key=key, train=True)       # forward
@@ -349,13 +352,15 @@ def _clipped(model, loss, c: float):
         model.backward(params, res, dy)                                                # observed: the norms
         return value, new_state, y, res, dy
 
-    def f(params, state, x, target, key):
+    def f(params, state, x, target, key, mask=None):
         n = jax.tree_util.tree_leaves(x)[0].shape[0]
         client = _PerExample(n)
         (value, new_state, y, res, dy), hook = run_observed(passes, client, params, state, x, target, key)
         sq = sum((e.values["sq"] for e in hook.entries if "sq" in e.values), jnp.zeros((n,), jnp.float32))
         norms = n * jnp.sqrt(sq)                                                       # (N,)
         scale = jnp.minimum(1.0, c / jnp.maximum(norms, jnp.finfo(norms.dtype).tiny))  # (N,)
+        if mask is not None:                          # padded rows: no gradient, no norm
+            scale, norms = jnp.where(mask, scale, 0.0), jnp.where(mask, norms, 0.0)
         if client.pure and not hook.carried:          # only the weight products, redone
             _core._HOOKS.append(_Replay(hook.log, scale))
             try:
@@ -406,68 +411,3 @@ class _Replay:
 
     def loss_backward(self, name, backward, res, dvalue):
         return backward(res, dvalue)
-
-
-# ----------------------------------------------------------------------------- DP-SGD
-
-
-def check_dp(clip: float, noise: float, delta: float) -> tuple:
-    """The DP-SGD options as floats, or ``ValueError`` naming the one that is wrong."""
-    clip = _checks.check_real("dp-sgd", "--dp-clip", clip)
-    noise = _checks.check_real("dp-sgd", "--dp-noise", noise)
-    delta = _checks.check_real("dp-sgd", "--dp-delta", delta)
-    if clip <= 0:
-        raise ValueError(f"dp-sgd: expected --dp-clip > 0, got {clip:g}")
-    if noise < 0:
-        raise ValueError(f"dp-sgd: expected --dp-noise >= 0, got {noise:g}")
-    if not 0 < delta < 1:
-        raise ValueError(f"dp-sgd: expected --dp-delta in (0, 1), got {delta:g}")
-    return clip, noise, delta
-
-
-def dp_forward_backward(model, loss, clip: float, noise: float):
-    """DP-SGD's gradient, with :func:`bpjax._grad.forward_backward`'s signature (for the training
-    step): ``f(params, state, x, target, *, key) -> (value, new_state, y, grads)`` with::
-
-        grads = (1/B) Σ_n min(1, C/‖g_n‖) g_n  +  (σ·C/B) · z,   z ~ N(0, I)
-
-    (B the batch, C = ``clip``, σ = ``noise``; :func:`clipped_grad`). The noise has its own
-    key, ``fold_in(key, NOISE_STREAM)``, apart from the layers' (dropout) key."""
-    clipped = _clipped(model, loss, clip)
-
-    def f(params, state, x, target, *, key=None):
-        value, new_state, y, grads, _ = clipped(params, state, x, target, key)
-        n = jax.tree_util.tree_leaves(x)[0].shape[0]
-        leaves, treedef = jax.tree_util.tree_flatten(grads)
-        k = jax.random.fold_in(key if key is not None else jax.random.PRNGKey(0), NOISE_STREAM)
-        zs = [jax.random.normal(kk, g.shape, g.dtype) for kk, g in zip(jax.random.split(k, len(leaves)), leaves)]
-        std = noise * clip / n
-        return value, new_state, y, treedef.unflatten([g + std * z for g, z in zip(leaves, zs)])
-
-    return f
-
-
-#: The ``fold_in`` constant of DP-SGD's noise key (the layers' dropout key is the step key itself).
-NOISE_STREAM = 0x6E6F6973
-
-
-def dp_epsilon(noise: float, sampling_rate: float, steps: int, delta: float) -> float:
-    """ε spent at δ after ``steps`` steps of the Gaussian mechanism with noise multiplier σ =
-    ``noise`` on batches sampled with probability q = ``sampling_rate`` (Poisson), by Google's
-    ``dp-accounting`` (its RDP accountant). ``inf`` for σ = 0."""
-    import logging
-
-    import dp_accounting
-    from dp_accounting import rdp
-    if noise == 0:
-        return float("inf")
-    acc = rdp.RdpAccountant()
-    event = dp_accounting.PoissonSampledDpEvent(sampling_rate, dp_accounting.GaussianDpEvent(noise))
-    acc.compose(dp_accounting.SelfComposedDpEvent(event, int(steps)))
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)        # its notes on RDP orders left out of the bound
-    try:
-        return float(acc.get_epsilon(delta))
-    finally:
-        absl.setLevel(level)

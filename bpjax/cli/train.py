@@ -19,10 +19,10 @@ import optax
 from .. import __version__
 from .. import distributed as dist
 from .._observe import FlowRecorder
-from .._per_example import check_dp
 from ..datasets import DATASETS, Dataset, load
 from ..layers import losses as _losses
 from ..models import MODELS, fitting, output_shape
+from ..privacy import ACCOUNTANTS, NOT_A_GUARANTEE, SAMPLERS, check_dp
 from ..train import FitResult, TrainingError, fit, runs
 from ..train.checkpoint import _to_save
 from ..train.recipes import DEFAULT_MODEL, RECIPES
@@ -72,9 +72,20 @@ def add_arguments(p) -> None:
     p.add_argument("--dp-clip", type=float, default=None, metavar="C",
                    help="DP-SGD: clip each example's gradient to norm C (needs --dp-noise)")
     p.add_argument("--dp-noise", type=float, default=None, metavar="SIGMA",
-                   help="DP-SGD: Gaussian noise of std SIGMA*C/batch on the clipped mean gradient")
+                   help="DP-SGD: Gaussian noise of std SIGMA*C on the sum of the clipped gradients, divided "
+                        "by --batch-size")
     p.add_argument("--dp-delta", type=float, default=None, metavar="DELTA",
                    help="DP-SGD: report epsilon at this delta every epoch (default: 1e-5)")
+    p.add_argument("--dp-sampling", choices=SAMPLERS, default=None,
+                   help="DP-SGD's batches: poisson (each example joins each step with probability "
+                        "batch/n, what epsilon is accounted for) or shuffle (each epoch's shuffled order cut "
+                        "into batches; epsilon is then not a guarantee) (default: poisson)")
+    p.add_argument("--dp-accountant", choices=ACCOUNTANTS, default=None,
+                   help="DP-SGD: dp-accounting's accountant for epsilon (default: rdp)")
+    p.add_argument("--dp-physical-batch", type=int, default=None, metavar="P",
+                   help="DP-SGD with Poisson sampling: rows per physical batch; a larger sampled batch is "
+                        "split and accumulated into one step (default: batch + 3 standard deviations of "
+                        "the batch size)")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="train over several processes: process 0's address and a free port (every process "
                         "gets the same); then only process 0 prints and writes metrics, plot and summary")
@@ -188,7 +199,9 @@ def command(args) -> int:
     runs.save_model(out, result.params, result.state, to_save=_to_save)      # every process: orbax coordinates
     if not main:
         return 0
-    _write_summary(args, result, out)
+    _write_summary(args, result, out, dp)
+    if dp is not None and dp.sampling == "shuffle":
+        print(f"bpjax train: {NOT_A_GUARANTEE}")
     print(final_line(args, result, out, time.perf_counter() - started))
     return 0
 
@@ -239,32 +252,49 @@ def _announce(args, data: Dataset, out: pathlib.Path, dp, say) -> None:
         f"{args.optimizer} lr {args.lr:g} ({args.schedule}), {args.dtype}, device {jax.devices()[0].platform}"
         f"{processes}, writing to {out}")
     if dp is not None:
-        say(f"bpjax train: DP-SGD: each example's gradient clipped to {dp[0]:g}, noise std {dp[1]:g}·{dp[0]:g}/"
-            f"{args.batch_size}; batches: each epoch's shuffled order cut into {args.batch_size}; epsilon at "
-            f"delta {dp[2]:g} by dp-accounting (RDP), as Poisson sampling at rate batch/n")
+        batches = (f"Poisson-sampled, {args.batch_size} examples expected" if dp.sampling == "poisson" else
+                   f"each epoch's shuffled order cut into {args.batch_size}")
+        say(f"bpjax train: DP-SGD: each example's gradient clipped to {dp.clip:g}, noise std {dp.noise:g}·"
+            f"{dp.clip:g} on the sum, divided by {args.batch_size}; batches: {batches} (--dp-sampling "
+            f"{dp.sampling}); epsilon at delta {dp.delta:g} by dp-accounting ({dp.accountant.upper()}) for "
+            f"Poisson sampling at rate batch/n")
 
 
-def _write_summary(args, result: FitResult, out: pathlib.Path) -> None:
-    """``summary.json``: the run's test metrics, best epoch and time."""
+def _write_summary(args, result: FitResult, out: pathlib.Path, dp) -> None:
+    """``summary.json``: the run's test metrics, best epoch and time; under DP-SGD, the ε spent
+    by all its steps, the sampling and the accountant (and, for shuffled batches, that ε is not
+    a guarantee)."""
     summary = {"model": args.model, "dataset": args.dataset, "seed": args.seed, "dtype": args.dtype,
                "epochs_run": len(result.history), "best_epoch": result.best_epoch,
                "stopped_early": result.stopped_early, "seconds": round(result.seconds, 2),
                **{f"test_{k}": v for k, v in result.test.items()}}
+    if dp is not None:
+        last = result.history[-1] if result.history else {"epsilon": 0.0, "step": 0}
+        summary["dp"] = {"epsilon": last["epsilon"], "delta": dp.delta, "steps": last["step"],
+                         "sampling": dp.sampling, "accountant": dp.accountant, "clip": dp.clip,
+                         "noise": dp.noise, "expected_batch": args.batch_size,
+                         **({"physical_batch": result.dp_physical_batch} if dp.sampling == "poisson" else
+                            {"note": NOT_A_GUARANTEE})}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
+#: The options of DP-SGD, by their key in ``args``, and their defaults (None: required).
+DP_OPTIONS = {"dp_clip": None, "dp_noise": None, "dp_delta": 1e-5, "dp_sampling": "poisson", "dp_accountant": "rdp",
+              "dp_physical_batch": None}
+
+
 def _dp_from_args(args):
-    """``--dp-clip/--dp-noise/--dp-delta`` as ``(C, σ, δ)``, None without them, or ValueError."""
-    clip, noise, delta = (getattr(args, k, None) for k in ("dp_clip", "dp_noise", "dp_delta"))
-    if clip is None:
-        if noise is not None or delta is not None:
+    """``--dp-*`` as a :class:`bpjax.privacy.DPSGD`, None without ``--dp-clip``, or ValueError."""
+    given = {k: getattr(args, k, None) for k in DP_OPTIONS}
+    if given["dp_clip"] is None:
+        if any(v is not None for v in given.values()):
             raise ValueError("expected --dp-clip with --dp-noise and --dp-delta (DP-SGD), got no --dp-clip")
         return None
-    if noise is None:
+    if given["dp_noise"] is None:
         raise ValueError("expected --dp-noise with --dp-clip (DP-SGD), got no --dp-noise")
     if args.dtype != "float32":
         raise ValueError(f"expected --dtype float32 with --dp-clip (DP-SGD runs in float32), got --dtype {args.dtype}")
-    return check_dp(clip, noise, 1e-5 if delta is None else delta)
+    return check_dp(*(d if given[k] is None else given[k] for k, d in DP_OPTIONS.items()))
 
 
 def _grad_flow_hook(args, model, loss, data, out, main):
@@ -302,20 +332,26 @@ def already_ended_line(result: FitResult, out: pathlib.Path) -> str:
 
 #: The options whose values define a run, by their key in run.json: ``--resume`` continues a run
 #: only with the same values. ``--epochs`` joins them when the schedule depends on it (cosine);
-#: with a constant schedule a run may be resumed with more epochs. What only says how to run it
-#: (``--devices``, ``--fsdp``, ``--patience``, ``--min-delta``, progress, plot) may change.
+#: with a constant schedule a run may be resumed with more epochs. Under DP-SGD its options join
+#: them (the sampling, the accountant, the physical batch when given: it changes the sums' order).
+#: What only says how to run it (``--devices``, ``--fsdp``, ``--patience``, ``--min-delta``,
+#: progress, plot) may change.
 DEFINING = {"model": "--model", "dataset": "--dataset", "seed": "--seed", "dtype": "--dtype",
             "batch_size": "--batch-size", "optimizer": "--optimizer", "lr": "--lr", "schedule": "--schedule",
             "weight_decay": "--weight-decay", "val_fraction": "--val-fraction", "epochs": "--epochs",
             "metrics_format": "--metrics-format", "bpjax_version": "the bpjax version",
-            "dp_clip": "--dp-clip", "dp_noise": "--dp-noise", "dp_delta": "--dp-delta"}
+            "dp_clip": "--dp-clip", "dp_noise": "--dp-noise", "dp_delta": "--dp-delta", "dp_sampling": "--dp-sampling",
+            "dp_accountant": "--dp-accountant", "dp_physical_batch": "--dp-physical-batch"}
 
 
 def run_arguments(args) -> Dict[str, Any]:
     """The arguments that define the run of ``bpjax train`` ``args`` (keys of :data:`DEFINING`)."""
 
     defining = {k: getattr(args, k, None) for k in DEFINING if k not in ("epochs", "bpjax_version")
-                and not (k.startswith("dp_") and getattr(args, k, None) is None)}   # DP-SGD only when on
+                and k not in DP_OPTIONS}
+    dp = _dp_from_args(args)
+    if dp is not None:                               # DP-SGD's options only when it is on, defaults filled
+        defining.update({k: v for k, v in zip(DP_OPTIONS, dp) if v is not None})
     if args.schedule == "cosine":                    # the learning rate decays to 0 over --epochs
         defining["epochs"] = args.epochs
     defining["bpjax_version"] = __version__

@@ -18,14 +18,16 @@ import optax
 from .. import distributed as dist
 from .._core import Layer, Loss, check_model_and_loss
 from .._grad import forward_backward
-from .._per_example import dp_epsilon, dp_forward_backward
+from ..privacy import (NOT_A_GUARANTEE, SAMPLING_STREAM, check_dp, default_physical_batch, dp_epsilon,
+                       dp_forward_backward, poisson_dp_grad, poisson_sample)
 from ..datasets import Dataset
 from ..layers.losses import check_labels
 from .checkpoint import TrainingError, _Checkpointer
 from .evaluate import _correct, evaluate, make_eval_step
 from .metrics import _read_history, _rewrite_rows, _write_row, plot_history
 
-__all__ = ["fit", "FitResult", "make_train_step", "make_train_chunk", "epoch_order", "split_validation"]
+__all__ = ["fit", "FitResult", "make_train_step", "make_train_chunk", "make_poisson_chunk", "epoch_order",
+           "split_validation"]
 
 
 @dataclasses.dataclass
@@ -39,6 +41,7 @@ class FitResult:
     seconds: float
     interrupted_by: Optional[str] = None   # "SIGINT"/"SIGTERM" when a signal stopped the run
     already_ended: bool = False            # resumed a run that had ended: nothing trained or written
+    dp_physical_batch: Optional[int] = None    # Poisson-sampled DP-SGD: the rows of a physical batch
 
 
 def _step_fn(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, *,
@@ -50,7 +53,7 @@ def _step_fn(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, 
     ``compute_dtype`` the forward and backward run in it on cast copies and ``params`` stay the
     (float32) master weights (:func:`bpjax._grad.forward_backward`). With ``dp = (C, σ)`` the
     gradient is DP-SGD's: per-example clipped to C, averaged, plus Gaussian noise of standard
-    deviation σ·C/B (:func:`bpjax._per_example.dp_forward_backward`).
+    deviation σ·C/B on the batch of B (:func:`bpjax.privacy.dp_forward_backward`).
     """
     if dp is None:
         fb = forward_backward(model, loss, compute_dtype=compute_dtype)
@@ -105,17 +108,7 @@ def make_train_chunk(model: Layer, loss: Loss, optimizer: optax.GradientTransfor
     configuration share one compiled loop. ``dp = (C, σ)``: DP-SGD steps (:func:`_step_fn`).
     """
     step = _step_fn(model, loss, optimizer, classification=classification, compute_dtype=compute_dtype, dp=dp)
-    if mesh is None:
-        constrain = lambda tree, kind: tree                           # noqa: E731
-    else:
-
-        def constrain(tree, kind):
-            """Keep the placement fit gave: batches split over "data", params and optimizer state
-            replicated or FSDP-sharded, layer state replicated."""
-            if kind == "params" and fsdp:
-                return jax.lax.with_sharding_constraint(tree, dist.fsdp_sharding(mesh, tree))
-            sh = dist.batch_sharding(mesh) if kind == "batch" else dist.replicated(mesh)
-            return jax.lax.with_sharding_constraint(tree, jax.tree_util.tree_map(lambda _: sh, tree))
+    constrain = _constrainer(mesh, fsdp)
 
     def chunk(carry, x_all, y_all, order, first, count, key, step0):
         losses = jnp.zeros((max_steps,), jnp.result_type(float))
@@ -130,6 +123,72 @@ def make_train_chunk(model: Layer, loss: Loss, optimizer: optax.GradientTransfor
             return carry, losses.at[i].set(value.astype(losses.dtype)), corrects.at[i].set(correct.astype(corrects.dtype))
 
         return jax.lax.fori_loop(0, count, body, (carry, losses, corrects))
+
+    return jax.jit(chunk, donate_argnums=(0,))
+
+
+def _constrainer(mesh, fsdp: bool):
+    """``constrain(tree, kind)``: keep the placement fit gave on a mesh: batches split over
+    "data", params and optimizer state replicated or FSDP-sharded, layer state replicated (no
+    mesh: the tree as it is)."""
+    if mesh is None:
+        return lambda tree, kind: tree                                # noqa: E731
+
+    def constrain(tree, kind):
+        if kind == "params" and fsdp:
+            return jax.lax.with_sharding_constraint(tree, dist.fsdp_sharding(mesh, tree))
+        sh = dist.batch_sharding(mesh) if kind == "batch" else dist.replicated(mesh)
+        return jax.lax.with_sharding_constraint(tree, jax.tree_util.tree_map(lambda _: sh, tree))
+
+    return constrain
+
+
+def _masked_correct(logits, labels, mask):
+    """The correct predictions among the rows of ``mask`` (N,)."""
+    hit = jnp.argmax(logits, axis=-1) == labels
+    return jnp.sum(hit & mask.reshape((-1,) + (1,) * (hit.ndim - 1)))
+
+
+@functools.lru_cache(maxsize=16)
+def make_poisson_chunk(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, *, n: int,
+                       batch_size: int, physical: int, max_steps: int, dp: tuple, classification: bool = True,
+                       mesh=None, fsdp: bool = False):
+    """Many DP-SGD steps on Poisson-sampled batches in one dispatch (``fit``'s default under DP).
+
+    ``chunk(carry, x_all, y_all, sample_key, first, count, key, step0) -> (carry, losses,
+    corrects, sizes)``, as :func:`make_train_chunk`'s, but step s = ``step0 + i`` draws its own
+    batch: each of the ``n`` examples with probability q = ``batch_size``/n under
+    ``fold_in(sample_key, s)`` (:func:`bpjax.privacy.poisson_sample`), taken ``physical`` rows
+    at a time, then one DP-SGD update with ``dp = (C, σ)``, normalised by the expected batch
+    (:func:`bpjax.privacy.poisson_dp_grad`). ``losses[i]`` is the mean loss over the step's
+    ``sizes[i]`` examples (0 for an empty batch), ``corrects[i]`` the correct ones among them;
+    ``first`` is unused (the batch depends on the step number alone).
+    """
+    constrain = _constrainer(mesh, fsdp)
+    rate = batch_size / n
+    grad = poisson_dp_grad(model, loss, *dp, expected_batch=batch_size, physical=physical,
+                           metric=_masked_correct if classification else None,
+                           place=lambda xb, yb: (constrain(xb, "batch"), constrain(yb, "batch")))
+
+    def chunk(carry, x_all, y_all, sample_key, first, count, key, step0):
+        losses = jnp.zeros((max_steps,), jnp.result_type(float))
+        corrects = jnp.zeros((max_steps,), jnp.int32)
+        sizes = jnp.zeros((max_steps,), jnp.int32)
+
+        def body(i, c):
+            (params, state, opt_state), losses, corrects, sizes = c
+            s = step0 + i
+            indices, size = poisson_sample(jax.random.fold_in(sample_key, s), n, rate, physical)
+            grads, state, (loss_sum, correct) = grad(params, state, x_all, y_all, indices, size,
+                                                     key=jax.random.fold_in(key, s))
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            carry = (constrain(params, "params"), constrain(state, "state"), constrain(opt_state, "params"))
+            value = loss_sum / jnp.maximum(size, 1)
+            return (carry, losses.at[i].set(value.astype(losses.dtype)), corrects.at[i].set(correct),
+                    sizes.at[i].set(size))
+
+        return jax.lax.fori_loop(0, count, body, (carry, losses, corrects, sizes))
 
     return jax.jit(chunk, donate_argnums=(0,))
 
@@ -229,13 +288,21 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
       epoch_hook: ``epoch_hook(epoch, params, state) -> dict``, called once before training
         (its result ignored) and after every epoch; what it returns joins that epoch's metrics
         row (``bpjax train --grad-flow``: :class:`bpjax._observe.FlowRecorder`).
-      dp: ``(C, σ, δ)``: DP-SGD. Each step's gradient is the mean of the per-example gradients
-        clipped to norm C plus Gaussian noise of standard deviation σ·C/B, from its own key
-        (``bpjax train --dp-clip C --dp-noise σ --dp-delta δ``). Batches are the epoch's
-        shuffled order cut into B examples (each example once per epoch); the privacy spent,
-        ``epsilon`` at δ in every metrics row, is accounted as if each batch were Poisson-sampled
-        with rate B/n (the usual approximation for shuffled batches), by ``dp-accounting``'s RDP
-        accountant over the steps so far.
+      dp: DP-SGD, as a :class:`bpjax.privacy.DPSGD` or a tuple ``(C, σ, δ)`` (the defaults for
+        the rest; ``bpjax train --dp-clip C --dp-noise σ --dp-delta δ``). Each step's gradient is
+        the sum of the per-example gradients clipped to norm C plus Gaussian noise of standard
+        deviation σ·C, from its own key, divided by B. By default (``sampling="poisson"``) each
+        step's batch is Poisson-sampled: every training example joins it on its own with
+        probability q = B/n (``batch_size`` is the expected batch B, and an epoch is n // B
+        steps), under a key from the data key and the step number, so a resumed run draws the
+        same batches. It runs in physical batches of P rows (``physical_batch``, default
+        :func:`bpjax.privacy.default_physical_batch`), the rows past the sample masked out; a
+        larger batch is several physical batches accumulated into one step (one noise draw, one
+        update). The sum is divided by the expected B, as Opacus does. ``sampling="shuffle"``
+        cuts the epoch's shuffled order into batches of B instead (``fit`` logs that ε is then
+        not a guarantee). Every metrics row has ``epsilon`` at δ after the steps so far, for
+        Poisson sampling at rate q, by ``dp-accounting``'s ``accountant`` ("rdp" or "pld"), and
+        names the sampling and the accountant (``dp_sampling``, ``dp_accountant``).
 
     Returns:
       A :class:`FitResult` with the final (or best) params and state, the history, the test
@@ -247,6 +314,7 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
     """
     check_model_and_loss("fit", model, loss)
     optimizer = optimizer or optax.adam(1e-3)
+    dp = None if dp is None else check_dp(*dp)
     if data.num_classes is not None:
         _check_dataset_labels(model, data)
     ckpt = _Checkpointer(checkpoint_dir) if checkpoint_dir else None
@@ -273,7 +341,8 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
     if plot_path and history and not (ended and pathlib.Path(plot_path).exists()):
         plot_history(history, plot_path, title=f"{data.name}")
     return FitResult(params, state, history, test, int(run["best_epoch"]), stopped_early, seconds,
-                     signal.Signals(caught).name if caught else None, already_ended=bool(ended))
+                     signal.Signals(caught).name if caught else None, already_ended=bool(ended),
+                     dp_physical_batch=t.physical)
 
 
 @dataclasses.dataclass
@@ -292,13 +361,14 @@ class _Training:
     steps_per_epoch: int
     classification: bool
     chunk: Callable
-    order_fn: Callable
+    order_fn: Callable                 # (data_key, epoch) -> the epoch's order, or the sampling key
     eval_step: Callable
     pacer: "_Pacer"
     k_dropout: Any
     ckpt: Optional["_Checkpointer"]
     metrics_path: Optional[pathlib.Path]
     log: Callable[[str], None]
+    physical: Optional[int] = None     # Poisson-sampled DP-SGD: rows per physical batch
 
 
 def _prepare(model, loss, optimizer, data, run, *, seed, val_fraction, batch_size, mesh, fsdp, compute_dtype,
@@ -313,13 +383,32 @@ def _prepare(model, loss, optimizer, data, run, *, seed, val_fraction, batch_siz
     if mesh is not None:
         dist.check_batch(mesh, batch_size)
     max_steps = min(steps_per_epoch, MAX_STEPS_PER_DISPATCH)
-    chunk = make_train_chunk(model, loss, optimizer, batch_size=batch_size, max_steps=max_steps,
-                             classification=classification, mesh=mesh, fsdp=fsdp, compute_dtype=compute_dtype,
-                             **({} if dp is None else {"dp": tuple(dp[:2])}))    # the cache key as before without DP
+    physical = None
+    if dp is not None and compute_dtype is not None:
+        raise ValueError("fit: expected compute_dtype=None with dp (DP-SGD runs in the params' dtype), "
+                         f"got compute_dtype={jnp.dtype(compute_dtype).name}")
+    if dp is not None and dp.sampling == "poisson":
+        devices = 1 if mesh is None else mesh.shape[dist.AXIS]
+        physical = dp.physical_batch or default_physical_batch(n, batch_size / n, devices)
+        if mesh is not None:
+            dist.check_batch(mesh, physical, "physical batch")
+        chunk = make_poisson_chunk(model, loss, optimizer, n=n, batch_size=batch_size, physical=physical,
+                                   max_steps=max_steps, dp=(dp.clip, dp.noise), classification=classification,
+                                   mesh=mesh, fsdp=fsdp)
+        order_fn = _sampling_key_fn(mesh)
+        log(f"fit: DP-SGD batches: each of the {n} training examples joins each step with probability "
+            f"q = {batch_size}/{n} = {batch_size / n:.4g} (Poisson), in physical batches of {physical} rows")
+    else:
+        chunk = make_train_chunk(model, loss, optimizer, batch_size=batch_size, max_steps=max_steps,
+                                 classification=classification, mesh=mesh, fsdp=fsdp, compute_dtype=compute_dtype,
+                                 **({} if dp is None else {"dp": (dp.clip, dp.noise)}))  # the cache key as before
+        order_fn = _order_fn(n, mesh)                                                        # without DP
+        if dp is not None:
+            log(f"fit: {NOT_A_GUARANTEE}")
     return _Training(model, loss, _place_carry(run, mesh, fsdp), _place_data(mesh, x_tr), _place_data(mesh, y_tr),
-                     x_val, y_val, n, batch_size, steps_per_epoch, classification, chunk, _order_fn(n, mesh),
+                     x_val, y_val, n, batch_size, steps_per_epoch, classification, chunk, order_fn,
                      make_eval_step(model, loss, classification=classification),
-                     _Pacer(steps_per_dispatch, max_steps), k_dropout, ckpt, metrics_path, log)
+                     _Pacer(steps_per_dispatch, max_steps), k_dropout, ckpt, metrics_path, log, physical)
 
 
 def _train_epochs(t: _Training, run, history, *, epochs, patience, min_delta, stop_after_epoch, epoch_hook, dp,
@@ -335,30 +424,32 @@ def _train_epochs(t: _Training, run, history, *, epochs, patience, min_delta, st
             first = int(run["batch"]) if epoch == start_epoch + 1 else 0   # mid-epoch resume
             bar = bar_cls(total=t.steps_per_epoch, initial=first, desc=f"epoch {epoch}/{epochs}",
                           leave=False, file=sys.stderr) if bar_cls else None
-            carry, done, losses, corrects = _run_epoch(
+            carry, done, losses, corrects, sizes = _run_epoch(
                 t.chunk, carry, t.x_dev, t.y_dev, t.order_fn(run["data_key"], epoch), first, t.steps_per_epoch,
                 epoch, key_dropout=t.k_dropout, pacer=t.pacer, bar=bar, signals=signals,
                 batch_size=t.batch_size, classification=t.classification, ckpt=t.ckpt)
             if done < t.steps_per_epoch:                                   # interrupted mid-epoch
                 _save_mid_epoch(run, carry, epoch, done, t.steps_per_epoch, t.ckpt, signals, t.log)
                 return carry, False, signals.caught
-            _end_epoch(t, run, history, carry, epoch, losses, corrects, t0, min_delta, epoch_hook, dp)
+            _end_epoch(t, run, history, carry, epoch, losses, corrects, sizes, t0, min_delta, epoch_hook, dp)
             reason = _stop_reason(run, epoch, signals, patience, min_delta, stop_after_epoch, t.log)
             if reason:
                 return carry, reason == "early", signals.caught
     return carry, False, signals.caught
 
 
-def _end_epoch(t: _Training, run, history, carry, epoch, losses, corrects, t0, min_delta, epoch_hook, dp):
+def _end_epoch(t: _Training, run, history, carry, epoch, losses, corrects, sizes, t0, min_delta, epoch_hook, dp):
     """The epoch's metrics row (validation, the hook's, ε under DP), written and logged; the
     best params kept; the checkpoint saved."""
     params, state, opt_state = carry
     row = _epoch_row(t.model, t.loss, params, state, t.x_val, t.y_val, t.eval_step, t.classification,
-                     epoch, t.steps_per_epoch, t.batch_size, losses, corrects, t0)
+                     epoch, t.steps_per_epoch, t.batch_size, losses, corrects, sizes, t0)
     if epoch_hook is not None:
         row.update(epoch_hook(epoch, params, state))
-    if dp is not None:
-        row["epsilon"] = dp_epsilon(dp[1], t.batch_size / t.n, epoch * t.steps_per_epoch, dp[2])
+    if dp is not None:            # accounted as Poisson sampling at rate B/n: what ran, unless "shuffle"
+        row["epsilon"] = dp_epsilon(dp.noise, t.batch_size / t.n, epoch * t.steps_per_epoch, dp.delta,
+                                    accountant=dp.accountant)
+        row.update(dp_sampling=dp.sampling, dp_accountant=dp.accountant)
     history.append(row)
     if t.metrics_path:
         _write_row(t.metrics_path, row)
@@ -446,32 +537,36 @@ class _Pacer:
 def _run_epoch(chunk, carry, x_dev, y_dev, order, first, steps_per_epoch, epoch, *,
                key_dropout, pacer, bar, signals, batch_size, classification, ckpt):
     """Chunks of steps ``first ..`` of one epoch, until its end or a signal. Returns the carry,
-    the number of the epoch's steps done, and the per-step losses and correct counts (host)."""
-    losses, corrects, i = [], [], first
+    the number of the epoch's steps done, and the per-step losses, correct counts and batch
+    sizes (host; the sizes ``None`` for fixed batches of ``batch_size``)."""
+    losses, corrects, sizes, i = [], [], [], first
     while i < steps_per_epoch:
         count = _same_count_everywhere(pacer.next(steps_per_epoch - i))
         t = time.perf_counter()
         step0 = (epoch - 1) * steps_per_epoch + i
-        carry, chunk_losses, chunk_correct = chunk(carry, x_dev, y_dev, order, np.int32(i), np.int32(count),
-                                                   key_dropout, np.int32(step0))
+        carry, chunk_losses, chunk_correct, *chunk_sizes = chunk(carry, x_dev, y_dev, order, np.int32(i),
+                                                                 np.int32(count), key_dropout, np.int32(step0))
         chunk_losses = np.asarray(jax.device_get(chunk_losses)[:count], np.float64)   # waits for the chunk
         pacer.measured(count, time.perf_counter() - t)
         _check_finite(chunk_losses, step0, epoch, i, ckpt)
         losses.append(chunk_losses)
         corrects.append(np.asarray(jax.device_get(chunk_correct)[:count]))
+        if chunk_sizes:                                                # Poisson-sampled batches
+            sizes.append(np.asarray(jax.device_get(chunk_sizes[0])[:count]))
         i += count
         if bar:
             bar.update(count)
             post = {"loss": f"{chunk_losses[-1]:.4f}"}
             if classification:
-                post["acc"] = f"{float(corrects[-1][-1]) / batch_size:.3f}"
+                post["acc"] = f"{float(corrects[-1][-1]) / max(sizes[-1][-1] if sizes else batch_size, 1):.3f}"
             bar.set_postfix(post)
         if _stop_requested(signals) and i < steps_per_epoch:
             break
     if bar:
         bar.close()
     return carry, i, np.concatenate(losses) if losses else np.zeros(0), \
-        np.concatenate(corrects) if corrects else np.zeros(0, np.int64)
+        np.concatenate(corrects) if corrects else np.zeros(0, np.int64), \
+        (np.concatenate(sizes) if sizes else None)
 
 
 def _same_count_everywhere(count: int) -> int:
@@ -522,14 +617,20 @@ def _check_finite(losses, step0, epoch, first, ckpt):
 
 
 def _epoch_row(model, loss, params, state, x_val, y_val, eval_step, classification, epoch,
-               steps_per_epoch, batch_size, losses, corrects, t0) -> Dict[str, float]:
+               steps_per_epoch, batch_size, losses, corrects, sizes, t0) -> Dict[str, float]:
     """The metrics row of a finished epoch: the training loss (and accuracy) averaged over the
-    epoch's batches, and the validation loss (and accuracy)."""
+    epoch's batches (over its examples, for Poisson batches of ``sizes``), and the validation
+    loss (and accuracy)."""
     val = evaluate(model, loss, params, state, x_val, y_val, classification=classification,
                    eval_step=eval_step)
-    row = {"epoch": epoch, "step": epoch * steps_per_epoch, "train_loss": float(losses.mean())}
+    if sizes is None:
+        train_loss, examples = float(losses.mean()), len(corrects) * batch_size
+    else:
+        examples = int(np.sum(sizes))
+        train_loss = float(np.sum(losses * sizes)) / max(examples, 1)
+    row = {"epoch": epoch, "step": epoch * steps_per_epoch, "train_loss": train_loss}
     if classification:
-        row["train_acc"] = float(np.sum(corrects)) / (len(corrects) * batch_size)
+        row["train_acc"] = float(np.sum(corrects)) / max(examples, 1)
     row["val_loss"] = val["loss"]
     if classification:
         row["val_acc"] = val["acc"]
@@ -606,6 +707,18 @@ def _order_fn(n: int, mesh):
     if mesh is None:
         return jax.jit(order)
     return jax.jit(order, out_shardings=dist.replicated(mesh))
+
+
+@functools.lru_cache(maxsize=16)
+def _sampling_key_fn(mesh):
+    """``key(data_key, epoch)``: the Poisson sampler's key, ``fold_in(data_key, SAMPLING_STREAM)``,
+    the same every epoch (each step folds its number in; replicated on a mesh)."""
+    def key(data_key, epoch):
+        return jax.random.fold_in(data_key, SAMPLING_STREAM)
+
+    if mesh is None:
+        return jax.jit(key)
+    return jax.jit(key, out_shardings=dist.replicated(mesh))
 
 
 def _copy(tree):

@@ -64,8 +64,17 @@ def _read_history(path: Optional[pathlib.Path], upto_epoch: int) -> List[Dict[st
         lines = path.read_text().splitlines()
         head = lines[0].split(",") if lines else []
         for line in lines[1:]:
-            rows.append({k: (int(v) if k in ("epoch", "step") else float(v))
-                         for k, v in zip(head, line.split(","))})
+            rows.append({k: _csv_value(k, v) for k, v in zip(head, line.split(","))})
     else:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in rows if r["epoch"] <= upto_epoch]
+
+
+def _csv_value(key: str, text: str):
+    """A CSV cell as the row had it: int (epoch, step), float, or a word (DP-SGD's ``dp_sampling``)."""
+    if key in ("epoch", "step"):
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        return text
