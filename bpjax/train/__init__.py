@@ -16,17 +16,19 @@ resumed from a checkpoint reaches the same params as an uninterrupted one (bit f
 
 The parts: :mod:`.loop` (``fit`` and the compiled steps), :mod:`.evaluate`,
 :mod:`.checkpoint`, :mod:`.metrics` (rows and the plot), :mod:`.recipes` (each model's default
-options) and :mod:`.runs` (run folders, ``load_run``). The ``bpjax train`` command that drives
-them is :mod:`bpjax.cli.train`.
+options) and :mod:`.runs` (run folders, ``load_run``); DP-SGD's gradient, sampling and
+accounting, which ``fit(..., dp=...)`` uses, are :mod:`bpjax.privacy`. The ``bpjax train``
+command that drives them is :mod:`bpjax.cli.train`.
 """
 from . import runs
 from .checkpoint import TrainingError
 from .evaluate import evaluate, make_eval_step
-from .loop import (DISPATCH_SECONDS, MAX_STEPS_PER_DISPATCH, FitResult, epoch_order, fit, make_train_chunk,
-                   make_train_step, split_validation)
+from .loop import (DISPATCH_SECONDS, MAX_STEPS_PER_DISPATCH, FitResult, epoch_order, fit, make_poisson_chunk,
+                   make_train_chunk, make_train_step, split_validation)
 from .metrics import plot_history
 from .recipes import DEFAULT_MODEL, RECIPES
 
-__all__ = ["fit", "FitResult", "evaluate", "make_eval_step", "make_train_step", "make_train_chunk", "epoch_order",
+__all__ = ["fit", "FitResult", "evaluate", "make_eval_step", "make_train_step", "make_train_chunk",
+           "make_poisson_chunk", "epoch_order",
            "split_validation", "TrainingError", "plot_history", "runs", "DEFAULT_MODEL", "RECIPES",
            "DISPATCH_SECONDS", "MAX_STEPS_PER_DISPATCH"]
