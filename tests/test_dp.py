@@ -111,14 +111,17 @@ def _assert_trees_close(got, want):
 def test_padded_rows_add_nothing():
     """Noise 0, float64: the sample {1, 4, 5, 9, 10} of 12 examples in a physical batch of 8 (3
     padded rows, copies of example 0, which is not drawn) gives (1/B) Σ over the five alone, and
-    their loss and correct count alone."""
+    their loss and correct count alone; padding with copies of example 11 instead changes no bit."""
     model, params, state, x, y = _case()
     rows, clip, b = np.array([1, 4, 5, 9, 10]), 0.5, 6
-    indices = jnp.asarray(np.concatenate([rows, np.zeros(16 - len(rows), int)]), jnp.int32)
-    grad = privacy.poisson_dp_grad(model, LOSS, clip, 0.0, expected_batch=b, physical=8, metric=loop._masked_correct)
-    grads, _, (loss_sum, correct) = jax.jit(grad)(params, state, x, y, indices, jnp.int32(len(rows)),
-                                                  key=jax.random.PRNGKey(1))
+    grad = jax.jit(privacy.poisson_dp_grad(model, LOSS, clip, 0.0, expected_batch=b, physical=8,
+                                           metric=loop._masked_correct))
+    by_pad = {pad: grad(params, state, x, y, jnp.asarray(np.concatenate([rows, np.full(11, pad)]), jnp.int32),
+                        jnp.int32(len(rows)), key=jax.random.PRNGKey(1)) for pad in (0, 11)}
+    grads, _, (loss_sum, correct) = by_pad[0]
     _assert_trees_close(grads, _reference(model, params, state, x, y, rows, clip, b))
+    for a, other in zip(jax.tree_util.tree_leaves(by_pad[0]), jax.tree_util.tree_leaves(by_pad[11])):
+        np.testing.assert_array_equal(a, other)
     out, _, _ = model.forward(params, state, x[rows], train=True)
     np.testing.assert_allclose(loss_sum, len(rows) * LOSS.forward(out, y[rows])[0], rtol=1e-12)
     assert int(correct) == int(np.sum(np.argmax(out, -1) == y[rows]))
@@ -218,6 +221,8 @@ def test_bad_dp_options_are_one_line_each(tmp_path, capsys):
                       (["--dp-clip", "1", "--dp-noise", "1", "--dp-delta", "1"], "expected --dp-delta in (0, 1)"),
                       (["--dp-clip", "1", "--dp-noise", "1", "--dp-physical-batch", "0"],
                        "expected --dp-physical-batch to be an integer >= 1, got 0"),
+                      (["--dp-clip", "1", "--dp-noise", "1", "--dp-sampling", "shuffle", "--dp-physical-batch", "8"],
+                       "expected --dp-physical-batch only with --dp-sampling poisson"),
                       (["--dp-noise", "1"], "expected --dp-clip"),
                       (["--dp-sampling", "shuffle"], "expected --dp-clip"),
                       (["--dp-clip", "1"], "expected --dp-noise")):

@@ -57,6 +57,9 @@ def check_dp(clip: float, noise: float, delta: float = 1e-5, sampling: str = "po
     if physical_batch is not None and (isinstance(physical_batch, bool) or int(physical_batch) != physical_batch
                                        or physical_batch < 1):
         raise ValueError(f"dp-sgd: expected --dp-physical-batch to be an integer >= 1, got {physical_batch!r}")
+    if physical_batch is not None and sampling != "poisson":
+        raise ValueError(f"dp-sgd: expected --dp-physical-batch only with --dp-sampling poisson (shuffled batches "
+                         f"are whole), got --dp-sampling {sampling}")
     return DPSGD(clip, noise, delta, sampling, accountant, None if physical_batch is None else int(physical_batch))
 
 
