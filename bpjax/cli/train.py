@@ -22,7 +22,7 @@ from .._observe import FlowRecorder
 from ..datasets import DATASETS, Dataset, load
 from ..layers import losses as _losses
 from ..models import MODELS, fitting, output_shape
-from ..privacy import ACCOUNTANTS, NOT_A_GUARANTEE, SAMPLERS, check_dp
+from ..privacy import ACCOUNTANTS, NOT_A_GUARANTEE, SAMPLERS, check_dpsgd
 from ..train import FitResult, TrainingError, fit, runs
 from ..train.checkpoint import _to_save
 from ..train.recipes import DEFAULT_MODEL, RECIPES
@@ -294,7 +294,7 @@ def _dp_from_args(args):
         raise ValueError("expected --dp-noise with --dp-clip (DP-SGD), got no --dp-noise")
     if args.dtype != "float32":
         raise ValueError(f"expected --dtype float32 with --dp-clip (DP-SGD runs in float32), got --dtype {args.dtype}")
-    return check_dp(*(d if given[k] is None else given[k] for k, d in DP_OPTIONS.items()))
+    return check_dpsgd(tuple(d if given[k] is None else given[k] for k, d in DP_OPTIONS.items()))
 
 
 def _grad_flow_hook(args, model, loss, data, out, main):

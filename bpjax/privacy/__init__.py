@@ -18,8 +18,8 @@ The per-example clipping itself is :func:`bpjax.clipped_grad` (``bpjax/_per_exam
 """
 from .accounting import ACCOUNTANTS, dp_epsilon, dp_event
 from .sampling import SAMPLERS, SAMPLING_STREAM, default_physical_batch, poisson_mask, poisson_sample
-from .sgd import DPSGD, NOISE_STREAM, NOT_A_GUARANTEE, check_dp, dp_forward_backward, poisson_dp_grad
+from .sgd import DPSGD, NOISE_STREAM, NOT_A_GUARANTEE, check_dp, check_dpsgd, dp_forward_backward, poisson_dp_grad
 
-__all__ = ["DPSGD", "check_dp", "dp_forward_backward", "poisson_dp_grad", "dp_epsilon", "dp_event",
+__all__ = ["DPSGD", "check_dp", "check_dpsgd", "dp_forward_backward", "poisson_dp_grad", "dp_epsilon", "dp_event",
            "poisson_mask", "poisson_sample", "default_physical_batch", "ACCOUNTANTS", "SAMPLERS",
            "NOISE_STREAM", "SAMPLING_STREAM", "NOT_A_GUARANTEE"]

@@ -13,12 +13,12 @@ from .._per_example import _clipped
 from .accounting import ACCOUNTANTS
 from .sampling import SAMPLERS
 
-__all__ = ["DPSGD", "check_dp", "dp_forward_backward", "poisson_dp_grad", "NOISE_STREAM", "NOT_A_GUARANTEE"]
+__all__ = ["DPSGD", "check_dp", "check_dpsgd", "dp_forward_backward", "poisson_dp_grad", "NOISE_STREAM", "NOT_A_GUARANTEE"]
 
 
 class DPSGD(NamedTuple):
     """DP-SGD's options, as ``fit(..., dp=...)`` takes them (a plain ``(C, σ, δ)`` gives the
-    defaults of the rest).
+    defaults of the rest; :func:`check_dpsgd` checks them).
 
     clip: C, each example's gradient is clipped to norm at most C (``--dp-clip``).
     noise: σ, the noise multiplier: Gaussian noise of std σ·C on the sum (``--dp-noise``).
@@ -37,9 +37,8 @@ class DPSGD(NamedTuple):
     physical_batch: Optional[int] = None
 
 
-def check_dp(clip: float, noise: float, delta: float = 1e-5, sampling: str = "poisson", accountant: str = "rdp",
-             physical_batch: Optional[int] = None) -> DPSGD:
-    """The DP-SGD options as a :class:`DPSGD`, or ``ValueError`` naming the one that is wrong."""
+def check_dp(clip: float, noise: float, delta: float) -> tuple:
+    """``(C, σ, δ)`` as floats, or ``ValueError`` naming the one that is wrong."""
     clip = _checks.check_real("dp-sgd", "--dp-clip", clip)
     noise = _checks.check_real("dp-sgd", "--dp-noise", noise)
     delta = _checks.check_real("dp-sgd", "--dp-delta", delta)
@@ -49,18 +48,26 @@ def check_dp(clip: float, noise: float, delta: float = 1e-5, sampling: str = "po
         raise ValueError(f"dp-sgd: expected --dp-noise >= 0, got {noise:g}")
     if not 0 < delta < 1:
         raise ValueError(f"dp-sgd: expected --dp-delta in (0, 1), got {delta:g}")
-    if sampling not in SAMPLERS:
-        raise ValueError(f"dp-sgd: expected --dp-sampling to be one of {', '.join(SAMPLERS)}, got {sampling!r}")
-    if accountant not in ACCOUNTANTS:
+    return clip, noise, delta
+
+
+def check_dpsgd(dp) -> DPSGD:
+    """``dp`` (a :class:`DPSGD`, or a tuple of its first fields, e.g. ``(C, σ, δ)``) as a
+    :class:`DPSGD`, or ``ValueError`` naming the option that is wrong."""
+    dp = DPSGD(*dp)
+    clip, noise, delta = check_dp(dp.clip, dp.noise, dp.delta)
+    if dp.sampling not in SAMPLERS:
+        raise ValueError(f"dp-sgd: expected --dp-sampling to be one of {', '.join(SAMPLERS)}, got {dp.sampling!r}")
+    if dp.accountant not in ACCOUNTANTS:
         raise ValueError(f"dp-sgd: expected --dp-accountant to be one of {', '.join(ACCOUNTANTS)}, "
-                         f"got {accountant!r}")
-    if physical_batch is not None and (isinstance(physical_batch, bool) or int(physical_batch) != physical_batch
-                                       or physical_batch < 1):
-        raise ValueError(f"dp-sgd: expected --dp-physical-batch to be an integer >= 1, got {physical_batch!r}")
-    if physical_batch is not None and sampling != "poisson":
+                         f"got {dp.accountant!r}")
+    physical = dp.physical_batch
+    if physical is not None and (isinstance(physical, bool) or int(physical) != physical or physical < 1):
+        raise ValueError(f"dp-sgd: expected --dp-physical-batch to be an integer >= 1, got {physical!r}")
+    if physical is not None and dp.sampling != "poisson":
         raise ValueError(f"dp-sgd: expected --dp-physical-batch only with --dp-sampling poisson (shuffled batches "
-                         f"are whole), got --dp-sampling {sampling}")
-    return DPSGD(clip, noise, delta, sampling, accountant, None if physical_batch is None else int(physical_batch))
+                         f"are whole), got --dp-sampling {dp.sampling}")
+    return DPSGD(clip, noise, delta, dp.sampling, dp.accountant, None if physical is None else int(physical))
 
 
 #: What a run with ``--dp-sampling shuffle`` says of its ε, in its output and summary.json.

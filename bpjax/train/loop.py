@@ -18,7 +18,7 @@ import optax
 from .. import distributed as dist
 from .._core import Layer, Loss, check_model_and_loss
 from .._grad import forward_backward
-from ..privacy import (NOT_A_GUARANTEE, SAMPLING_STREAM, check_dp, default_physical_batch, dp_epsilon,
+from ..privacy import (NOT_A_GUARANTEE, SAMPLING_STREAM, check_dpsgd, default_physical_batch, dp_epsilon,
                        dp_forward_backward, poisson_dp_grad, poisson_sample)
 from ..datasets import Dataset
 from ..layers.losses import check_labels
@@ -314,7 +314,7 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
     """
     check_model_and_loss("fit", model, loss)
     optimizer = optimizer or optax.adam(1e-3)
-    dp = None if dp is None else check_dp(*dp)
+    dp = None if dp is None else check_dpsgd(dp)
     if data.num_classes is not None:
         _check_dataset_labels(model, data)
     ckpt = _Checkpointer(checkpoint_dir) if checkpoint_dir else None
