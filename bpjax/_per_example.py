@@ -411,17 +411,3 @@ class _Replay:
 
     def loss_backward(self, name, backward, res, dvalue):
         return backward(res, dvalue)
-
-
-#: DP-SGD's names that lived here until it became :mod:`bpjax.privacy` (``bpjax.privacy.audit``
-#: imports two of them from here).
-_MOVED_TO_PRIVACY = ("check_dp", "dp_epsilon", "dp_forward_backward", "NOISE_STREAM")
-
-
-def __getattr__(name):
-    """A name of :data:`_MOVED_TO_PRIVACY`, from :mod:`bpjax.privacy` (imported here when asked
-    for: it imports this module)."""
-    if name in _MOVED_TO_PRIVACY:
-        from . import privacy
-        return getattr(privacy, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -296,7 +296,8 @@ def audit_dp_sgd(data, *, model: str = "logreg", canaries: int = 1000, clip: flo
 
     from .. import models as _models
     from .._grad import value_and_grad
-    from .._per_example import check_dp, dp_epsilon
+    from .accounting import dp_epsilon
+    from .sgd import check_dp
     from ..layers.losses import softmax_cross_entropy
     from ..train import fit
 
@@ -384,7 +385,7 @@ def _positive_int(arg: str, value, least: int = 1) -> int:
 
 def _noise_for(epsilon: float, rate: float, steps: int, delta: float) -> float:
     """The smallest σ (to 0.1%) whose accountant's ε at ``delta`` is at most ``epsilon``."""
-    from .._per_example import dp_epsilon
+    from .accounting import dp_epsilon
     lo, hi = 0.05, 1.0                    # ε(lo) > epsilon ≥ ε(hi), σ's ε falls as σ grows
     while dp_epsilon(hi, rate, steps, delta) > epsilon:
         lo, hi = hi, 2.0 * hi
