@@ -24,13 +24,18 @@ def default_dtype():
     return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
 
 
+def precision_rank(d) -> int:
+    """Orders floating dtypes by precision: fewest bits, then fewest mantissa bits (bfloat16 below float16)."""
+    return jnp.finfo(d).bits * 10 + jnp.finfo(d).nmant
+
+
 def lowest_float(trees) -> np.dtype:
-    """The narrowest floating dtype among the leaves of ``trees`` (fewest bits, then fewest
-    mantissa bits: bfloat16 below float16); the default dtype when there is none."""
+    """The narrowest floating dtype among the leaves of ``trees`` (:func:`precision_rank`); the
+    default dtype when there is none."""
     dts = [jnp.dtype(a.dtype) for a in jax.tree_util.tree_leaves(trees) if is_floating(a)]
     if not dts:
         return jnp.dtype(default_dtype())
-    return min(dts, key=lambda d: jnp.finfo(d).bits * 10 + jnp.finfo(d).nmant)
+    return min(dts, key=precision_rank)
 
 
 def random_like(gen: np.random.Generator, shape_dtype, *, scalar_away_from_zero=True):

@@ -14,6 +14,7 @@ check) and reports a reference that does not apply (``jax.jvp`` of a ``custom_vj
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 from typing import Any, Callable, Sequence
@@ -164,17 +165,34 @@ def to_host(a):
     return np.asarray(a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a, np.float64)
 
 
-def evaluate(parts: dict, together: list, apart: list, args: Callable, main_ctx: Callable) -> tuple:
+#: Compiled programs kept between checks, by key (:func:`evaluate`): checking one f at many
+#: seeds (or drawing a point again) compiles once. The most recent few are kept.
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+_KEEP = 16
+
+
+def evaluate(parts: dict, together: list, apart: list, args: Callable, main_ctx: Callable, key=None) -> tuple:
     """Run the named ``parts`` (``part(*args(names))``) compiled: ``together`` in one program
     under ``main_ctx()``, ``apart`` in another under float64. Should a group fail, the user's
     own parts (``y``, ``manual``) run alone and may raise; a reference that cannot run is
-    returned in ``skipped`` with the reason. Returns ``(out, skipped)``, arrays on the host."""
+    returned in ``skipped`` with the reason. Returns ``(out, skipped)``, arrays on the host.
+    With a ``key`` (the same parts up to the values of their arguments), a program that ran is
+    kept and reused under that key."""
     skipped, out = {}, {}
 
     def run(names, context):
         with context:
-            f = lambda *a: {k: parts[k](*a) for k in names}
-            return jax.tree_util.tree_map(to_host, jit_o0(f)(*args(names)))
+            at = None if key is None else (key, tuple(names), jax.config.jax_enable_x64)
+            program = _PROGRAMS.get(at) if at is not None else None
+            if program is None:
+                program = jit_o0(lambda *a: {k: parts[k](*a) for k in names})
+            result = jax.tree_util.tree_map(to_host, program(*args(names)))
+            if at is not None:
+                _PROGRAMS[at] = program
+                _PROGRAMS.move_to_end(at)
+                while len(_PROGRAMS) > _KEEP:
+                    _PROGRAMS.popitem(last=False)
+            return result
 
     for group, ctx in ((together, main_ctx), (apart, x64)):
         if not group:
@@ -191,5 +209,12 @@ def evaluate(parts: dict, together: list, apart: list, args: Callable, main_ctx:
                 try:
                     out.update(run([m], ctx()))
                 except Exception as e:                      # this reference does not apply
-                    skipped[m] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+                    skipped[m] = _reason(e)
     return out, skipped
+
+
+def _reason(e: Exception) -> str:
+    """One line for why a part could not run: the error's first line, or, when that only opens
+    a traceback (an error raised in a host callback), its last."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
+    return f"{type(e).__name__}: {(lines[-1] if lines[0].endswith('(most recent call last):') else lines[0])[:100]}"

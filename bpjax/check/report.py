@@ -47,6 +47,11 @@ class Comparison:
         where: where the largest relative disagreement sits: an element index ``"(2, 0)"``, or
             ``"v1"`` for the second random direction.
         kinks: points left out because a kink sits there (element indices or directions).
+        edges: directions left out because f is not finite within their smallest steps (the
+            edge of its domain: ``log`` near 0).
+        checked: whether this reference compared anything (False when it was skipped, or
+            every point was left out). A leaf no reference checked is ``not checked``: it
+            fails unless the check was told it may go unchecked.
     """
 
     gradient: str
@@ -63,6 +68,8 @@ class Comparison:
     output: str = ""
     where: str = ""
     kinks: tuple = ()
+    edges: tuple = ()
+    checked: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +108,13 @@ class GradientReport:
 
     @property
     def failing(self) -> tuple:
-        """Names of the failing gradient leaves, in table order."""
+        """Names of the failing gradient leaves, in table order (those not checked included)."""
         return tuple(dict.fromkeys(r.gradient for r in self.rows if not r.ok))
+
+    @property
+    def unchecked(self) -> tuple:
+        """Names of the gradient leaves that no reference compared (for some output), in table order."""
+        return tuple(dict.fromkeys(r.gradient for r in self.rows if r.note.startswith("not checked")))
 
     @property
     def kinks(self) -> dict:
@@ -123,8 +135,21 @@ class GradientReport:
         raise KeyError(f"GradientReport.row: expected one of {sorted({r.gradient for r in self.rows})} "
                        f"and a reference in {self.methods}, got ({gradient!r}, {reference!r})")
 
+    @property
+    def edges(self) -> dict:
+        """``{gradient: directions}`` left out of fd at the edge of f's domain."""
+        out: dict = {}
+        for r in self.rows:
+            if r.edges:
+                out.setdefault(r.gradient, [])
+                out[r.gradient] += [k for k in r.edges if k not in out[r.gradient]]
+        return {g: tuple(k) for g, k in out.items()}
+
     def __str__(self) -> str:
-        verdict = "ok" if self.ok else "FAILED: " + ", ".join(self.failing)
+        only_unchecked = lambda g: all(r.note.startswith("not checked") for r in self.rows
+                                       if r.gradient == g and not r.ok)
+        verdict = "ok" if self.ok else "FAILED: " + ", ".join(
+            g + (" (not checked)" if only_unchecked(g) else "") for g in self.failing)
         show_out = any(r.output for r in self.rows)
         lead = ["gradient", "shape"] + (["output"] if show_out else []) + ["vs"]
         head = lead + ["max abs err", "max rel err", "cosine", "order", "tol"] \
@@ -169,7 +194,8 @@ def _cells(r: Comparison, prev: Optional[Comparison], show_out: bool, show_where
     if show_out:
         lead.append(r.output if first or r.output != prev.output else "")
     lead.append(r.reference)
-    result = ("—" if r.note else "ok") if r.ok else "FAIL <--"
+    result = ("—" if r.note else "ok") if r.ok else "NOT CHECKED <--" if r.note.startswith("not checked") \
+        else "FAIL <--"
     if r.note:
         return lead + [r.note, result]
     order = "" if r.reference != "fd" else ("—" if r.order is None else f"{r.order:.2f}")

@@ -21,11 +21,22 @@ falls back to the dtype's tolerances and floor.)
 Kinks (relu at 0, ``abs``, ``max`` at a tie): a direction along which a kink lies within the
 smallest steps is found from the second difference (:func:`._gradcheck_fd.kinked`). At a drawn
 point, the point is drawn again; at a point the user gave, the report says where the kink is
-and leaves it out of the comparison instead of failing it.
+and leaves it out of the comparison instead of failing it. Likewise the edge of f's domain
+(``log`` near 0, ``logit`` near 1): a step at which f is not finite is never used, and a
+direction finite at too few of the smallest steps is reported and left out.
+
+No reference, no pass: a leaf that no reference compared (the float64 differences raised and
+no reference was given, say) is ``not checked`` and fails, unless ``allow_unchecked`` names it.
+When f cannot run on float64 copies, its differences run in its own precision (float32) with
+that precision's tolerances. A forward that computes below float64 inside (a kernel that casts
+to float32) is found by a probe (:func:`._gradcheck_fd.forward_precision`) and held to its own
+precision too. An output of at most 8 elements is also pulled back along ``−dy``: a rule
+using ``|g|`` for ``g`` agrees with the truth whenever every element of ``dy`` is positive.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import math
 from typing import Any, Callable, Optional, Sequence, Union
@@ -50,12 +61,14 @@ _NAME = "check_vjp"
 #: (float16), 0.5 (bfloat16) to this.
 _LOW_FLOOR = 1e-3
 _SAMPLE = 16            # random coordinates of a leaf larger than ``coords``, beside its random directions
+_SIGNS = 8              # an output leaf of at most this many elements is also pulled back along −dy
 
 
 def check_vjp(f: Callable, *args, reference: Optional[Callable] = None,
               argnums: Union[None, int, Sequence[int]] = None, dtype=None, seed: int = 0,
               rtol=None, atol: Optional[float] = None, cotangent=None, directions: int = 3,
-              coords: int = 64, min_order: Optional[float] = 1.5, resample: int = 3) -> GradientReport:
+              coords: int = 64, min_order: Optional[float] = 1.5, resample: int = 3,
+              allow_unchecked: bool | Sequence[str] = ()) -> GradientReport:
     """Check the VJP of ``f`` (e.g. a ``jax.custom_vjp`` rule) against float64 finite differences.
 
     ``y = f(*args)``; checked is ``dargs = vjp(f, *args)(dy)`` for a random ``dy``, one output
@@ -83,11 +96,15 @@ def check_vjp(f: Callable, *args, reference: Optional[Callable] = None,
             its coordinates, drawn at random).
         coords: leaves of at most this many elements are differentiated along every coordinate.
         resample: how many times a drawn point with a kink within a step is drawn again.
+        allow_unchecked: gradient leaves (``"dx"``, ``"dp['a']"``, or True for all) that may go
+            unchecked, reported ``not checked (allowed)`` instead of failing, when no reference
+            can compare them (f raises at a perturbed point, say).
 
     Returns:
         A :class:`bpjax.GradientReport`: per input leaf and output leaf, the relative error
         against each reference, the observed Taylor order, and where the largest
-        disagreement sits (``at``); ``report.failing`` names the wrong inputs.
+        disagreement sits (``at``); ``report.failing`` names the wrong inputs (and those not
+        checked, ``report.unchecked``); ``report.kinks`` and ``report.edges`` what was left out.
     """
     f, reference, dtype = _validated(f, reference, dtype, args)
     names = _argument_names(f, len(args))
@@ -98,7 +115,7 @@ def check_vjp(f: Callable, *args, reference: Optional[Callable] = None,
         for attempt in range(resample + 1):
             report = _check_at(f, reference, values, argnums, names, dtype, seed=seed + attempt, rtol=rtol,
                                atol=atol, cotangent=cotangent, directions=directions, coords=coords,
-                               min_order=min_order)
+                               min_order=min_order, unchecked=_allowed(allow_unchecked))
             if not report.kinks or not any(drawn[i] for i in argnums) or attempt == resample:
                 break
             notes.append(f"drawn again: a kink within the smallest step at {_kink_text(report.kinks)}")
@@ -142,6 +159,17 @@ def _validated(f, reference, dtype, args):
         if not isinstance(dtype, np.dtype) or dtype.name not in _FLOATS:
             raise ValueError(f"{_NAME}: expected dtype float64, float32, float16 or bfloat16, got {dtype!r}")
     return f, reference, dtype
+
+
+def _allowed(allow_unchecked):
+    """``allow_unchecked`` as the engine takes it (True, or a tuple of names), checked at once."""
+    if allow_unchecked is True or allow_unchecked is False:
+        return allow_unchecked or ()
+    names = (allow_unchecked,) if isinstance(allow_unchecked, str) else allow_unchecked
+    if not isinstance(names, (tuple, list, set, frozenset)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{_NAME}: expected allow_unchecked to be a bool or gradient names like 'dx', "
+                        f"got {allow_unchecked!r}")
+    return tuple(names)
 
 
 def _is_shape(a) -> bool:
@@ -262,11 +290,16 @@ def _check_at(f, reference, values, argnums, names, dtype, **kw) -> GradientRepo
     if reference is not None:
         _same_outputs(y, jax.eval_shape(lambda t, a: ref(t, a), tuple(values[i] for i in argnums), dynamic))
     low = dtype or lowest_float([[values[i] for i in argnums], y])
+    key = (f, reference, argnums, tuple(static.items()), tuple(sorted(dynamic)))   # f's programs are kept by it
+    try:
+        hash(key)
+    except TypeError:                            # an argument held fixed is not hashable: not kept
+        key = None
     methods = ("fd", "vjp") if reference is not None else ("fd",)
     return run(_NAME, f"check_vjp({_fn_name(f)})", fn, manual, groups, dynamic, dtype=low, methods=methods,
                jit=True, fd_dtype=jnp.float64, details=_details(low, values, argnums, y), reference=ref,
                upcast_reference=True, per_output=True, sample=_SAMPLE, kinks=True, low_floor=_LOW_FLOOR,
-               labels={"vjp": "ref"},
+               labels={"vjp": "ref"}, signs=_SIGNS, detect_precision=True, program_key=key,
                legend=_legend(reference is not None, kw["coords"]), show_where=True, **kw)
 
 
@@ -293,7 +326,7 @@ def _details(dtype, values, argnums, y) -> str:
 
 def _legend(with_reference: bool, coords: int) -> tuple:
     lines = ["checked: jax.vjp of f (its custom_vjp bwd rule) along dy, one output leaf at a time",
-             "fd  = central differences of f in {fd} on upcast copies, along every coordinate of a leaf of "
+             "fd  = central differences of f in {fd} (on upcast copies), along every coordinate of a leaf of "
              f"≤ {coords} elements, else {{n}} random directions v0, v1… and {_SAMPLE} random coordinates; "
              "order of the Taylor remainder: ≈2 right, ≈1 wrong, — linear, (…) not binding (kink)"]
     if with_reference:
@@ -307,6 +340,4 @@ def _kink_text(kinks: dict) -> str:
 
 
 def _with_notes(report: GradientReport, notes: list) -> GradientReport:
-    import dataclasses
-
-    return dataclasses.replace(report, notes=tuple(notes)) if notes else report
+    return dataclasses.replace(report, notes=report.notes + tuple(notes)) if notes else report
