@@ -6,7 +6,7 @@
 The corpus (``scripts/benchmarks/vjp_corpus_fns.py``) holds ``jax.custom_vjp`` functions, half correct
 (kinks and pytree inputs included) and half with a planted bug, and their PyTorch twins as
 ``torch.autograd.Function`` with the same rules and the same bugs. At the same inputs, in
-float64, it runs
+float64 (float32 for the kernel that refuses float64), it runs
 
 - ``bp.check_vjp(f, *args)`` (defaults: float64 central differences, no reference);
 - ``jax.test_util.check_grads(f, args, order=1, modes=["rev"])`` (defaults);
@@ -41,10 +41,16 @@ import bpjax as bp  # noqa: E402
 DTYPE = {"name": "float64"}          # set by --dtype
 
 
+def _dtype(case) -> str:
+    """--dtype, or the case's own when narrower (a kernel that refuses float64 gets float32)."""
+    order = ("bfloat16", "float32", "float64")
+    return min(DTYPE["name"], case.dtype, key=order.index)
+
+
 def _arguments(case):
     import jax.numpy as jnp
 
-    return jax.tree_util.tree_map(lambda a: a.astype(DTYPE["name"]), corpus.arguments(case, jnp))
+    return jax.tree_util.tree_map(lambda a: a.astype(_dtype(case)), corpus.arguments(case, jnp))
 
 
 def run_bpjax(name, case):
@@ -66,7 +72,7 @@ def run_torch(name, case):
     import torch
     from torch.autograd.gradcheck import GradcheckError
 
-    dtype = getattr(torch, DTYPE["name"])
+    dtype = getattr(torch, _dtype(case))
     inputs = [torch.tensor(a, dtype=torch.float64).to(dtype).requires_grad_() for a in corpus.leaves(case)]
     try:
         with warnings.catch_warnings():                 # below float64 it warns, then checks anyway

@@ -10,7 +10,11 @@ per leaf, in JAX's leaf order) — so both carry exactly the same rule, and the 
 names them (``"dw"``, ``"dp['a']"``); ``wrong_leaves`` are their positions among the leaves
 (torch's input numbers). Correct cases have neither. Inputs are fixed arrays (the same point
 for every checker); two correct cases sit exactly at a kink on purpose (a ``max`` at a tie, a
-relu at the zeros a previous relu made).
+relu at the zeros a previous relu made). Four cases are hard for a checker in other ways: a
+logit near 0 and 1 (a large step leaves its domain), an rms norm computed in float32 inside
+whatever its inputs (as a kernel is), a kernel that refuses float64 (its inputs are float32:
+``Case.dtype``), and a determinant whose rule uses ``|g|`` for ``g`` (right for any positive
+cotangent).
 
 torch is optional: only :func:`torch_fn` needs it.
 """
@@ -23,6 +27,10 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def _ALTERNATE(shape):
+    return np.fromfunction(lambda i, j: (-1.0) ** (i + j), shape)         # [[1, −1], [−1, 1]]
 
 
 class _Jax:
@@ -40,6 +48,12 @@ class _Jax:
     step = staticmethod(lambda a: (a > 0).astype(a.dtype))                       # 1 where a > 0
     max_last = staticmethod(lambda a: jnp.max(a, axis=-1))
     first_argmax = staticmethod(lambda a: jax.nn.one_hot(jnp.argmax(a, axis=-1), a.shape[-1], dtype=a.dtype))
+    sin, cos = staticmethod(jnp.sin), staticmethod(jnp.cos)
+    rot180 = staticmethod(lambda a: jnp.flip(a, axis=(0, 1)))
+    alternate = staticmethod(lambda a: jnp.asarray(_ALTERNATE(a.shape), a.dtype))
+    f32 = staticmethod(lambda a: a.astype(jnp.float32))
+    like = staticmethod(lambda a, ref: a.astype(ref.dtype))
+    is_f64 = staticmethod(lambda a: a.dtype == jnp.float64)
 
 
 class _Torch:
@@ -59,6 +73,11 @@ class _Torch:
             "step": lambda a: (a > 0).to(a.dtype),
             "max_last": lambda a: a.max(dim=-1).values,
             "first_argmax": lambda a: torch.nn.functional.one_hot(a.argmax(dim=-1), a.shape[-1]).to(a.dtype),
+            "sin": torch.sin, "cos": torch.cos,
+            "rot180": lambda a: torch.flip(a, dims=(0, 1)),
+            "alternate": lambda a: torch.tensor(_ALTERNATE(a.shape), dtype=a.dtype),
+            "f32": lambda a: a.float(), "like": lambda a, ref: a.to(ref.dtype),
+            "is_f64": lambda a: a.dtype == torch.float64,
         }
         return ops[name]
 
@@ -75,6 +94,7 @@ class Case(NamedTuple):
     what: str
     bug: str = ""                 # the kind of planted bug ("" for a correct case)
     wrong: tuple = ()             # the wrong inputs as bp.check_vjp names them
+    dtype: str = "float64"        # the widest dtype its inputs may have (a kernel refusing float64: float32)
 
 
 def _normal(name, shape, scale=1.0):
@@ -270,6 +290,51 @@ def leaky_relu_bwd(o, res, g):
     return (g * o.where(x > 0, 1.0, 0.01),)                      # bug: slope 0.01 where forward has 0.1
 
 
+def logit_fwd(o, p):
+    return o.log(p) - o.log(1 - p), (p,)
+
+
+def logit_bwd(o, res, g):
+    (p,) = res
+    return (g / (p * (1 - p)),)
+
+
+def rms_norm_f32_fwd(o, x, w):                                   # computes in float32, whatever x is
+    x32, w32 = o.f32(x), o.f32(w)
+    r = 1 / o.sqrt(o.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
+    return o.like(x32 * r * w32, x), (x, w)
+
+
+def rms_norm_f32_bwd(o, res, g):
+    x, w = res
+    x32, w32, g32 = o.f32(x), o.f32(w), o.f32(g)
+    r = 1 / o.sqrt(o.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
+    xhat, dxhat = x32 * r, g32 * w32                             # (N, D)
+    dx = r * (dxhat - xhat * o.mean(dxhat * xhat, axis=-1, keepdims=True))
+    return o.like(dx, x), o.like(o.sum(g32 * xhat, axis=0), w)
+
+
+def sin_kernel_fwd(o, x):                                        # refuses float64, as a Pallas kernel with x64 on
+    if o.is_f64(x):
+        raise TypeError("lax.div requires arguments to have the same dtypes, got int32, int64")
+    return o.sin(x), (x,)
+
+
+def sin_kernel_bwd(o, res, g):
+    (x,) = res
+    return (1.1 * g * o.cos(x),)                                 # bug: a slope 10% too steep
+
+
+def det2_fwd(o, x):
+    return x[0, 0] * x[1, 1] - x[0, 1] * x[1, 0], (x,)
+
+
+def det2_bwd(o, res, g):
+    (x,) = res
+    cofactors = o.rot180(x) * o.alternate(x)                     # d det / dx = [[d, −c], [−b, a]]
+    return (o.abs(g) * cofactors,)                               # bug: |g| for g, right whenever g > 0
+
+
 def _bug(bwd, kind):
     return lambda o, res, *g: bwd(o, res, *g, bug=kind)
 
@@ -278,6 +343,7 @@ def _bug(bwd, kind):
 
 _TIES = np.array([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, -1.0, 0.5], [0.0, 5.0, 1.0, 5.0]])
 _RELU_OUT = np.maximum(_normal("relu-out", (3, 4)), 0.0)          # exact zeros, as a previous relu leaves them
+_NEAR_EDGES = np.array([[0.945, 0.02, 0.5], [0.97, 0.005, 0.3]])  # a step of 0.1 × their RMS leaves (0, 1)
 
 
 def _x(name, shape=(3, 4)):
@@ -337,6 +403,15 @@ CASES = {
                                 "(x W, Σ x²): dx misses 2 g₁ x", "one output's term", ("dx",)),
     "leaky_relu_slope": Case(leaky_relu_fwd, leaky_relu_bwd, _x("lr"), "leaky relu: slope 0.01 in bwd, 0.1 in fwd",
                              "missing factor at a kink", ("dx",)),
+    # hard for a checker in other ways
+    "logit_near_edges": Case(logit_fwd, logit_bwd, (("p", _NEAR_EDGES),), "log p − log(1 − p) near 0 and 1"),
+    "rms_norm_f32_inside": Case(rms_norm_f32_fwd, rms_norm_f32_bwd,
+                                (("x", _normal("rn-x", (3, 8))), ("w", 1 + _normal("rn-w", (8,), 0.3))),
+                                "rms norm computed in float32 inside, as a kernel"),
+    "sin_kernel_refuses_f64": Case(sin_kernel_fwd, sin_kernel_bwd, _x("sk"), "sin, refusing float64: dx = 1.1 g cos x",
+                                   "float64 refused (a slope)", ("dx",), dtype="float32"),
+    "det2_abs_g": Case(det2_fwd, det2_bwd, (("x", _normal("det", (2, 2))),), "det of 2×2: dx = |g| cofactors",
+                       "only for positive cotangents", ("dx",)),
 }
 
 
@@ -344,8 +419,8 @@ CASES = {
 
 
 def arguments(case: Case, module=jnp) -> tuple:
-    """The case's arguments as arrays (a tuple, pytrees kept)."""
-    return tuple(jax.tree_util.tree_map(lambda a: module.asarray(a), v) for _, v in case.args)
+    """The case's arguments as arrays (a tuple, pytrees kept), in ``case.dtype``."""
+    return tuple(jax.tree_util.tree_map(lambda a: module.asarray(a, case.dtype), v) for _, v in case.args)
 
 
 def jax_fn(name: str) -> Callable:
