@@ -118,15 +118,16 @@ def test_shapes_are_drawn_and_as_jax_fn_layers_check():
     layer = bp.dense(3)
     params, _, _ = layer.init(jax.random.PRNGKey(0), (4,))
     params = bp.cast_floating(params, jnp.float64)
-    report = bp.check_vjp(bp.as_jax_fn(layer), params, (2, 4), argnums=(0, 1))
-    assert report.ok and list(dict.fromkeys(r.gradient for r in report.rows)) == ["dparams['b']", "dparams['w']", "dx"]
+    report = bp.check_vjp(bp.as_jax_fn(layer), params, (), (2, 4), argnums=(0, 2))      # fn(params, state, x)
+    names = list(dict.fromkeys(r.gradient for r in report.rows))
+    assert report.ok and names == ["dparams['b']", "dparams['w']", "dargs[1]"], report            # x is args[1]
 
     def wrong_db(params, res, dy):
         dparams, dx = layer.backward(params, res, dy)
         return {"w": dparams["w"], "b": 2 * dparams["b"]}, dx
 
     buggy = bp.as_jax_fn(bp.Layer(layer.init, layer.forward, wrong_db))
-    assert bp.check_vjp(buggy, params, jax.ShapeDtypeStruct((2, 4), jnp.float64)).failing == ("dparams['b']",)
+    assert bp.check_vjp(buggy, params, (), jax.ShapeDtypeStruct((2, 4), jnp.float64)).failing == ("dparams['b']",)
 
 
 def test_assert_vjp_close_raises_with_the_table():
