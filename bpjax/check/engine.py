@@ -133,7 +133,7 @@ def _tolerances(name, dtype, rtol, methods, fd_dtype, out, fallback, detect_prec
     float64 cannot run, or when f computes below it inside); ``tol``, ``base_tol`` (without
     ``rtol``) and the dtype they are for, the narrower of ``dtype`` and ``level``. The floor
     drops to ``low_floor`` when the rounding of the hand-written gradient was measured."""
-    level = fallback[0] if fallback else (forward_precision(out["fd"][3]) if detect_precision and "fd" in out
+    level = fallback[0] if fallback else (forward_precision(out["fd"]) if detect_precision and "fd" in out
                                           and fd_dtype == jnp.float64 else None)
     low_floor = low_floor if "manual_up" in out else None
     tol_dtype = dtype if level is None else min([jnp.dtype(dtype), jnp.dtype(level)], key=draw.precision_rank)

@@ -19,9 +19,9 @@ upcast copies. Then, on the host:
   both sides count (:func:`finite_steps`), and a direction with fewer than ``MIN_STEPS`` of
   them is at the edge and not compared (:func:`at_edge`);
 - a forward that computes below float64 inside (a kernel that casts to float32): its float64
-  evaluation does not see a perturbation below float32's resolution (:func:`precision_probe`,
+  evaluation does not see a step below float32's resolution (``PROBE_STEP``,
   :func:`forward_precision`); its ``g`` then carries that rounding, and the step is chosen
-  for the least error counting the measured noise (``noise`` of :func:`central_differences`).
+  for the least error counting it (``noise`` of :func:`central_differences`).
 """
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ STEPS = 0.1 * 0.5 ** np.arange(14)
 #: A direction needs g finite on both sides at this many of the smallest steps (h ≤ 3.9e-4 of
 #: the RMS, enough for the step choice and the kink test); with fewer it is at the domain's edge.
 MIN_STEPS = 5
-#: The relative perturbations of the precision probe: one below float32's resolution (2⁻²⁴),
-#: one above it.
-_PROBE = (2.0 ** -36, 2.0 ** -16)
+#: The precision probe's step (times the leaf's RMS): below float32's resolution of an element
+#: of that size (2⁻²⁴ of it), so a forward that rounds its inputs to float32 does not see it.
+PROBE_STEP = 2.0 ** -30
 
 
 def wide(dtype):
@@ -63,49 +63,40 @@ def abs_vdot(a: PyTree, b: PyTree):
 
 def evaluate_along(f: Callable, vleaves: list, dys: list, directional: Callable):
     """``g0`` (B,), ``Σ|dy ⊙ y|`` (B,), ``g(±h_k)`` along every direction, (T, 2K, B), and the
-    precision probe of ``f`` (:func:`precision_probe`).
+    precision probe of ``f`` (:func:`forward_precision`).
 
     ``f(leaves) -> y``; ``dys`` holds one cotangent per output block ``b`` (one block: the
     whole ``dy``); ``directional(along, evals)`` maps ``along(tangent)`` over the directions.
+    Along each direction f is also evaluated one step of ``PROBE_STEP`` away, where only a
+    float64 computation can move an output by less than float32 resolves.
     """
-    steps = jnp.asarray(np.concatenate([STEPS, -STEPS]))
+    steps = jnp.asarray(np.concatenate([STEPS, -STEPS, [PROBE_STEP]]))
     g = lambda y: jnp.stack([vdot(dy, y) for dy in dys], axis=-1)
-    # f at the point and at the probe's two perturbations, in one vmapped evaluation
-    wiggle = [jnp.sin(jnp.arange(a.size, dtype=a.dtype) * 2.399963).reshape(a.shape) for a in vleaves]
-    points = [jnp.stack([a] + [a * (1 + p * u) for p in _PROBE]) for a, u in zip(vleaves, wiggle)]
-    ys = jax.vmap(f)(points)
-    y0 = jax.tree_util.tree_map(lambda y: y[0], ys)
-    g0 = g(y0)
+    y0 = f(vleaves)
+    flat = lambda y: jnp.concatenate([a.reshape(-1).astype(wide(a.dtype)) for a in jax.tree_util.tree_leaves(y)])
+    g0, flat0 = g(y0), flat(y0)
     gabs = jnp.stack([abs_vdot(dy, y0) for dy in dys])
 
-    def along(tangent):
-        return jax.vmap(lambda h: g(f([a + (h * t).astype(a.dtype) for a, t in zip(vleaves, tangent)])))(steps)
+    def at(h, tangent):
+        y = f([a + (h * t).astype(a.dtype) for a, t in zip(vleaves, tangent)])
+        moved = jnp.abs(flat(y) - flat0)
+        fine = (moved > 0) & (moved <= 2.0 ** -26 * jnp.maximum(jnp.abs(flat(y)), jnp.abs(flat0)))
+        return g(y), jnp.sum(fine)                    # and the outputs that moved below float32's resolution
 
-    return g0, gabs, directional(along, len(steps)), precision_probe(ys)
-
-
-def precision_probe(ys):
-    """What f's evaluation at ``x``, ``x (1 + 2⁻³⁶ u)`` and ``x (1 + 2⁻¹⁶ u)`` (``ys``, stacked)
-    says of its precision: the number of output elements that moved by less than float32 can
-    resolve (only a float64 computation can), the number that moved at all under the larger
-    perturbation, and whether ``y`` is exactly representable in float32, float16, bfloat16.
-    """
-    leaves = [y for y in jax.tree_util.tree_leaves(ys) if y.size]
-    if not leaves:
-        return jnp.zeros(5)
-    y0, ya, yb = (jnp.concatenate([y[i].reshape(-1).astype(jnp.float64) for y in leaves]) for i in range(3))
-    moved = jnp.abs(ya - y0)
-    fine = (moved > 0) & (moved <= 2.0 ** -28 * jnp.maximum(jnp.abs(y0), jnp.abs(ya)))
-    same = lambda dt: jnp.all(y0.astype(dt).astype(jnp.float64) == y0)
-    return jnp.stack([jnp.sum(fine), jnp.sum(yb != y0), same(jnp.float32), same(jnp.float16),
-                      same(jnp.bfloat16)]).astype(jnp.float64)
+    gh, fine = directional(lambda tangent: jax.vmap(lambda h: at(h, tangent))(steps), len(steps))
+    same = lambda dt: jnp.all(flat0.astype(dt).astype(flat0.dtype) == flat0)
+    probe = jnp.stack([jnp.sum(fine[:, -1]), same(jnp.float16), same(jnp.bfloat16)]).astype(flat0.dtype)
+    return g0, gabs, gh[:, :-1], probe
 
 
-def forward_precision(probe) -> str | None:
-    """The precision of f's float64 evaluation, from :func:`precision_probe`: None when it is
-    float64 (or unknown: nothing moved), else the narrowest float its outputs fit exactly."""
-    fine, moved, _, f16, bf16 = (float(v) for v in np.asarray(probe))
-    if fine > 0 or moved == 0:
+def forward_precision(fd) -> str | None:
+    """The precision of f's float64 evaluation, from :func:`evaluate_along`'s results ``fd``:
+    None when it is float64 (some output moved by less than float32 resolves, at the probe's
+    step), or unknown (nothing moved at the smallest steps either); else the narrowest float
+    its outputs fit exactly (float32, or float16, bfloat16)."""
+    g0, _, gh, (fine, f16, bf16) = fd
+    K = len(STEPS)
+    if fine > 0 or not np.any(gh[:, [K - 1, 2 * K - 1], :] != np.asarray(g0)[None, None, :]):
         return None
     return "bfloat16" if bf16 else "float16" if f16 else "float32"
 
