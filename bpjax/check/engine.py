@@ -116,7 +116,7 @@ def run(name: str, title: str, fn: Callable, manual: Callable, groups: Sequence[
     shown = tuple((labels or {}).get(m, m) for m in methods)
     return GradientReport(title, details + _directions_text(methods, directions, coords, sample), tuple(rows),
                           shown, directions, fd_name, legend=(*legend, *_twin_legend(signs, blocks)),
-                          show_where=show_where, notes=_notes(fallback, level if not fallback else None, rows, problem))
+                          show_where=show_where, notes=_notes(fallback, level, tol_dtype, rows, problem))
 
 
 def _twin_legend(signs: int, blocks) -> tuple:
@@ -154,13 +154,13 @@ def _unchecked(rows: list, allowed: bool) -> list:
                                 + r.note) for r in rows]
 
 
-def _notes(fallback, level, rows, problem) -> tuple:
+def _notes(fallback, level, tol_dtype, rows, problem) -> tuple:
     """Lines under the table: differences in a lower precision, and points at the domain's edge."""
     notes = []
     if fallback:
         notes.append(f"fd in {fallback[0]}: f cannot run on float64 copies ({fallback[1]}), so its differences "
-                     f"are in its own precision, with {fallback[0]} tolerances")
-    if level:
+                     f"are in its own precision, with {jnp.dtype(tol_dtype).name} tolerances")
+    elif level:
         notes.append(f"f computes in {level} inside: on float64 copies no perturbation below {level}'s resolution "
                      f"moves its output, so its differences carry {level} rounding; fd steps are chosen for that "
                      f"noise and the tolerances are {level}'s")
