@@ -60,7 +60,7 @@ def test_the_corpus_covers_what_the_issue_asks():
                     "BPJAX_TEST_TORCH=1 python -m pytest tests/test_check_vjp.py -k torch")
 def test_torch_twins_carry_the_same_rules():
     torch = pytest.importorskip("torch")
-    for name in ("layer_norm", "two_outputs", "exp_g_abs_g", "scale_shift_swapped"):
+    for name in ("layer_norm", "two_outputs", "exp_g_abs_g", "scale_shift_swapped", "logit_near_edges", "det2_abs_g"):
         case = corpus.CASES[name]
         leaves = corpus.leaves(case)
         gen = np.random.default_rng(0)

@@ -176,8 +176,8 @@ def evaluate(parts: dict, together: list, apart: list, args: Callable, main_ctx:
     under ``main_ctx()``, ``apart`` in another under float64. Should a group fail, the user's
     own parts (``y``, ``manual``) run alone and may raise; a reference that cannot run is
     returned in ``skipped`` with the reason. Returns ``(out, skipped)``, arrays on the host.
-    With a ``key`` (the same parts up to the values of their arguments), a program that ran is
-    kept and reused under that key."""
+    With a ``key`` (the same parts up to the values of their arguments), each program is kept
+    and reused under that key."""
     skipped, out = {}, {}
 
     def run(names, context):
@@ -186,13 +186,12 @@ def evaluate(parts: dict, together: list, apart: list, args: Callable, main_ctx:
             program = _PROGRAMS.get(at) if at is not None else None
             if program is None:
                 program = jit_o0(lambda *a: {k: parts[k](*a) for k in names})
-            result = jax.tree_util.tree_map(to_host, program(*args(names)))
-            if at is not None:
+            if at is not None:                      # kept even if it raises: a run that failed compiled
                 _PROGRAMS[at] = program
                 _PROGRAMS.move_to_end(at)
                 while len(_PROGRAMS) > _KEEP:
                     _PROGRAMS.popitem(last=False)
-            return result
+            return jax.tree_util.tree_map(to_host, program(*args(names)))
 
     for group, ctx in ((together, main_ctx), (apart, x64)):
         if not group:
