@@ -1,6 +1,7 @@
 """The bridge to ordinary JAX: a layer as a function ``jax.grad`` differentiates with our backward."""
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import jax
@@ -49,10 +50,16 @@ def as_jax_fn(layer: Layer, *, train: bool = True, with_state: bool = False):
         return (y, new_state) if with_state else y
 
     fn.__name__ = fn.__qualname__ = f"{layer.name}_as_jax_fn"
+    fn.__signature__ = _SIGNATURE          # what help() and check_vjp's leaf names (dx) read
     fn.__doc__ = (f"``{layer.name}``'s forward, ``fn(params, state, x, *, key=None) -> "
                   f"{'(y, new_state)' if with_state else 'y'}``, differentiated by its hand-written backward "
                   f"(``bpjax.as_jax_fn``).")
     return fn
+
+
+_P = inspect.Parameter
+_SIGNATURE = inspect.Signature([_P("params", _P.POSITIONAL_OR_KEYWORD), _P("state", _P.POSITIONAL_OR_KEYWORD),
+                                _P("x", _P.POSITIONAL_OR_KEYWORD), _P("key", _P.KEYWORD_ONLY, default=None)])
 
 
 def _is_array(a) -> bool:
