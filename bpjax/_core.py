@@ -306,13 +306,13 @@ def make_layer(
         if not isinstance(out, tuple) or len(out) != 2:
             raise TypeError(f"{name}: expected backward to return a pair (dparams, dx), got {describe(out)}")
         dparams, dx = out
-        if backward_ in _SHAPES_REPORTED:               # a gradient check's report shows the shapes
-            return cast_like(dparams, params), dx
         if jax.tree_util.tree_structure(dparams) != jax.tree_util.tree_structure(params):
             raise TypeError(f"{name}: expected backward to return dparams with the tree structure of params, "
                             f"got another tree.\n"
                             f"  expected: {describe(params)}\n"
                             f"  got:      {describe(dparams)}")
+        if backward_ in _SHAPES_REPORTED:               # a gradient check's report shows the shapes
+            return cast_like(dparams, params), dx
         check_tree(name, "backward's dparams", params, dparams, shapes=True)   # shapes, and float where float
         return cast_like(dparams, params), dx
 
