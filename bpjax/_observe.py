@@ -274,6 +274,20 @@ class _Observer:
     def loss_backward(self, name, backward, res, dvalue):
         return backward(res, dvalue)
 
+    def rewind(self) -> None:
+        """Forget the backward seen so far (which frames it used, its entries), keeping the
+        forward's frames: the next backward over the same forward is observed anew, with the
+        same path names (``bpjax.backward_quantities`` runs several over one forward)."""
+
+        def reset(frame):
+            frame.used = False
+            for child in frame.children:
+                reset(child)
+
+        for root in self.roots:
+            reset(root)
+        self.entries = []
+
 
 @contextlib.contextmanager
 def paused():
