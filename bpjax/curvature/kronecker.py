@@ -31,7 +31,7 @@ Any other layer with params is refused by :func:`kronecker_rule`, naming it and 
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,9 +70,10 @@ _REFUSED = {
 DIAGONAL = ("norm", "mixes_examples")
 
 
-def kronecker_rule(v: View, variant: str) -> Optional[str]:
+def kronecker_rule(v: View, variant: str) -> str:
     """``"dense"``, ``"conv"``, ``"embedding"``, ``"diagonal"`` for ``v``'s layer, or
-    ``ValueError`` naming it and why it has none."""
+    ``ValueError`` naming it and why it has none (raised by the caller only for a layer that
+    reports its own params: a GPT's attention is refused as the GPT)."""
     if v.per_example in DIAGONAL and v.leaf:
         return "diagonal"
     if v.per_example == "dense" and v.leaf:

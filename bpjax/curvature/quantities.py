@@ -32,6 +32,7 @@ the cotangent s placed at example n (``per_layer``).
 from __future__ import annotations
 
 import collections
+import re
 from typing import Sequence
 
 import jax
@@ -62,6 +63,7 @@ class _Measure(Client):
     def __init__(self, n: int, variant: str):
         self.n, self.variant = n, variant
         self.wants: tuple = ()          # set before each pass: what this pass measures
+        self.refused: dict = {}         # path (without scan steps) -> why it has no Kronecker factors
 
     def tape(self, name, per_example, params, leaf):
         return per_layer.needs_tape(per_example, params, leaf)
@@ -70,12 +72,17 @@ class _Measure(Client):
         if not jax.tree_util.tree_leaves(v.params) or not self._owns_params(v):
             return {}
         out = {}
+        rule = None
         if "kron" in self.wants:
-            rule = kronecker.kronecker_rule(v, self.variant)
-            if rule != "diagonal":
+            try:
+                rule = kronecker.kronecker_rule(v, self.variant)
+            except ValueError as e:     # raised if this layer reports itself (not inside a GPT)
+                self.refused[v.label] = str(e)
+                out["refused"] = jnp.zeros(())     # so that its entry reports (and the pass raises)
+            if rule not in (None, "diagonal"):
                 out["a"] = kronecker.input_factors(v, rule, self.n, self.variant)
                 out["g"] = kronecker.error_factors(v, rule, self.n, self.variant)
-        needs_sq = {"sq", "sq_n"} & set(self.wants) or ("kron" in self.wants and "a" not in out)
+        needs_sq = {"sq", "sq_n"} & set(self.wants) or rule == "diagonal"
         if "grad" in self.wants or needs_sq:
             g = per_layer.per_example_dparams(_WHERE, v, self.n)                   # (N, *θ)
             if "grad" in self.wants:
@@ -201,6 +208,10 @@ def _columns_pass(model, params, res, cols, hook) -> list:
         return _reported(hook.entries)
 
     stacked = jax.vmap(one)(cols)
+    for e in stacked:
+        why = hook.client.refused.get(re.sub(r"\{\d+\}", "", e.label))
+        if why:
+            raise ValueError(why)
     for e in stacked:
         e.values = {k: jax.tree_util.tree_map((lambda a: a[0]) if k == "a" else (lambda a: jnp.sum(a, axis=0)), v)
                     for k, v in e.values.items()}
