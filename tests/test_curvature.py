@@ -388,6 +388,43 @@ def test_kronecker_refuses_layers_without_a_rule_by_name():
                        params, state, jnp.ones((2, 2), jnp.int32), jnp.array([0, 1]))
 
 
+def _linear(name):
+    """A user's layer y = x W, made with make_layer and named ``name``, naming no rule."""
+
+    def init(key, in_shape):
+        return {"w": jnp.zeros((in_shape[-1], 3))}, (), (*in_shape[:-1], 3)
+
+    def forward(params, state, x, *, key=None, train=True):
+        return x @ params["w"], state, (x,)                                          # (N, 3)
+
+    def backward(params, res, dy):
+        (x,) = res
+        return {"w": x.T @ dy}, dy @ params["w"].T                                   # (D, 3), (N, D)
+
+    return bp.make_layer(name, init, forward, backward)
+
+
+@pytest.mark.parametrize("name", ["dense", "conv", "gru"])
+def test_the_rules_go_with_the_layer_and_the_loss_not_with_their_names(name):
+    """A layer of one's own named like a built-in one gets no Kronecker rule of it (the rule is
+    the one its factory names, make_layer(..., per_example=, curvature=)), and a loss named like
+    a built-in one no Hessian (make_loss(..., hessian=)): both refused, by name."""
+    model = bp.sequential(_linear(name))
+    params, state, _ = init_params(model, (2,), rng(name), jnp.float64)
+    x, t = np.ones((2, 2)), np.zeros((2, 3))
+    with pytest.raises(ValueError, match=rf"kfac: sequential\[0\] \({name}\): no Kronecker factors: its "
+                                         r"factory names no Kronecker rule"):
+        jax.eval_shape(bp.backward_quantities(model, bp.squared_error(), ["kflr"]), params, state, x, t)
+    builtin = bp.squared_error()
+    for own in (bp.make_loss("squared_error", builtin.forward, builtin.backward),
+                bp.Loss(builtin.forward, builtin.backward, "squared_error")):
+        with pytest.raises(ValueError, match=r"expected a loss whose Hessian .* got 'squared_error' with hessian=None"):
+            bp.backward_quantities(model, own, ["diag_ggn"])
+        with pytest.raises(ValueError, match=r"got 'squared_error' with hessian=None"):
+            bp.ggn_vector_product(model, own)
+    assert builtin.hessian == "squared_error" and bp.Loss(builtin.forward, builtin.backward).hessian is None
+
+
 def test_bad_arguments_are_refused():
     model, _ = mlp()
     with pytest.raises(ValueError, match="expected quantities among"):

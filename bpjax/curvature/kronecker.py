@@ -17,17 +17,20 @@ K-FAC for convolutions (KFC, Grosse & Martens 2016) and for a loss on every posi
 reduce fits a network that pools over the positions before its loss. ``kflr`` takes the columns
 of the exact factor S_n, ``kfac`` sampled ones (MC, from the predictive distribution).
 
-Per layer, by the rule its factory names (``make_layer(..., per_example=...)``) and its name::
+Per leaf layer, by the rule its factory names: ``make_layer(..., curvature=...)`` where it
+names one, else ``make_layer(..., per_example=...)`` (``RULES``), never by the layer's name::
 
-    dense ("dense")          a from x (N, ..., D_in); the bias as a homogeneous input 1: kron([[1]], g)
-    conv, conv_transpose     a from the patches p_no (∏K·C_in) a window reads (KFC): the layer's
-                             own backward with a unit error at one output position gives
-                             dW[..., 0] = p_no, so no geometry is rebuilt here. groups = 1 and no
-                             fused activation only (else refused, naming the layer)
-    embedding ("embedding")  a diagonal: a_v = (1/(N·R)) Σ [id_nr = v], given as the vector (V,)
+    "dense"                  a from x (N, ..., D_in); the bias as a homogeneous input 1: kron([[1]], g)
+    "conv"                   conv and conv_transpose: a from the patches p_no (∏K·C_in) a window
+                             reads (KFC): the layer's own backward with a unit error at one output
+                             position gives dW[..., 0] = p_no, so no geometry is rebuilt here.
+                             groups = 1 and no fused activation only (else refused, naming the layer)
+    "embedding"              a diagonal: a_v = (1/(N·R)) Σ [id_nr = v], given as the vector (V,)
                              (expand only)
+    "norm", "mixes_examples" the norm layers (elementwise params): their GGN diagonal instead
 
-Any other layer with params is refused by :func:`kronecker_rule`, naming it and why.
+Any other layer with params is refused by :func:`kronecker_rule`, naming it, and saying why
+for the rules that name a reason (``REFUSED``: "recurrent", "attention", "gpt").
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ import jax.numpy as jnp
 
 from .._observe import View
 
-__all__ = ["Kronecker", "VARIANTS", "kronecker_rule", "input_factors", "error_factors"]
+__all__ = ["Kronecker", "VARIANTS", "RULES", "REFUSED", "rule_name", "kronecker_rule", "input_factors", "error_factors"]
 
 VARIANTS = ("expand", "reduce")
 
@@ -56,43 +59,43 @@ class Kronecker(NamedTuple):
         return jnp.kron(a, self.g)
 
 
-#: Why a layer with params has no Kronecker rule here, by the factory's name.
-_REFUSED = {
-    "multi_head_attention": "its projections' inputs and output errors stay inside its own backward",
-    "rnn": "its weights act through a recurrence over time (no input/error pair per use)",
-    "gru": "its weights act through a recurrence over time (no input/error pair per use)",
-    "lstm": "its weights act through a recurrence over time (no input/error pair per use)",
+#: A leaf layer's Kronecker rule by the rule name its factory gave make_layer (``rule_name``);
+#: "diagonal": the norm layers (elementwise params) get their GGN diagonal in place of factors.
+RULES = {"dense": "dense", "conv": "conv", "embedding": "embedding", "norm": "diagonal", "mixes_examples": "diagonal"}
+
+#: Why a layer with params has no Kronecker rule, by the rule name its factory gave make_layer.
+REFUSED = {
+    "attention": "its projections' inputs and output errors stay inside its own backward",
+    "recurrent": "its weights act through a recurrence over time (no input/error pair per use)",
     "gpt": "its token table is used twice, as a lookup and as the tied unembedding, and its "
            "positions are added",
 }
 
-#: The rules that get the GGN diagonal in place of Kronecker factors (norm layers: elementwise params).
-DIAGONAL = ("norm", "mixes_examples")
+
+def rule_name(v: View):
+    """The rule name ``v``'s factory gave make_layer for its curvature: ``curvature=`` where it
+    gave one (conv and attention share the per-example rule "from_residuals"), else ``per_example=``."""
+    return v.curvature or v.per_example
 
 
 def kronecker_rule(v: View, variant: str) -> str:
-    """``"dense"``, ``"conv"``, ``"embedding"``, ``"diagonal"`` for ``v``'s layer, or
+    """``"dense"``, ``"conv"``, ``"embedding"``, ``"diagonal"`` for ``v``'s layer (``RULES``), or
     ``ValueError`` naming it and why it has none (raised by the caller only for a layer that
     reports its own params: a GPT's attention is refused as the GPT)."""
-    if v.per_example in DIAGONAL and v.leaf:
-        return "diagonal"
-    if v.per_example == "dense" and v.leaf:
-        return "dense"
-    if v.per_example == "embedding" and v.leaf:
-        if variant == "reduce":
-            raise ValueError(f"kfac: {v.label}: the reduce variant's factor a of an embedding is a dense "
-                             "V×V matrix; use kronecker='expand'")
-        return "embedding"
-    if v.name in ("conv", "conv_transpose") and v.leaf:
+    rule = RULES.get(rule_name(v)) if v.leaf else None
+    if rule == "embedding" and variant == "reduce":
+        raise ValueError(f"kfac: {v.label}: the reduce variant's factor a of an embedding is a dense "
+                         "V×V matrix; use kronecker='expand'")
+    if rule == "conv":
         x = v.res[0]
         if len(v.res) != 1:
             raise ValueError(f"kfac: {v.label}: a fused activation (activation='relu') makes dW's error "
                              "differ from dy; use a separate relu layer")
         if v.params["w"].shape[-2] != x.shape[-1]:
             raise ValueError(f"kfac: {v.label}: with groups > 1, dW is not one Kronecker product")
-        return "conv"
-    why = _REFUSED.get(v.name, "it has no Kronecker rule (only dense, conv, conv_transpose, embedding "
-                               "and the norm layers have)")
+    if rule is not None:
+        return rule
+    why = REFUSED.get(rule_name(v), f"its factory names no Kronecker rule ({', '.join(RULES)})")
     raise ValueError(f"kfac: {v.label}: no Kronecker factors: {why}")
 
 

@@ -18,8 +18,9 @@ they backpropagate the columns of a symmetric factor S_n (H_n = S_n S_nᵀ), or 
 for probability targets it assumes rows summing to one, as the loss checks. Huber's indicator
 [|r| ≤ δ] is read off its own backward: dL/dy = clip(r, −δ, δ)/S equals r/S exactly there.
 
-The factor is keyed by the loss's name (``Loss.name``): a loss this module does not know is
-refused, naming it.
+The factor is keyed by the rule the loss's factory names (``make_loss(..., hessian=...)``,
+``Loss.hessian``), never by the loss's name: a loss that names no rule known here is refused,
+naming it (a loss of your own called ``squared_error`` included).
 """
 from __future__ import annotations
 
@@ -32,25 +33,27 @@ from .._checks import num_rows
 
 __all__ = ["LOSSES", "factor_columns", "sampled_columns", "hessian_product", "check_loss_known"]
 
-#: The losses whose output Hessian this module knows.
+#: The rules (``make_loss(..., hessian=...)``) whose output Hessian this module knows.
 LOSSES = ("softmax_cross_entropy", "squared_error", "mean_squared_error", "sigmoid_binary_cross_entropy", "huber")
 
 
 def check_loss_known(where: str, loss) -> None:
-    """``ValueError`` naming ``loss`` unless its output Hessian is known here."""
-    if loss.name not in LOSSES:
+    """``ValueError`` naming ``loss`` unless the Hessian rule its factory named is known here."""
+    rule = getattr(loss, "hessian", None)
+    if rule not in LOSSES:
         raise ValueError(f"{where}: expected a loss whose Hessian with respect to the output is known "
-                         f"({', '.join(LOSSES)}), got {loss.name!r}")
+                         f"(make_loss(..., hessian=...) one of {', '.join(LOSSES)}), got {loss.name!r} "
+                         f"with hessian={rule!r}")
 
 
 def _diagonal(loss, y, res) -> jax.Array:
     """h, the diagonal of H for the elementwise losses, shaped like y."""
     s = y.size
-    if loss.name == "squared_error":
+    if loss.hessian == "squared_error":
         return jnp.full(y.shape, 1.0 / y.shape[0], y.dtype)
-    if loss.name == "mean_squared_error":
+    if loss.hessian == "mean_squared_error":
         return jnp.full(y.shape, 2.0 / s, y.dtype)
-    if loss.name == "sigmoid_binary_cross_entropy":
+    if loss.hessian == "sigmoid_binary_cross_entropy":
         sig = jax.nn.sigmoid(res[0])
         return sig * (1 - sig) / s
     (r,) = res                                                         # huber: inside δ where clip(r) = r
@@ -74,7 +77,7 @@ def factor_columns(loss, y, res) -> jax.Array:
     Σ_c s_c s_cᵀ = H_n for each n. C = the positions of one example times K for softmax
     cross-entropy, the elements of one example's output for the elementwise losses."""
     n, per = y.shape[0], y.shape[1:]
-    if loss.name == "softmax_cross_entropy":
+    if loss.hessian == "softmax_cross_entropy":
         k = per[-1]
         positions = math.prod(per[:-1])
         p, scale = _softmax_parts(y, res)                               # (R, K), (R, 1)
@@ -97,12 +100,12 @@ def sampled_columns(loss, y, res, key, samples: int) -> jax.Array:
 
 def _one_sample(loss, y, res, key) -> jax.Array:
     """One cotangent s with E[s sᵀ] = H_n for every example (module doc), shaped like y."""
-    if loss.name == "softmax_cross_entropy":
+    if loss.hessian == "softmax_cross_entropy":
         p, scale = _softmax_parts(y, res)                               # (R, K), (R, 1)
         draw = jax.random.categorical(key, jnp.log(p), axis=-1)         # (R,) ŷ ~ Cat(p)
         s = jnp.sqrt(scale) * (p - jax.nn.one_hot(draw, p.shape[-1], dtype=p.dtype))
         return s.reshape(y.shape).astype(y.dtype)
-    if loss.name == "sigmoid_binary_cross_entropy":
+    if loss.hessian == "sigmoid_binary_cross_entropy":
         sig = jax.nn.sigmoid(res[0])
         draw = jax.random.bernoulli(key, sig).astype(sig.dtype)         # ŷ ~ Bernoulli(σ(z))
         return ((sig - draw) / jnp.sqrt(y.size)).astype(y.dtype)
@@ -112,7 +115,7 @@ def _one_sample(loss, y, res, key) -> jax.Array:
 
 def hessian_product(loss, y, res, u) -> jax.Array:
     """H u for a tangent u at the output, shaped like y: example by example, H_n u_n."""
-    if loss.name == "softmax_cross_entropy":
+    if loss.hessian == "softmax_cross_entropy":
         p, scale = _softmax_parts(y, res)                               # (R, K), (R, 1)
         u2 = u.reshape(p.shape)
         hu = scale * (p * u2 - p * jnp.sum(p * u2, axis=-1, keepdims=True))
