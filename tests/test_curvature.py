@@ -371,6 +371,12 @@ def test_kronecker_refuses_layers_without_a_rule_by_name():
         _shapes(["kflr"], "gru")
     with pytest.raises(ValueError, match=r"kfac: gpt: no Kronecker factors: its token table is used twice"):
         _shapes(["kflr"], "gpt")
+    model = bp.sequential(bp.multi_head_attention(1), bp.flatten(), bp.dense(3))
+    params, state, _ = init_params(model, (2, 2), rng("attention"), jnp.float64)
+    with pytest.raises(ValueError, match=r"sequential\[0\] \(multi_head_attention\): no Kronecker factors: its "
+                                         r"projections' inputs"):
+        jax.eval_shape(bp.backward_quantities(model, bp.softmax_cross_entropy(), ["kflr"]),
+                       params, state, np.ones((2, 2, 2)), np.array([0, 1]))
     with pytest.raises(ValueError, match=r"sequential\[3\] \(batch_norm\) mixes examples in training"):
         _shapes(["diag_ggn"], "norms")
     gen = rng("fused")
