@@ -29,6 +29,7 @@ from .check.finite import check_finite, debug_nans
 from ._grad import cast_floating, value_and_grad
 from ._observe import gradient_flow
 from ._per_example import clipped_grad, per_example_grad_norms
+from .curvature import Kronecker, backward_quantities, ggn_vector_product
 from .check.layer import (GradientReport, assert_gradients_close, check_layer, check_loss, check_model, per_example_grads)
 from .layers.losses import *  # noqa: F401,F403
 from .layers.losses import __all__ as _loss_all
@@ -50,4 +51,5 @@ __all__ = [
     "check_layer", "check_model", "check_loss", "assert_gradients_close", "GradientReport",
     "per_example_grads", "check_finite", "debug_nans", "load_run",
     "gradient_flow", "per_example_grad_norms", "clipped_grad", "check_vjp", "assert_vjp_close",
+    "backward_quantities", "ggn_vector_product", "Kronecker",
 ]

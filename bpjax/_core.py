@@ -45,16 +45,19 @@ class Layer(NamedTuple):
 
 
 class Loss(NamedTuple):
-    """A loss: two pure functions, and its name.
+    """A loss: two pure functions, its name, and the rule of its Hessian.
 
     ``forward(pred, target) -> (value, res)``: ``value`` is a scalar, the mean over examples.
     ``backward(res, dvalue=1.0) -> dpred``: the error at the output, shaped like ``pred``.
     ``name``: the name given to :func:`make_loss` (``"loss"`` for a ``Loss`` built by hand).
+    ``hessian``: the rule by which ``bpjax.curvature`` knows its Hessian in ``pred`` (the name
+    given to ``make_loss(..., hessian=...)``), or None: none known.
     """
 
     forward: Callable[..., tuple]
     backward: Callable[..., Any]
     name: str = "loss"
+    hessian: Optional[str] = None
 
 
 # ----------------------------------------------------------------------------- the hooks
@@ -62,13 +65,13 @@ class Loss(NamedTuple):
 
 class LayerToken:
     """One layer made by :func:`make_layer`, as the hooks see it. Compared with ``is``: a hook
-    matches a layer's backward with its forward by it. ``per_example`` is the per-example rule
-    the layer's factory named (``make_layer(..., per_example=...)``), or None."""
+    matches a layer's backward with its forward by it. ``per_example`` and ``curvature`` are the
+    rules the layer's factory named (``make_layer(..., per_example=..., curvature=...)``), or None."""
 
-    __slots__ = ("per_example",)
+    __slots__ = ("per_example", "curvature")
 
-    def __init__(self, per_example: Optional[str]):
-        self.per_example = per_example
+    def __init__(self, per_example: Optional[str], curvature: Optional[str] = None):
+        self.per_example, self.curvature = per_example, curvature
 
 
 class _Calls(Protocol):
@@ -222,6 +225,7 @@ def make_layer(
     tuple_input: bool = False,
     passes_tuples: bool = False,
     per_example: Optional[str] = None,
+    curvature: Optional[str] = None,
 ) -> Layer:
     """Build a :class:`Layer` from raw functions, adding the checks every layer shares.
 
@@ -248,8 +252,13 @@ def make_layer(
     layer names its own: ``"dense"``, ``"norm"``, ``"from_residuals"``, ``"mixes_examples"``, …).
     The default, None, reruns the layer on each example: right for any layer that does not mix
     examples. The rule goes with the layer, whatever its name or the module it is written in.
+
+    ``curvature`` names the layer's rule in ``bpjax.curvature`` (its Kronecker factors, or why
+    it has none) where ``per_example`` does not tell it: ``"conv"`` (conv and conv_transpose),
+    ``"recurrent"``, ``"attention"``. The default, None, leaves it to ``per_example`` (``"dense"``,
+    ``"embedding"``, the norms' rules); a layer with neither has no Kronecker factors.
     """
-    token = LayerToken(per_example)     # this layer, for the hooks (path names, its per-example rule)
+    token = LayerToken(per_example, curvature)     # this layer, for the hooks (path names, its rules)
 
     def init_(key, in_shape):
         if tuple_input or (passes_tuples and is_tuple_of_shapes(in_shape)):
@@ -321,9 +330,15 @@ def make_layer(
     return Layer(init_, forward_, backward_, name)
 
 
-def make_loss(name: str, forward: Callable, backward: Callable, *, check: Optional[Callable] = None) -> Loss:
+def make_loss(name: str, forward: Callable, backward: Callable, *, check: Optional[Callable] = None,
+              hessian: Optional[str] = None) -> Loss:
     """Build a :class:`Loss`; ``forward`` checks that ``pred`` is a floating array with a batch
-    axis and then runs the loss's own ``check(pred, target)``."""
+    axis and then runs the loss's own ``check(pred, target)``.
+
+    ``hessian`` names the rule by which ``bpjax.curvature`` knows the loss's Hessian in ``pred``
+    (``bpjax/curvature/loss_hessian.py``; each built-in loss names its own). The default, None:
+    the second-order quantities refuse the loss. The rule goes with the loss, whatever its name.
+    """
 
     def forward_(pred, target):
         pred = check_float_input(name, "pred", pred)
@@ -346,7 +361,7 @@ def make_loss(name: str, forward: Callable, backward: Callable, *, check: Option
 
     for f in (forward_, backward_):
         f.__qualname__ = f"{name}.{f.__name__.rstrip('_')}"
-    return Loss(forward_, backward_, name)
+    return Loss(forward_, backward_, name, hessian)
 
 
 # ----------------------------------------------------------------------------- accumulation

@@ -125,8 +125,8 @@ def _is_carried(a) -> bool:
 class View:
     """What a client sees of one layer's backward (the arguments of ``Client.measure``).
 
-    ``name``: the factory's name (``dense``); ``per_example``: the per-example rule its
-    factory named (``make_layer(..., per_example=...)``), or None; ``label``: the path name;
+    ``name``: the factory's name (``dense``); ``per_example``, ``curvature``: the rules its
+    factory named (``make_layer(..., per_example=..., curvature=...)``), or None; ``label``: the path name;
     ``params``, ``res`` (the layer's own residuals), ``dy``, ``dparams``, ``dx``; ``tape``: the
     :class:`_Tape` or None; ``subs``: the entries of its sub-layers; ``backward``: its raw
     backward.
@@ -231,7 +231,7 @@ class _Observer:
         if isinstance(out, tuple) and len(out) == 2:
             out = (self._unwrap(out[0], scope), out[1])
         dparams, dx = finish(params, out)
-        view = View(name=name, per_example=token.per_example, label=frame.label,
+        view = View(name=name, per_example=token.per_example, curvature=token.curvature, label=frame.label,
                     params=params, res=res, dy=dy, dparams=dparams, dx=dx, tape=tape,
                     subs=tuple(scope.entries), backward=backward, called=bool(frame.children or scope.entries))
         record.update(leaf=view.leaf, dx=dx)
@@ -273,6 +273,20 @@ class _Observer:
 
     def loss_backward(self, name, backward, res, dvalue):
         return backward(res, dvalue)
+
+    def rewind(self) -> None:
+        """Forget the backward seen so far (which frames it used, its entries), keeping the
+        forward's frames: the next backward over the same forward is observed anew, with the
+        same path names (``bpjax.backward_quantities`` runs several over one forward)."""
+
+        def reset(frame):
+            frame.used = False
+            for child in frame.children:
+                reset(child)
+
+        for root in self.roots:
+            reset(root)
+        self.entries = []
 
 
 @contextlib.contextmanager

@@ -354,9 +354,9 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, masked: bool =
 
     if masked:
         return make_layer(name, init, forward, backward, check=check, tuple_input=True,
-                          float_input=False, min_ndim=2, per_example="from_residuals")
+                          float_input=False, min_ndim=2, per_example="from_residuals", curvature="attention")
     return make_layer(name, init, forward, backward, check=check, ndim=3,
-                      meaning="(batch, time, features)", per_example="from_residuals")
+                      meaning="(batch, time, features)", per_example="from_residuals", curvature="attention")
 
 
 # ----------------------------------------------------------------------------- transformer block

@@ -262,9 +262,9 @@ def _conv_layer(name, out_channels, kernel_size, strides, padding, dilation, gro
 
     if rank is None:
         return make_layer(name, init, forward, backward, check=check, min_ndim=3,
-                          meaning="(batch, *spatial, channels)", per_example="from_residuals")
+                          meaning="(batch, *spatial, channels)", per_example="from_residuals", curvature="conv")
     return make_layer(name, init, forward, backward, check=check, ndim=rank + 2,
-                      meaning=f"(batch, {AXES[rank]})", per_example="from_residuals")
+                      meaning=f"(batch, {AXES[rank]})", per_example="from_residuals", curvature="conv")
 
 
 def conv(out_channels: int, kernel_size, *, strides=1, padding="SAME", dilation=1, groups: int = 1,

@@ -88,7 +88,7 @@ def squared_error() -> Loss:
         (r,) = res
         return (r * (dvalue / r.shape[0])).astype(r.dtype)
 
-    return make_loss("squared_error", forward, backward, check=_same_shape("squared_error"))
+    return make_loss("squared_error", forward, backward, check=_same_shape("squared_error"), hessian="squared_error")
 
 
 def mean_squared_error() -> Loss:
@@ -106,7 +106,8 @@ def mean_squared_error() -> Loss:
         (r,) = res
         return (r * (2 * dvalue / r.size)).astype(r.dtype)
 
-    return make_loss("mean_squared_error", forward, backward, check=_same_shape("mean_squared_error"))
+    return make_loss("mean_squared_error", forward, backward, check=_same_shape("mean_squared_error"),
+                     hessian="mean_squared_error")
 
 
 def huber(delta: float = 1.0) -> Loss:
@@ -129,7 +130,7 @@ def huber(delta: float = 1.0) -> Loss:
         (r,) = res
         return (jnp.clip(r, -delta, delta) * (dvalue / r.size)).astype(r.dtype)
 
-    return make_loss("huber", forward, backward, check=_same_shape("huber"))
+    return make_loss("huber", forward, backward, check=_same_shape("huber"), hessian="huber")
 
 
 def softmax_cross_entropy(label_smoothing: float = 0.0) -> Loss:
@@ -209,7 +210,7 @@ def softmax_cross_entropy(label_smoothing: float = 0.0) -> Loss:
             raise TypeError(f"{name}: expected integer labels or floating-point probabilities, "
                             f"got target dtype {jnp.dtype(target.dtype).name}")
 
-    return make_loss("softmax_cross_entropy", forward, backward, check=check)
+    return make_loss("softmax_cross_entropy", forward, backward, check=check, hessian="softmax_cross_entropy")
 
 
 def _widened(pred, target):
@@ -246,4 +247,4 @@ def sigmoid_binary_cross_entropy() -> Loss:
         _same_shape(name)(pred, target)
         _in_unit_interval(name, "targets", target)
 
-    return make_loss(name, forward, backward, check=check)
+    return make_loss(name, forward, backward, check=check, hessian="sigmoid_binary_cross_entropy")

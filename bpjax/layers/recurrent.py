@@ -266,8 +266,9 @@ def _recurrent(name, cell: _Cell, hidden_size, *, return_sequences, masked, init
 
     if tuple_input:
         return make_layer(name, init, forward, backward, check=check, tuple_input=True,
-                          float_input=False, min_ndim=2)
-    return make_layer(name, init, forward, backward, check=check, ndim=3, meaning="(batch, time, features)")
+                          float_input=False, min_ndim=2, curvature="recurrent")
+    return make_layer(name, init, forward, backward, check=check, ndim=3, meaning="(batch, time, features)",
+                      curvature="recurrent")
 
 
 _ORTHOGONAL = jax.nn.initializers.orthogonal()

@@ -1,0 +1,11 @@
+"""Curvature and gradient statistics from the hand-written backward (BackPACK's quantities).
+
+``backward_quantities`` (``quantities.py``) is the entry point; the loss Hessian's factors are in
+``loss_hessian.py``, each layer's per-example split in ``per_layer.py``, its Kronecker factors
+in ``kronecker.py``, and the matrix-free GGN-vector product in ``ggn_bridge.py``.
+"""
+from .ggn_bridge import ggn_vector_product
+from .kronecker import Kronecker
+from .quantities import QUANTITIES, backward_quantities
+
+__all__ = ["backward_quantities", "ggn_vector_product", "Kronecker", "QUANTITIES"]
