@@ -44,6 +44,8 @@ positions of one example: T = 1 for x (N, D))::
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import jax
@@ -55,6 +57,7 @@ from ._observe import (
     Client,
     View,
     _Tape,
+    flatten_entries,
     observe,
     param_size,
     paused,
@@ -239,6 +242,7 @@ class _PerExample(Client):
     def __init__(self, n: int):
         self.n = n
         self.pure = True                # every layer with params is a leaf used once (clipped_grad)
+        self.leaf_sq: list = []         # (path, sq (N,)) of every leaf with params, in backward order
 
     def tape(self, name, per_example, params, leaf):
         if per_example is not None and per_example not in RULES:
@@ -266,6 +270,7 @@ class _PerExample(Client):
             else:
                 sq = _explicit(v, self.n)
             out = {"sq": sq}
+            self.leaf_sq.append((v.label, sq))
             if rule == "embedding":
                 out.update(_ids=v.res[0], _dy=v.dy)   # for a composite that also uses the table (gpt)
             return out
@@ -309,41 +314,111 @@ def per_example_grad_norms(model, loss, *, compute_dtype: Optional[Any] = None):
 
 # ----------------------------------------------------------------------------- clipping
 
+#: The clip modes of :func:`clipped_grad` (and ``bpjax train --dp-clip-mode``).
+CLIP_MODES = ("flat", "per-layer", "automatic")
+#: γ of automatic clipping, g_n/(‖g_n‖ + γ): small beside the norms it divides by, it only keeps
+#: an example with a near-zero gradient from being scaled up without bound (Bu et al. 2022 use 0.01).
+AUTO_GAMMA = 0.01
 
-def clipped_grad(model, loss, clip_norm: float):
-    """The mean of the per-example gradients, each clipped to norm at most C = ``clip_norm``
-    (DP-SGD's gradient, before the noise), without per-example gradients.
 
-    Returns ``f(params, state, x, target, *, key=None) -> ((value, new_state), grads, norms)``::
+def check_clip(who: str, clip, mode: str = "flat", gamma: float = AUTO_GAMMA, option: str = "clip_norm"):
+    """``(clip, sensitivity)``: ``clip`` checked for ``mode`` and made hashable (a float, a
+    tuple of L floats, or a tuple of (layer path, float) pairs from a mapping), and the L2
+    sensitivity of the clipped sum Σ_n clip(g_n) (what one example added or removed moves it by at
+    most, what DP-SGD's noise is calibrated to): C (flat), √(Σ_l C_l²) (per-layer; C for the
+    equal split C_l = C/√L), C (automatic, each term's norm is C·‖g_n‖/(‖g_n‖+γ) < C; 1 as Bu
+    et al. take C = 1). Or ``ValueError`` naming ``option``."""
+    if mode not in CLIP_MODES:
+        raise ValueError(f"{who}: expected the clip mode to be one of {', '.join(CLIP_MODES)}, got {mode!r}")
 
-        norms_n = ‖g_n‖                                   (N,)  as per_example_grad_norms
-        grads   = (1/N) Σ_n min(1, C/‖g_n‖) g_n           the params' tree
+    def positive(c, what=option):
+        c = _checks.check_real(who, what, c)
+        if not c > 0:
+            raise ValueError(f"{who}: expected {what} > 0, got {c!r}")
+        return c
 
-    One forward, then two backwards: the first, observed, gives the norms (its weight
-    gradients are unused and XLA drops them); the second runs the model's backward again with
-    the error at the output scaled row by row, dy_n ← min(1, C/‖g_n‖)·dy_n, so that every
+    if mode == "automatic":
+        g = _checks.check_real(who, "gamma", gamma)
+        if not g > 0:
+            raise ValueError(f"{who}: expected gamma > 0 (automatic clipping), got {gamma!r}")
+    if mode == "per-layer" and isinstance(clip, Mapping):
+        pairs = tuple((str(k), positive(v, f"{option}[{k!r}]")) for k, v in clip.items())
+        if not pairs:
+            raise ValueError(f"{who}: expected a threshold for every layer with params, got an empty mapping")
+        return pairs, math.sqrt(sum(c * c for _, c in pairs))
+    if mode == "per-layer" and isinstance(clip, (list, tuple)) and clip and isinstance(clip[0], (list, tuple)):
+        return check_clip(who, dict(clip), mode, gamma, option)                      # pairs again
+    if mode == "per-layer" and isinstance(clip, (list, tuple)):
+        cs = tuple(positive(c, f"{option}[{i}]") for i, c in enumerate(clip))
+        if not cs:
+            raise ValueError(f"{who}: expected a threshold for every layer with params, got an empty sequence")
+        return cs, math.sqrt(sum(c * c for c in cs))
+    c = positive(clip)
+    return c, c
+
+
+def _check_microbatch(who: str, microbatch, option: str = "microbatch"):
+    if microbatch is not None and (isinstance(microbatch, bool) or int(microbatch) != microbatch or microbatch < 1):
+        raise ValueError(f"{who}: expected {option} to be an integer >= 1 or None, got {microbatch!r}")
+    return None if microbatch is None else int(microbatch)
+
+
+def clipped_grad(model, loss, clip_norm=None, *, mode: str = "flat", gamma: float = AUTO_GAMMA,
+                 microbatch: Optional[int] = None):
+    """The mean of the per-example gradients, each clipped (DP-SGD's gradient, before the
+    noise), without per-example gradients.
+
+    Returns ``f(params, state, x, target, *, key=None, mask=None) -> ((value, new_state), grads,
+    norms)``, and ``f.sensitivity``, the L2 sensitivity S of the clipped sum (:func:`check_clip`):
+    DP-SGD's noise on the sum has std σ·S. With g_n example n's gradient, g_{n,l} its part in
+    layer l (the L leaf layers with params, in forward order), C = ``clip_norm``::
+
+        norms_n = ‖g_n‖                                    (N,)  as per_example_grad_norms
+        grads   = (1/N) Σ_n clip(g_n)                      the params' tree
+        "flat"       clip(g_n) = min(1, C/‖g_n‖) g_n                              S = C
+        "per-layer"  clip(g_n)_l = min(1, C_l/‖g_{n,l}‖) g_{n,l}                  S = √(Σ_l C_l²)
+                     C_l: ``clip_norm`` a float C split equally, C_l = C/√L (S = C); a sequence of
+                     L floats in forward order; or a mapping {layer path: C_l}, every layer's
+        "automatic"  clip(g_n) = C g_n / (‖g_n‖ + γ)  (Bu et al. 2022; C = 1 by default)  S = C
+
+    Automatic clipping has no threshold to tune: every example's gradient is normalised, C only
+    rescales (like the learning rate), γ = ``gamma`` (default 0.01) keeps a near-zero gradient
+    from being blown up. ``mask`` (N,) bool: a row outside it adds exactly nothing and its norm
+    is returned as 0 (padded batches). ``microbatch`` = m: the batch is taken m rows at a time in a
+    ``lax.scan`` (m must divide N), the clipped sums added, so only m rows' backward exists at
+    once; the result equals the unchunked one up to rounding (microbatch i's layers get key
+    ``fold_in(key, i)``, so dropout draws differ).
+
+    One forward, then two backwards per (micro)batch: the first, observed, gives the norms (its
+    weight gradients are unused and XLA drops them); the second runs each layer's backward
+    again with its error scaled row by row, dy_n ← (clip factor of n)·dy_n, so that every
     layer's dθ = Σ_n (scaled dy_n's share) is the clipped mean. Right for any model that does
-    not mix examples (``batch_norm`` in training is refused, naming it).
+    not mix examples (``batch_norm`` in training is refused, naming it); per-layer clipping
+    also needs every layer with params to be a leaf used once, outside a scan (else ValueError).
     """
     _core.check_model_and_loss("clipped_grad", model, loss)
-    c = _checks.check_real("clipped_grad", "clip_norm", clip_norm)
-    if c <= 0:
-        raise ValueError(f"clipped_grad: expected clip_norm > 0, got {clip_norm!r}")
+    if clip_norm is None and mode == "automatic":
+        clip_norm = 1.0
+    if clip_norm is None:
+        raise ValueError(f"clipped_grad: expected clip_norm with mode {mode!r}, got None")
+    c, sensitivity = check_clip("clipped_grad", clip_norm, mode, gamma)
+    clipped = _clipped(model, loss, c, mode=mode, gamma=gamma,
+                       microbatch=_check_microbatch("clipped_grad", microbatch))
 
-    clipped = _clipped(model, loss, c)
-
-    def f(params, state, x, target, *, key=None):
-        value, new_state, _, grads, norms = clipped(params, state, x, target, key)
+    def f(params, state, x, target, *, key=None, mask=None):
+        value, new_state, _, grads, norms = clipped(params, state, x, target, key, mask)
         return (value, new_state), grads, norms
 
+    f.sensitivity = sensitivity
     return f
 
 
-def _clipped(model, loss, c: float):
+def _clipped(model, loss, c, *, mode: str = "flat", gamma: float = AUTO_GAMMA, microbatch: Optional[int] = None):
     """``f(params, state, x, target, key, mask=None) -> (value, new_state, y, clipped grads,
-    norms)``. With ``mask`` (N,) bool (DP-SGD's padded batches, :mod:`bpjax.privacy`) the clip
-    factor of a row outside it is 0, so that its gradient adds exactly nothing, and its norm is
-    returned as 0: grads = (1/N) Σ_{n in mask} min(1, C/‖g_n‖) g_n."""
+    norms)`` (``c`` as :func:`check_clip` returns it). With ``mask`` (N,) bool (DP-SGD's padded
+    batches, :mod:`bpjax.privacy`) the clip factor of a row outside it is 0, so that its gradient
+    adds exactly nothing, and its norm is returned as 0: grads = (1/N) Σ_{n in mask} clip(g_n).
+    With ``microbatch`` = m, the same from N/m batches of m in a ``lax.scan``."""
 
     def passes(params, state, x, target, key):
         y, new_state, res = model.forward(params, state, x, key=key, train=True)       # forward
@@ -352,17 +427,29 @@ def _clipped(model, loss, c: float):
         model.backward(params, res, dy)                                                # observed: the norms
         return value, new_state, y, res, dy
 
-    def f(params, state, x, target, key, mask=None):
+    def factor(norms, cap):
+        """Each row's clip factor from its norm (N,), the threshold ``cap``."""
+        tiny = jnp.finfo(norms.dtype).tiny
+        if mode == "automatic":
+            return cap / (norms + gamma)
+        return jnp.minimum(1.0, cap / jnp.maximum(norms, tiny))
+
+    def one(params, state, x, target, key, mask=None):
         n = jax.tree_util.tree_leaves(x)[0].shape[0]
         client = _PerExample(n)
         (value, new_state, y, res, dy), hook = run_observed(passes, client, params, state, x, target, key)
         sq = sum((e.values["sq"] for e in hook.entries if "sq" in e.values), jnp.zeros((n,), jnp.float32))
         norms = n * jnp.sqrt(sq)                                                       # (N,)
-        scale = jnp.minimum(1.0, c / jnp.maximum(norms, jnp.finfo(norms.dtype).tiny))  # (N,)
-        if mask is not None:                          # padded rows: no gradient, no norm
-            scale, norms = jnp.where(mask, scale, 0.0), jnp.where(mask, norms, 0.0)
+        keep = (lambda a: a) if mask is None else (lambda a: jnp.where(mask, a, 0.0))  # padded rows: nothing
+        per_leaf = None
+        if mode == "per-layer":
+            per_leaf = [keep(factor(n * jnp.sqrt(s), cap)) for s, cap in _layer_caps(c, client, hook)]
+            scale = None
+        else:
+            scale = keep(factor(norms, c))                                             # (N,)
+        norms = keep(norms)
         if client.pure and not hook.carried:          # only the weight products, redone
-            _core._HOOKS.append(_Replay(hook.log, scale))
+            _core._HOOKS.append(_Replay(hook.log, scale, per_leaf))
             try:
                 grads, _ = model.backward(params, res, dy)
             finally:
@@ -371,7 +458,59 @@ def _clipped(model, loss, c: float):
             (grads, _), _ = observe(model.backward, Client())(params, res, _rows_scaled(dy, scale))
         return value, new_state, y, _core.cast_like(grads, params), norms
 
+    if microbatch is None:
+        return one
+
+    def f(params, state, x, target, key, mask=None):
+        n = jax.tree_util.tree_leaves(x)[0].shape[0]
+        m = microbatch
+        if m >= n:
+            return one(params, state, x, target, key, mask)
+        if n % m:
+            raise ValueError(f"clipped_grad: expected the microbatch ({m}) to divide the batch ({n} rows)")
+        k = n // m
+        split = lambda a: a.reshape((k, m) + a.shape[1:])                             # noqa: E731  (k, m, ...)
+        xs = jax.tree_util.tree_map(split, (x, target, mask))
+
+        def body(carry, inputs):
+            total, state = carry
+            i, (xb, tb, mb) = inputs
+            kb = None if key is None else jax.random.fold_in(key, i)
+            value, state, y, grads, norms = one(params, state, xb, tb, kb, mb)
+            # grads = (1/m) Σ_{n in microbatch i} clip(g_n)
+            return (jax.tree_util.tree_map(jnp.add, total, grads), state), (value, y, norms)
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        (total, new_state), (values, ys, norms) = jax.lax.scan(body, (zeros, state), (jnp.arange(k), xs))
+        grads = jax.tree_util.tree_map(lambda t: t * (m / n), total)                 # (1/N) Σ_n clip(g_n)
+        merge = lambda a: a.reshape((n,) + a.shape[2:])                               # noqa: E731
+        return jnp.mean(values), new_state, jax.tree_util.tree_map(merge, ys), grads, norms.reshape(n)
+
     return f
+
+
+def _layer_caps(c, client, hook):
+    """[(sq (N,), C_l)] for every leaf layer with params, in the order of its backward (the
+    replay's), from ``c``: a float C (C_l = C/√L), L floats in forward order, or (path, C_l)
+    pairs naming every layer; ValueError when the model does not allow per-layer clipping."""
+    if not client.pure or hook.carried:
+        raise ValueError("clipped_grad: per-layer clipping needs every layer with params to be a leaf layer used "
+                         "once outside a scan (a layer with params of its own beside its sub-layers', or one "
+                         "stacked by a scan, has no per-layer dy to scale)")
+    labels = [e.label for e in flatten_entries(hook.entries) if "sq" in e.values]   # forward order
+    if isinstance(c, float):
+        caps = dict.fromkeys(labels, c / math.sqrt(len(labels)))
+    elif c and isinstance(c[0], tuple):
+        caps = dict(c)
+        if set(caps) != set(labels):
+            raise ValueError(f"clipped_grad: expected per-layer thresholds for exactly the layers {labels}, "
+                             f"got {sorted(caps)}")
+    else:
+        if len(c) != len(labels):
+            raise ValueError(f"clipped_grad: expected {len(labels)} per-layer thresholds (one per layer with "
+                             f"params: {labels}), got {len(c)}")
+        caps = dict(zip(labels, c))
+    return [(sq, caps[label]) for label, sq in client.leaf_sq]
 
 
 def _rows_scaled(tree, scale):
@@ -387,8 +526,9 @@ class _Replay:
     chain is not computed again (XLA drops the unused dx products). Combinators run their own
     backward (additions, slices) on those."""
 
-    def __init__(self, log, scale):
+    def __init__(self, log, scale, per_leaf=None):
         self.log, self.scale, self.i = log, scale, 0
+        self.per_leaf = None if per_leaf is None else iter(per_leaf)   # per-layer clipping: a scale per leaf
 
     def layer_forward(self, name, token, forward, params, state, x, *, key, train):
         return forward(params, state, x, key=key, train=train)
@@ -403,7 +543,8 @@ class _Replay:
             return finish(params, backward(params, res, dy))
         if not jax.tree_util.tree_leaves(params):
             return finish(params, (params, record["dx"]))
-        dparams, _ = backward(params, res, _rows_scaled(record["dy"], self.scale))
+        scale = self.scale if self.per_leaf is None else next(self.per_leaf)
+        dparams, _ = backward(params, res, _rows_scaled(record["dy"], scale))
         return finish(params, (dparams, record["dx"]))
 
     def loss_forward(self, name, forward, pred, target):

@@ -194,7 +194,8 @@ def test_a_dp_run_names_its_sampling_and_accountant_and_keeps_them_on_resume(tmp
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     dp = json.loads((out / "summary.json").read_text())["dp"]
     assert dp == {"epsilon": rows[-1]["epsilon"], "delta": 1e-5, "steps": 14, "sampling": "poisson",
-                  "accountant": "rdp", "clip": 1.0, "noise": 1.1, "expected_batch": 16, "physical_batch": 28}
+                  "accountant": "rdp", "clip": 1.0, "noise": 1.1, "clip_mode": "flat", "microbatch": None,
+                  "expected_batch": 16, "physical_batch": 28}
     info = json.loads((out / "run.json").read_text())
     assert (info["dp_sampling"], info["dp_accountant"]) == ("poisson", "rdp")
     assert cli.main([*TRAIN, "--out", str(out), "--resume", "--dp-sampling", "shuffle"]) == 2
@@ -223,9 +224,35 @@ def test_bad_dp_options_are_one_line_each(tmp_path, capsys):
                        "expected --dp-physical-batch to be an integer >= 1, got 0"),
                       (["--dp-clip", "1", "--dp-noise", "1", "--dp-sampling", "shuffle", "--dp-physical-batch", "8"],
                        "expected --dp-physical-batch only with --dp-sampling poisson"),
+                      (["--dp-clip", "1", "--dp-noise", "1", "--dp-clip-mode", "layer"],
+                       "expected --dp-clip-mode to be one of flat, per-layer, automatic, got 'layer'"),
+                      (["--dp-clip", "1", "--dp-noise", "1", "--dp-microbatch", "0"],
+                       "expected --dp-microbatch to be an integer >= 1 or None, got 0"),
+                      (["--dp-clip", "1", "--dp-noise", "1", "--dp-microbatch", "two"],
+                       "expected --dp-microbatch to be an integer >= 1, got 'two'"),
+                      (["--dp-clip", "1", "--dp-noise", "1", "--dp-sampling", "shuffle", "--dp-microbatch", "5"],
+                       "expected --dp-microbatch to divide --batch-size 16, got 5"),
+                      (["--dp-clip", "1", "--dp-noise", "1", "--dp-physical-batch", "8", "--dp-microbatch", "3"],
+                       "expected --dp-microbatch to divide --dp-physical-batch 8, got 3"),
                       (["--dp-noise", "1"], "expected --dp-clip"),
                       (["--dp-sampling", "shuffle"], "expected --dp-clip"),
                       (["--dp-clip", "1"], "expected --dp-noise")):
         assert cli.main(["train", "--dataset", "xor", *argv, "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1, err
+
+
+def test_a_dp_run_records_its_clip_mode_and_microbatch(tmp_path, capsys):
+    """--dp-clip-mode and --dp-microbatch reach the step (the announced line, summary.json) and
+    join run.json's defining arguments: a resume with another mode is refused, naming it."""
+    out = tmp_path / "per_layer"
+    argv = [*TRAIN, "--dp-sampling", "shuffle", "--dp-clip-mode", "per-layer", "--dp-microbatch", "8"]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    assert "clipped layer by layer to 1/√L (L layers with params), 8 rows per backward" in capsys.readouterr().out
+    info = json.loads((out / "run.json").read_text())
+    assert (info["dp_clip_mode"], info["dp_microbatch"]) == ("per-layer", 8)
+    dp = json.loads((out / "summary.json").read_text())["dp"]
+    assert (dp["clip_mode"], dp["microbatch"]) == ("per-layer", 8)
+    assert cli.main([*TRAIN, "--dp-sampling", "shuffle", "--dp-clip-mode", "automatic", "--dp-microbatch", "8",
+                     "--out", str(out), "--resume"]) == 2
+    assert "--dp-clip-mode automatic (the run has per-layer)" in capsys.readouterr().err

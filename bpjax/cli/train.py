@@ -22,6 +22,7 @@ from .._observe import FlowRecorder
 from ..datasets import DATASETS, Dataset, load
 from ..layers import losses as _losses
 from ..models import MODELS, fitting, output_shape
+from .._per_example import AUTO_GAMMA
 from ..privacy import ACCOUNTANTS, NOT_A_GUARANTEE, SAMPLERS, check_dpsgd
 from ..train import FitResult, TrainingError, fit, runs
 from ..train.checkpoint import _to_save
@@ -86,6 +87,13 @@ def add_arguments(p) -> None:
                    help="DP-SGD with Poisson sampling: rows per physical batch; a larger sampled batch is "
                         "split and accumulated into one step (default: batch + 3 standard deviations of "
                         "the batch size)")
+    p.add_argument("--dp-clip-mode", default=None, metavar="MODE",
+                   help="DP-SGD's clipping: flat (each example's gradient to norm C), per-layer (each layer's "
+                        "part to C/sqrt(L), L the layers with params) or automatic (g/(|g|+0.01), times C) "
+                        "(default: flat); the noise std is SIGMA*C in each")
+    p.add_argument("--dp-microbatch", default=None, metavar="M",
+                   help="DP-SGD: take each (physical) batch M rows at a time, summing the clipped gradients; "
+                        "bounds memory, same gradient (default: the whole batch)")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="train over several processes: process 0's address and a free port (every process "
                         "gets the same); then only process 0 prints and writes metrics, plot and summary")
@@ -254,7 +262,11 @@ def _announce(args, data: Dataset, out: pathlib.Path, dp, say) -> None:
     if dp is not None:
         batches = (f"Poisson-sampled, {args.batch_size} examples expected" if dp.sampling == "poisson" else
                    f"each epoch's shuffled order cut into {args.batch_size}")
-        say(f"bpjax train: DP-SGD: each example's gradient clipped to {dp.clip:g}, noise std {dp.noise:g}·"
+        clipped = {"flat": f"clipped to {dp.clip:g}",
+                   "per-layer": f"clipped layer by layer to {dp.clip:g}/√L (L layers with params)",
+                   "automatic": f"normalised, g/(‖g‖+{AUTO_GAMMA:g}), times {dp.clip:g}"}[dp.clip_mode]
+        micro = "" if dp.microbatch is None else f", {dp.microbatch} rows per backward"
+        say(f"bpjax train: DP-SGD: each example's gradient {clipped}{micro}, noise std {dp.noise:g}·"
             f"{dp.clip:g} on the sum, divided by {args.batch_size}; batches: {batches} (--dp-sampling "
             f"{dp.sampling}); epsilon at delta {dp.delta:g} by dp-accounting ({dp.accountant.upper()}) for "
             f"Poisson sampling at rate batch/n")
@@ -272,7 +284,8 @@ def _write_summary(args, result: FitResult, out: pathlib.Path, dp) -> None:
         last = result.history[-1] if result.history else {"epsilon": 0.0, "step": 0}
         summary["dp"] = {"epsilon": last["epsilon"], "delta": dp.delta, "steps": last["step"],
                          "sampling": dp.sampling, "accountant": dp.accountant, "clip": dp.clip,
-                         "noise": dp.noise, "expected_batch": args.batch_size,
+                         "noise": dp.noise, "clip_mode": dp.clip_mode, "microbatch": dp.microbatch,
+                         "expected_batch": args.batch_size,
                          **({"physical_batch": result.dp_physical_batch} if dp.sampling == "poisson" else
                             {"note": NOT_A_GUARANTEE})}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -280,7 +293,7 @@ def _write_summary(args, result: FitResult, out: pathlib.Path, dp) -> None:
 
 #: The options of DP-SGD, by their key in ``args``, and their defaults (None: required).
 DP_OPTIONS = {"dp_clip": None, "dp_noise": None, "dp_delta": 1e-5, "dp_sampling": "poisson", "dp_accountant": "rdp",
-              "dp_physical_batch": None}
+              "dp_physical_batch": None, "dp_clip_mode": "flat", "dp_microbatch": None}
 
 
 def _dp_from_args(args):
@@ -294,7 +307,17 @@ def _dp_from_args(args):
         raise ValueError("expected --dp-noise with --dp-clip (DP-SGD), got no --dp-noise")
     if args.dtype != "float32":
         raise ValueError(f"expected --dtype float32 with --dp-clip (DP-SGD runs in float32), got --dtype {args.dtype}")
-    return check_dpsgd(tuple(d if given[k] is None else given[k] for k, d in DP_OPTIONS.items()))
+    micro = given["dp_microbatch"]
+    if micro is not None:                            # a string: one sentence, not argparse's usage
+        try:
+            given["dp_microbatch"] = int(micro)
+        except ValueError:
+            raise ValueError(f"dp-sgd: expected --dp-microbatch to be an integer >= 1, got {micro!r}") from None
+    dp = check_dpsgd(tuple(d if given[k] is None else given[k] for k, d in DP_OPTIONS.items()))
+    if dp.microbatch is not None and dp.sampling == "shuffle" and args.batch_size % dp.microbatch:
+        raise ValueError(f"dp-sgd: expected --dp-microbatch to divide --batch-size {args.batch_size}, "
+                         f"got {dp.microbatch}")
+    return dp
 
 
 def _grad_flow_hook(args, model, loss, data, out, main):
@@ -341,7 +364,8 @@ DEFINING = {"model": "--model", "dataset": "--dataset", "seed": "--seed", "dtype
             "weight_decay": "--weight-decay", "val_fraction": "--val-fraction", "epochs": "--epochs",
             "metrics_format": "--metrics-format", "bpjax_version": "the bpjax version",
             "dp_clip": "--dp-clip", "dp_noise": "--dp-noise", "dp_delta": "--dp-delta", "dp_sampling": "--dp-sampling",
-            "dp_accountant": "--dp-accountant", "dp_physical_batch": "--dp-physical-batch"}
+            "dp_accountant": "--dp-accountant", "dp_physical_batch": "--dp-physical-batch",
+            "dp_clip_mode": "--dp-clip-mode", "dp_microbatch": "--dp-microbatch"}
 
 
 def run_arguments(args) -> Dict[str, Any]:
@@ -415,6 +439,8 @@ def _differences(now: Dict[str, Any], stored: Dict[str, Any]) -> List[str]:
         if key == "epochs" and (key not in now or key not in stored):
             continue                      # the schedules differ, which is named
         mine, theirs = now.get(key), stored.get(key)
+        if key == "dp_clip_mode" and "dp_clip" in stored:
+            theirs = stored.get(key, "flat")      # a DP run written before --dp-clip-mode clipped flat
         if mine != theirs:
             if key == "bpjax_version":
                 out.append(f"bpjax {mine} (the run was written by bpjax {theirs})")

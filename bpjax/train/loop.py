@@ -51,14 +51,15 @@ def _step_fn(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, 
     ``step(params, state, opt_state, x, y, key, step_num) -> (params, state, opt_state, loss,
     correct)``; the layers' randomness (dropout) uses ``fold_in(key, step_num)``. With
     ``compute_dtype`` the forward and backward run in it on cast copies and ``params`` stay the
-    (float32) master weights (:func:`bpjax._grad.forward_backward`). With ``dp = (C, σ)`` the
-    gradient is DP-SGD's: per-example clipped to C, averaged, plus Gaussian noise of standard
-    deviation σ·C/B on the batch of B (:func:`bpjax.privacy.dp_forward_backward`).
+    (float32) master weights (:func:`bpjax._grad.forward_backward`). With ``dp = (C, σ)`` (or
+    ``(C, σ, clip mode, microbatch)``) the gradient is DP-SGD's: per-example clipped to C,
+    averaged, plus Gaussian noise of standard deviation σ·S/B on the batch of B, S the clipped
+    sum's sensitivity (:func:`bpjax.privacy.dp_forward_backward`).
     """
     if dp is None:
         fb = forward_backward(model, loss, compute_dtype=compute_dtype)
     else:
-        fb = dp_forward_backward(model, loss, *dp)
+        fb = dp_forward_backward(model, loss, dp[0], dp[1], **_dp_modes(dp))
 
     def step(params, state, opt_state, x, y, key, step_num):
         value, state, out, grads = fb(params, state, x, y, key=jax.random.fold_in(key, step_num))
@@ -68,6 +69,18 @@ def _step_fn(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, 
         return params, state, opt_state, value, correct
 
     return step
+
+
+def _dp_modes(dp: tuple) -> dict:
+    """The clip mode and microbatch of ``dp = (C, σ[, mode, microbatch])`` as keywords."""
+    return dict(zip(("mode", "microbatch"), dp[2:]))
+
+
+def _dp_key(dp) -> tuple:
+    """A :class:`bpjax.privacy.DPSGD`'s part that the compiled step depends on: ``(C, σ)``, the
+    cache key as before, or ``(C, σ, clip mode, microbatch)`` when those are not the defaults."""
+    modes = (dp.clip_mode, dp.microbatch)
+    return (dp.clip, dp.noise) if modes == ("flat", None) else (dp.clip, dp.noise, *modes)
 
 
 def make_train_step(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, *,
@@ -166,7 +179,7 @@ def make_poisson_chunk(model: Layer, loss: Loss, optimizer: optax.GradientTransf
     """
     constrain = _constrainer(mesh, fsdp)
     rate = batch_size / n
-    grad = poisson_dp_grad(model, loss, *dp, expected_batch=batch_size, physical=physical,
+    grad = poisson_dp_grad(model, loss, dp[0], dp[1], expected_batch=batch_size, physical=physical, **_dp_modes(dp),
                            metric=_masked_correct if classification else None,
                            place=lambda xb, yb: (constrain(xb, "batch"), constrain(yb, "batch")))
 
@@ -291,7 +304,9 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
       dp: DP-SGD, as a :class:`bpjax.privacy.DPSGD` or a tuple ``(C, σ, δ)`` (the defaults for
         the rest; ``bpjax train --dp-clip C --dp-noise σ --dp-delta δ``). Each step's gradient is
         the sum of the per-example gradients clipped to norm C plus Gaussian noise of standard
-        deviation σ·C, from its own key, divided by B. By default (``sampling="poisson"``) each
+        deviation σ·S, from its own key, divided by B; S is the clipped sum's sensitivity, C but
+        for per-layer thresholds C_l, √(Σ_l C_l²) (``clip_mode`` "flat", "per-layer" or
+        "automatic", :func:`bpjax.clipped_grad`; ``microbatch``: rows per backward). By default (``sampling="poisson"``) each
         step's batch is Poisson-sampled: every training example joins it on its own with
         probability q = B/n (``batch_size`` is the expected batch B, and an epoch is n // B
         steps), under a key from the data key and the step number, so a resumed run draws the
@@ -392,16 +407,22 @@ def _prepare(model, loss, optimizer, data, run, *, seed, val_fraction, batch_siz
         physical = dp.physical_batch or default_physical_batch(n, batch_size / n, devices)
         if mesh is not None:
             dist.check_batch(mesh, physical, "physical batch")
+        if dp.microbatch is not None and physical % dp.microbatch:
+            raise ValueError(f"fit: expected the DP-SGD microbatch to divide the physical batch {physical}, "
+                             f"got {dp.microbatch}")
         chunk = make_poisson_chunk(model, loss, optimizer, n=n, batch_size=batch_size, physical=physical,
-                                   max_steps=max_steps, dp=(dp.clip, dp.noise), classification=classification,
+                                   max_steps=max_steps, dp=_dp_key(dp), classification=classification,
                                    mesh=mesh, fsdp=fsdp)
         order_fn = _sampling_key_fn(mesh)
         log(f"fit: DP-SGD batches: each of the {n} training examples joins each step with probability "
             f"q = {batch_size}/{n} = {batch_size / n:.4g} (Poisson), in physical batches of {physical} rows")
     else:
+        if dp is not None and dp.microbatch is not None and batch_size % dp.microbatch:
+            raise ValueError(f"fit: expected the DP-SGD microbatch to divide the batch size {batch_size}, "
+                             f"got {dp.microbatch}")
         chunk = make_train_chunk(model, loss, optimizer, batch_size=batch_size, max_steps=max_steps,
                                  classification=classification, mesh=mesh, fsdp=fsdp, compute_dtype=compute_dtype,
-                                 **({} if dp is None else {"dp": (dp.clip, dp.noise)}))  # the cache key as before
+                                 **({} if dp is None else {"dp": _dp_key(dp)}))
         order_fn = _order_fn(n, mesh)                                                        # without DP
         if dp is not None:
             log(f"fit: {NOT_A_GUARANTEE}")
