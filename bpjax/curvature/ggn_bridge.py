@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 
 from .. import _core
-from . import loss_hessian
+from .loss_hessian import check_loss_known, hessian_product
 
 __all__ = ["ggn_vector_product"]
 
@@ -25,7 +25,7 @@ def ggn_vector_product(model, loss, *, train: bool = True):
     (G = Σ_n J_nᵀ H_n J_n, H_n = ∂²L/∂y_n²) times ``v``, a tree like ``params``; one forward,
     the transpose of the backward (J v), and one backward. Jittable."""
     _core.check_model_and_loss("ggn_vector_product", model, loss)
-    loss_hessian.check_loss_known("ggn_vector_product", loss)
+    check_loss_known("ggn_vector_product", loss)
 
     def f(params, state, x, target, v, *, key=None):
         y, _, res = model.forward(params, state, x, key=key, train=train)
@@ -35,7 +35,7 @@ def ggn_vector_product(model, loss, *, train: bool = True):
             return model.backward(params, res, dy)[0]
 
         (jv,) = jax.linear_transpose(backward, y)(_core.cast_like(v, params))   # (N, ...) J v
-        hjv = loss_hessian.hessian_product(loss, y, loss_res, jv)
+        hjv = hessian_product(loss, y, loss_res, jv)
         return _core.cast_like(backward(hjv), params)
 
     return f

@@ -40,7 +40,9 @@ import jax.numpy as jnp
 
 from .. import _core
 from .._observe import Client, View, _Observer, param_size
-from . import kronecker, loss_hessian, per_layer
+from .kronecker import Kronecker, VARIANTS, error_factors, input_factors, kronecker_rule
+from .loss_hessian import check_loss_known, factor_columns, sampled_columns
+from .per_layer import needs_tape, per_example_dparams
 
 __all__ = ["QUANTITIES", "backward_quantities"]
 
@@ -66,7 +68,7 @@ class _Measure(Client):
         self.refused: dict = {}         # path (without scan steps) -> why it has no Kronecker factors
 
     def tape(self, name, per_example, params, leaf):
-        return per_layer.needs_tape(per_example, params, leaf)
+        return needs_tape(per_example, params, leaf)
 
     def measure(self, v: View) -> dict:
         if not jax.tree_util.tree_leaves(v.params) or not self._owns_params(v):
@@ -75,16 +77,16 @@ class _Measure(Client):
         rule = None
         if "kron" in self.wants:
             try:
-                rule = kronecker.kronecker_rule(v, self.variant)
+                rule = kronecker_rule(v, self.variant)
             except ValueError as e:     # raised if this layer reports itself (not inside a GPT)
                 self.refused[v.label] = str(e)
                 out["refused"] = jnp.zeros(())     # so that its entry reports (and the pass raises)
             if rule not in (None, "diagonal"):
-                out["a"] = kronecker.input_factors(v, rule, self.n, self.variant)
-                out["g"] = kronecker.error_factors(v, rule, self.n, self.variant)
+                out["a"] = input_factors(v, rule, self.n, self.variant)
+                out["g"] = error_factors(v, rule, self.n, self.variant)
         needs_sq = {"sq", "sq_n"} & set(self.wants) or rule == "diagonal"
         if "grad" in self.wants or needs_sq:
-            g = per_layer.per_example_dparams(_WHERE, v, self.n)                   # (N, *θ)
+            g = per_example_dparams(_WHERE, v, self.n)                   # (N, *θ)
             if "grad" in self.wants:
                 out["grad"] = jax.tree_util.tree_map(lambda a: self.n * a, g)       # g_n = N · J_nᵀ dy_n
             if needs_sq:
@@ -124,8 +126,8 @@ def _check_quantities(quantities, variant) -> tuple:
     unknown = [q for q in quantities if q not in QUANTITIES]
     if unknown or not quantities:
         raise ValueError(f"{_WHERE}: expected quantities among {', '.join(QUANTITIES)}, got {list(quantities)!r}")
-    if variant not in kronecker.VARIANTS:
-        raise ValueError(f"{_WHERE}: expected kronecker to be one of {kronecker.VARIANTS}, got {variant!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"{_WHERE}: expected kronecker to be one of {VARIANTS}, got {variant!r}")
     return quantities
 
 
@@ -156,7 +158,7 @@ def backward_quantities(model, loss, quantities: Sequence[str], *, mc_samples: i
     if mc_samples < 1:
         raise ValueError(f"{_WHERE}: expected mc_samples >= 1, got {mc_samples}")
     if set(quantities) & set(EXACT + SAMPLED):
-        loss_hessian.check_loss_known(_WHERE, loss)
+        check_loss_known(_WHERE, loss)
     variant = kronecker
 
     def f(params, state, x, target, *, key=None):
@@ -176,12 +178,12 @@ def backward_quantities(model, loss, quantities: Sequence[str], *, mc_samples: i
             reports = {"grad": _reported(hook.entries)}
             if set(quantities) & set(EXACT):
                 client.wants = _wants(quantities, EXACT)
-                cols = loss_hessian.factor_columns(loss, y, loss_res)                  # (C, N, ...)
+                cols = factor_columns(loss, y, loss_res)                  # (C, N, ...)
                 reports["exact"] = _columns_pass(model, params, res, cols, hook)
             if set(quantities) & set(SAMPLED):
                 client.wants = _wants(quantities, SAMPLED)
                 k = jax.random.fold_in(key, SAMPLE_STREAM)
-                cols = loss_hessian.sampled_columns(loss, y, loss_res, k, mc_samples)  # (k, N, ...)
+                cols = sampled_columns(loss, y, loss_res, k, mc_samples)  # (k, N, ...)
                 reports["sampled"] = _columns_pass(model, params, res, cols, hook)
         finally:
             _core._HOOKS.remove(hook)
@@ -253,6 +255,6 @@ def _factors(values) -> dict:
     """A layer's Kronecker factors per param, or its GGN diagonal (the norm layers)."""
     if "a" not in values:
         return values["sq"]
-    return {k: kronecker.Kronecker(a, values["g"]) for k, a in values["a"].items()}
+    return {k: Kronecker(a, values["g"]) for k, a in values["a"].items()}
 
 
