@@ -66,12 +66,14 @@ class Loss(NamedTuple):
 class LayerToken:
     """One layer made by :func:`make_layer`, as the hooks see it. Compared with ``is``: a hook
     matches a layer's backward with its forward by it. ``per_example`` and ``curvature`` are the
-    rules the layer's factory named (``make_layer(..., per_example=..., curvature=...)``), or None."""
+    rules the layer's factory named (``make_layer(..., per_example=..., curvature=...)``), or None;
+    ``example_rows`` the function the ``"columns"`` rule calls, or None."""
 
-    __slots__ = ("per_example", "curvature")
+    __slots__ = ("per_example", "curvature", "example_rows")
 
-    def __init__(self, per_example: Optional[str], curvature: Optional[str] = None):
-        self.per_example, self.curvature = per_example, curvature
+    def __init__(self, per_example: Optional[str], curvature: Optional[str] = None,
+                 example_rows: Optional[Callable] = None):
+        self.per_example, self.curvature, self.example_rows = per_example, curvature, example_rows
 
 
 class _Calls(Protocol):
@@ -226,6 +228,7 @@ def make_layer(
     passes_tuples: bool = False,
     per_example: Optional[str] = None,
     curvature: Optional[str] = None,
+    example_rows: Optional[Callable] = None,
 ) -> Layer:
     """Build a :class:`Layer` from raw functions, adding the checks every layer shares.
 
@@ -249,16 +252,24 @@ def make_layer(
 
     ``per_example`` names the rule by which :func:`bpjax.per_example_grad_norms` splits this
     layer's gradient by example (the rules are in ``bpjax/_per_example.py``; each built-in
-    layer names its own: ``"dense"``, ``"norm"``, ``"from_residuals"``, ``"mixes_examples"``, …).
+    layer names its own: ``"dense"``, ``"norm"``, ``"columns"``, ``"from_residuals"``, ``"mixes_examples"``, …).
     The default, None, reruns the layer on each example: right for any layer that does not mix
     examples. The rule goes with the layer, whatever its name or the module it is written in.
+
+    ``per_example="columns"`` (conv, conv_transpose) comes with ``example_rows(res, dy) ->
+    (cols (N, T, G, P), dz (N, T, G, Q))``: each example's weight gradient is Σ_t cols_ntgᵀ dz_ntg
+    within each of G groups (P·Q weights each), its bias gradient Σ_t dz_nt, so that the rule
+    needs no other knowledge of the layer.
 
     ``curvature`` names the layer's rule in ``bpjax.curvature`` (its Kronecker factors, or why
     it has none) where ``per_example`` does not tell it: ``"conv"`` (conv and conv_transpose),
     ``"recurrent"``, ``"attention"``. The default, None, leaves it to ``per_example`` (``"dense"``,
     ``"embedding"``, the norms' rules); a layer with neither has no Kronecker factors.
     """
-    token = LayerToken(per_example, curvature)     # this layer, for the hooks (path names, its rules)
+    if (per_example == "columns") != (example_rows is not None):
+        raise ValueError(f"make_layer: {name}: expected example_rows exactly with per_example='columns', "
+                         f"got per_example={per_example!r} and example_rows={example_rows!r}")
+    token = LayerToken(per_example, curvature, example_rows)   # this layer, for the hooks (path names, its rules)
 
     def init_(key, in_shape):
         if tuple_input or (passes_tuples and is_tuple_of_shapes(in_shape)):

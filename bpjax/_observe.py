@@ -126,7 +126,8 @@ class View:
     """What a client sees of one layer's backward (the arguments of ``Client.measure``).
 
     ``name``: the factory's name (``dense``); ``per_example``, ``curvature``: the rules its
-    factory named (``make_layer(..., per_example=..., curvature=...)``), or None; ``label``: the path name;
+    factory named (``make_layer(..., per_example=..., curvature=...)``), or None; ``example_rows``:
+    the function of the ``"columns"`` rule, or None; ``label``: the path name;
     ``params``, ``res`` (the layer's own residuals), ``dy``, ``dparams``, ``dx``; ``tape``: the
     :class:`_Tape` or None; ``subs``: the entries of its sub-layers; ``backward``: its raw
     backward.
@@ -140,10 +141,17 @@ class View:
         return not self.called
 
 
+#: The key under which ``Client.measure`` may return the layer's gradient in place of its own.
+REPLACE_DPARAMS = "replace dparams"
+
+
 class Client:
     """What to record. ``tape(name, per_example, params, leaf)`` says, after a layer's forward,
     whether its backward will need x (a :class:`_Tape`); ``measure(view)`` returns the dict of
-    arrays to record for that layer (it may raise, naming ``view.label``)."""
+    arrays to record for that layer (it may raise, naming ``view.label``). A value under
+    :data:`REPLACE_DPARAMS` is the layer's gradient computed another way, equal up to rounding (the sum of the
+    per-example gradients a client built anyway): it replaces the layer's own, which XLA then
+    drops, and is not recorded."""
 
     def tape(self, name: str, per_example: Optional[str], params, leaf: bool) -> bool:
         return False
@@ -231,12 +239,16 @@ class _Observer:
         if isinstance(out, tuple) and len(out) == 2:
             out = (self._unwrap(out[0], scope), out[1])
         dparams, dx = finish(params, out)
-        view = View(name=name, per_example=token.per_example, curvature=token.curvature, label=frame.label,
+        view = View(name=name, per_example=token.per_example, curvature=token.curvature,
+                    example_rows=token.example_rows, label=frame.label,
                     params=params, res=res, dy=dy, dparams=dparams, dx=dx, tape=tape,
                     subs=tuple(scope.entries), backward=backward, called=bool(frame.children or scope.entries))
         record.update(leaf=view.leaf, dx=dx)
-        entry = Entry(frame.label, self.client.measure(view), tuple(scope.entries), view.leaf,
-                      param_size(params), frame.order)
+        values = self.client.measure(view)
+        if REPLACE_DPARAMS in values:   # the same gradient, computed by the client (see Client)
+            values = dict(values)
+            dparams = _core.cast_like(values.pop(REPLACE_DPARAMS), params)
+        entry = Entry(frame.label, values, tuple(scope.entries), view.leaf, param_size(params), frame.order)
         parent = self.scopes[-1] if self.scopes else None
         if parent is None:
             self.entries.append(entry)

@@ -28,7 +28,14 @@ positions of one example: T = 1 for x (N, D))::
         2⟨dE_in,n, dE_out,n⟩ = 2 Σ_{t,t'} DZ_n[t', id_t]·⟨ĥ_nt', dh0_nt⟩
     "combinator" (sequential, residual, parallel, bidirectional, transformer_block)
         the sum of its layers' parts (its params are exactly its layers' params)
-    "from_residuals" (conv, conv_transpose, multi_head_attention)
+    "columns" (conv, conv_transpose)
+        dense's rule with the output positions o as rows: the layer's ``example_rows`` gives its
+        im2col columns (the window each o reads, per group) and dz = dy ⊙ f'(z), so
+        dW_n[g] = Σ_o cols_nogᵀ dz_nog, ‖dW_n‖² by the Gram or the explicit form, whichever is
+        cheaper; the columns are built for a few examples at a time (``COLUMN_CHUNK_BYTES``).
+        In the explicit form the dW_n are built anyway: their sum is the layer's gradient (its
+        own weight-gradient products are dropped), and clipped_grad sums Σ_n c_n dW_n from them
+    "from_residuals" (multi_head_attention)
         the explicit per-example gradient of that layer alone: its own hand-written backward on
         each example's residuals and dy, vmapped over the examples (its residuals all have the
         batch axis first; dx is unused and XLA drops it)
@@ -54,6 +61,7 @@ import jax.numpy as jnp
 from . import _checks, _core
 from ._grad import value_and_grad
 from ._observe import (
+    REPLACE_DPARAMS,
     Client,
     View,
     _Tape,
@@ -146,9 +154,61 @@ def _gpt(v: View, n: int, subs_sq):
     return subs_sq + pos + out + cross
 
 
+def _columns(v: View, n: int):
+    """The "columns" rule (conv, conv_transpose; module doc): ‖dW_n‖² + ‖db_n‖² for every n,
+    from the layer's ``example_rows`` (its im2col columns and dz), within each group, as dense's
+    with the output positions as rows; the columns built for a few examples at a time
+    (``COLUMN_CHUNK_BYTES``). Returns ``{"sq": (N,)}`` when the Gram form is the cheaper, else the
+    explicit per-example gradients' norms and their sum, under ``REPLACE_DPARAMS`` (the layer's gradient, which
+    then replaces its own: XLA drops the layer's weight-gradient products), and, when they take at
+    most ``EXAMPLE_BYTES``, the per-example gradients themselves, ``"_examples"`` (N, ...) (from
+    which clipped_grad sums Σ_n c_n g_n without another product)."""
+    leaves, treedef = jax.tree_util.tree_flatten(v.res)
+    for a in leaves:
+        _batch_leading(v, a, n)
+    x, w = leaves[0], v.params["w"]
+    kernel, c_out = w.shape[:-2], w.shape[-1]
+    groups = x.shape[-1] // w.shape[-2]
+    t, p, q = math.prod(v.dy.shape[1:-1]), math.prod(kernel) * w.shape[-2], c_out // groups
+    per_example = t * math.prod(kernel) * x.shape[-1] * x.dtype.itemsize                       # its columns
+    rows = (leaves, v.dy)
+    if t * (p + q) < p * q:                                         # the Gram form: norms only
+
+        def gram(inputs):
+            cols, dz = v.example_rows(treedef.unflatten(inputs[0]), inputs[1])                 # (b, T, G, P), (b, T, G, Q)
+            b = cols.shape[0]
+            by_group = lambda a: a.transpose(0, 2, 1, 3).reshape(b * groups, t, a.shape[-1])  # noqa: E731
+            sq = jnp.sum(sq_outer(by_group(cols), by_group(dz)).reshape(b, groups), axis=1)
+            if "b" in v.params:
+                (dz,) = _acc(dz)
+                sq = sq + jnp.sum(jnp.sum(dz, axis=1) ** 2, axis=(1, 2))                      # the bias part
+            return sq, None
+
+        return {"sq": _in_chunks(gram, rows, n, per_example, v.params, budget=COLUMN_CHUNK_BYTES)[0]}
+
+    def explicit(inputs):
+        cols, dz = _acc(*v.example_rows(treedef.unflatten(inputs[0]), inputs[1]))              # (b, T, G, P), (b, T, G, Q)
+        b = cols.shape[0]
+        dw = jnp.einsum("ntgp,ntgq->ngpq", cols, dz)                                           # (b, G, P, Q) dW_n
+        sq = jnp.sum(dw ** 2, axis=(1, 2, 3))
+        dw = dw.reshape(b, groups, math.prod(kernel), w.shape[-2], q).transpose(0, 2, 3, 1, 4)
+        ex = {"w": dw.reshape(b, *w.shape)}                                                    # (b, *K, C_in/G, C_out)
+        if "b" in v.params:
+            ex["b"] = jnp.sum(dz, axis=1).reshape(b, c_out)                                    # (b, C_out) db_n
+            sq = sq + jnp.sum(ex["b"] ** 2, axis=1)
+        return sq, ex
+
+    keep = n * sum(a.size for a in jax.tree_util.tree_leaves(v.params)) * 4 <= EXAMPLE_BYTES
+    sq, examples, total = _in_chunks(explicit, rows, n, per_example, v.params, keep=keep, budget=COLUMN_CHUNK_BYTES)
+    out = {"sq": sq, REPLACE_DPARAMS: total}
+    if examples is not None:
+        out["_examples"] = examples
+    return out
+
+
 #: The rules of a leaf layer by the name its factory gives ``make_layer(..., per_example=...)``:
 #: (view, N) -> (N,) squared norms.
-LEAF_RULES = {"dense": _dense, "embedding": _embedding, "norm": _norm_layer}
+LEAF_RULES = {"dense": _dense, "embedding": _embedding, "norm": _norm_layer, "columns": _columns}
 #: The rules of a layer with params of its own beside its sub-layers': (view, N, the sum of
 #: the sub-layers' parts) -> (N,), or None when the residuals are not the expected ones.
 COMPOSITE_RULES = {"gpt": _gpt}
@@ -172,39 +232,63 @@ def _from_residuals(v: View, n: int):
     (vmapped in chunks, ``CHUNK_BYTES``). Only for layers whose every residual has the batch
     axis first (``FROM_RESIDUALS``); their dx is unused, and XLA drops it."""
     leaves, treedef = jax.tree_util.tree_flatten(v.res)
-
-    def batch_leading(a):
-        if a.ndim and a.shape[0] in (n, 0):
-            return a.shape[0] == n                                                   # 0: a shape record
-        raise ValueError(f"per_example_grad_norms: {v.label}: expected every residual to have the "
-                         f"batch axis ({n}) first, got one of shape {tuple(a.shape)}")
-
-    mapped = [batch_leading(a) for a in leaves]
+    mapped = [_batch_leading(v, a, n) for a in leaves]
     one = lambda a: a[None]                                                          # noqa: E731
 
-    def example(inputs):
-        rows, dy1 = inputs                                                           # example n's
-        rows = iter(rows)
-        res = treedef.unflatten([next(rows)[None] if m else a for a, m in zip(leaves, mapped)])
-        dparams, _ = v.backward(v.params, res, jax.tree_util.tree_map(one, dy1))
-        return sq_norm(dparams)
+    def examples(inputs):
+        def example(inputs):
+            rows, dy1 = inputs                                                       # example n's
+            rows = iter(rows)
+            res = treedef.unflatten([next(rows)[None] if m else a for a, m in zip(leaves, mapped)])
+            dparams, _ = v.backward(v.params, res, jax.tree_util.tree_map(one, dy1))
+            return sq_norm(dparams)
+        return jax.vmap(example)(inputs), None
 
-    per_example = sum(a.nbytes // n for a, m in zip(leaves, mapped) if m)
-    chunk = _divisor_at_most(n, CHUNK_BYTES // max(per_example, 1))
     rows = [a for a, m in zip(leaves, mapped) if m]
+    return _in_chunks(examples, (rows, v.dy), n, sum(a.nbytes // n for a in rows), v.params)[0]
+
+
+def _batch_leading(v: View, a, n: int) -> bool:
+    """Whether residual ``a`` has the batch axis first (a 0-sized one: a shape record, False);
+    ValueError naming the layer when it has neither."""
+    if a.ndim and a.shape[0] in (n, 0):
+        return a.shape[0] == n
+    raise ValueError(f"per_example_grad_norms: {v.label}: expected every residual to have the "
+                     f"batch axis ({n}) first, got one of shape {tuple(a.shape)}")
+
+
+def _in_chunks(examples, rows, n: int, per_example_bytes: int, params, *, keep: bool = False,
+               budget: Optional[int] = None):
+    """``examples(rows of b examples) -> (sq (b,), a tree of (b, ...) or None)`` over all n, b
+    examples at a time (b the largest divisor of n with b·``per_example_bytes`` ≤ ``budget``,
+    by default ``CHUNK_BYTES``), each chunk sliced in place in a loop, so that what one chunk builds exists
+    for b examples at a time. Returns ``(sq (N,), the trees joined (N, ...) when keep else None,
+    their sum over the examples)``."""
+    chunk = _divisor_at_most(n, (CHUNK_BYTES if budget is None else budget) // max(per_example_bytes, 1))
+    total = lambda tree: jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), tree)  # noqa: E731
     if chunk == n:
-        return jax.vmap(example)((rows, v.dy))                                      # (N,)
+        sq, tree = examples(rows)
+        return sq, (tree if keep else None), total(tree)
+    part = lambda i: jax.tree_util.tree_map(                                          # noqa: E731
+        lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk), rows)
+    dtype = _core.accumulation_dtype(*(a.dtype for a in jax.tree_util.tree_leaves(params)))
+    shapes = jax.eval_shape(examples, part(0))[1]
+    zeros = lambda lead: jax.tree_util.tree_map(lambda s: jnp.zeros(lead + s.shape[1:], s.dtype), shapes)  # noqa: E731
 
-    def chunk_of(a, start):
-        return None if a is None else jax.lax.dynamic_slice_in_dim(a, start, chunk)
+    def body(i, out):                                 # examples [i·chunk, (i+1)·chunk)
+        sq, kept, summed = out
+        sq_i, tree = examples(part(i))
+        sq = jax.lax.dynamic_update_slice_in_dim(sq, sq_i.astype(sq.dtype), i * chunk, 0)
+        if keep:
+            kept = jax.tree_util.tree_map(lambda k, a: jax.lax.dynamic_update_slice_in_dim(k, a, i * chunk, 0),
+                                          kept, tree)
+        else:
+            summed = jax.tree_util.tree_map(jnp.add, summed, total(tree))
+        return sq, kept, summed
 
-    def body(i, out):                                 # examples [i·chunk, (i+1)·chunk), sliced in place
-        start = i * chunk
-        part = ([chunk_of(a, start) for a in rows], jax.tree_util.tree_map(lambda a: chunk_of(a, start), v.dy))
-        return jax.lax.dynamic_update_slice_in_dim(out, jax.vmap(example)(part), start, 0)
-
-    dtype = _core.accumulation_dtype(*(a.dtype for a in jax.tree_util.tree_leaves(v.params)))
-    return jax.lax.fori_loop(0, n // chunk, body, jnp.zeros((n,), dtype))           # (N,)
+    init = (jnp.zeros((n,), dtype), zeros((n,)) if keep else None, None if keep else zeros(()))
+    sq, kept, summed = jax.lax.fori_loop(0, n // chunk, body, init)                   # (N,)
+    return sq, kept, (total(kept) if keep else summed)
 
 
 def _divisor_at_most(n: int, most: int) -> int:
@@ -212,10 +296,19 @@ def _divisor_at_most(n: int, most: int) -> int:
     return max(d for d in range(1, max(1, min(n, most)) + 1) if n % d == 0)
 
 
-#: Bytes of residuals vmapped at once by ``_from_residuals``: a loop takes the examples in
-#: chunks of at most this much (a divisor of N), so that what one example's backward builds (a convolution's
-#: columns, attention's probabilities) exists for a chunk of examples at a time, not all N.
+#: Bytes of residuals (or of columns) taken at once by ``_from_residuals`` and ``_columns``: a
+#: loop takes the examples in chunks of at most this much (a divisor of N), so that what one
+#: example builds (a convolution's columns, attention's probabilities) exists for a chunk of
+#: examples at a time, not all N.
 CHUNK_BYTES = 2**22
+#: Bytes of im2col columns the "columns" rule builds at once: smaller than ``CHUNK_BYTES``, as
+#: one chunk's columns and products are fastest while they stay in cache (on the 2-core CPU of
+#: BENCHMARKS.md, the 2-D CNN at b64: 1.08× a plain step at 1 MiB, 1.24× at 4, 1.57× at 32).
+COLUMN_CHUNK_BYTES = 2**20
+#: The most bytes (counted as float32) of per-example gradients the "columns" rule keeps for
+#: clipped_grad, N times the layer's params: above it, clipped_grad's second pass redoes the
+#: layer's weight-gradient products with the scaled dy instead.
+EXAMPLE_BYTES = 2**26
 
 
 def _explicit(v: View, n: int):
@@ -243,6 +336,7 @@ class _PerExample(Client):
         self.n = n
         self.pure = True                # every layer with params is a leaf used once (clipped_grad)
         self.leaf_sq: list = []         # (path, sq (N,)) of every leaf with params, in backward order
+        self.leaf_examples: list = []   # and its per-example gradients (N, ...) where its rule kept them, or None
 
     def tape(self, name, per_example, params, leaf):
         if per_example is not None and per_example not in RULES:
@@ -264,13 +358,14 @@ class _PerExample(Client):
             return {}
         if v.leaf:
             if rule in LEAF_RULES:
-                sq = LEAF_RULES[rule](v, self.n)
+                out = LEAF_RULES[rule](v, self.n)
             elif rule == FROM_RESIDUALS:
-                sq = _from_residuals(v, self.n)
+                out = _from_residuals(v, self.n)
             else:
-                sq = _explicit(v, self.n)
-            out = {"sq": sq}
-            self.leaf_sq.append((v.label, sq))
+                out = _explicit(v, self.n)
+            out = dict(out) if isinstance(out, dict) else {"sq": out}
+            self.leaf_sq.append((v.label, out["sq"]))
+            self.leaf_examples.append(out.pop("_examples", None))
             if rule == "embedding":
                 out.update(_ids=v.res[0], _dy=v.dy)   # for a composite that also uses the table (gpt)
             return out
@@ -290,7 +385,8 @@ def per_example_grad_norms(model, loss, *, compute_dtype: Optional[Any] = None):
     """The batch gradient and every example's own gradient norm, from one backward pass.
 
     Returns ``f(params, state, x, target, *, key=None) -> ((value, new_state), grads, norms)``:
-    ``(value, new_state), grads`` are exactly ``bp.value_and_grad``'s, and ``norms`` (N,)
+    ``(value, new_state), grads`` are ``bp.value_and_grad``'s (a convolution's gradient summed
+    from the per-example ones its rule built, equal up to rounding), and ``norms`` (N,)
     holds ‖g_n‖, the L2 norm over all params of example n's own gradient (the gradient of its
     loss alone, what :func:`bpjax.per_example_grads` gives for it), computed from each layer's
     x and dy by the rules of this module, without building the g_n. Jittable; works with a
@@ -449,7 +545,7 @@ def _clipped(model, loss, c, *, mode: str = "flat", gamma: float = AUTO_GAMMA, m
             scale = keep(factor(norms, c))                                             # (N,)
         norms = keep(norms)
         if client.pure and not hook.carried:          # only the weight products, redone
-            _core._HOOKS.append(_Replay(hook.log, scale, per_leaf))
+            _core._HOOKS.append(_Replay(hook.log, scale, per_leaf, client.leaf_examples))
             try:
                 grads, _ = model.backward(params, res, dy)
             finally:
@@ -523,12 +619,14 @@ class _Replay:
     """The hook of clipped_grad's second pass, when every layer with params is a leaf used once
     and none ran in a scan: each leaf's backward gets the dy it got in the first pass, rows
     scaled, and only its dparams are kept; the dx it returns is the first pass's, so the dx
-    chain is not computed again (XLA drops the unused dx products). Combinators run their own
-    backward (additions, slices) on those."""
+    chain is not computed again (XLA drops the unused dx products). A leaf whose rule kept its
+    per-example gradients g_n (a convolution's, ``_columns``) gets Σ_n scale_n g_n from them
+    instead, without a product. Combinators run their own backward (additions, slices) on those."""
 
-    def __init__(self, log, scale, per_leaf=None):
+    def __init__(self, log, scale, per_leaf=None, examples=()):
         self.log, self.scale, self.i = log, scale, 0
         self.per_leaf = None if per_leaf is None else iter(per_leaf)   # per-layer clipping: a scale per leaf
+        self.examples = iter(examples)  # per leaf with params: its per-example gradients (N, ...), or None
 
     def layer_forward(self, name, token, forward, params, state, x, *, key, train):
         return forward(params, state, x, key=key, train=train)
@@ -544,7 +642,11 @@ class _Replay:
         if not jax.tree_util.tree_leaves(params):
             return finish(params, (params, record["dx"]))
         scale = self.scale if self.per_leaf is None else next(self.per_leaf)
-        dparams, _ = backward(params, res, _rows_scaled(record["dy"], scale))
+        examples = next(self.examples, None)
+        if examples is not None:        # Σ_n scale_n g_n from the first pass's g_n: no product redone
+            dparams = jax.tree_util.tree_map(lambda g: jnp.tensordot(scale.astype(g.dtype), g, axes=1), examples)
+        else:
+            dparams, _ = backward(params, res, _rows_scaled(record["dy"], scale))
         return finish(params, (dparams, record["dx"]))
 
     def loss_forward(self, name, forward, pred, target):

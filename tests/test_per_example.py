@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -104,7 +105,74 @@ def test_chunked_loop_over_examples(monkeypatch):
     params, state, _ = model.init(jax.random.PRNGKey(0), x.shape[1:])
     for budget in (1, 2 * 6 * 6 * 3 * 8 * 2):
         monkeypatch.setattr(_per_example, "CHUNK_BYTES", budget)
+        monkeypatch.setattr(_per_example, "COLUMN_CHUNK_BYTES", budget)
         _assert_norms(model, bp.softmax_cross_entropy(), _f64(params), state, x, y, what=f"chunk budget {budget}")
+
+
+#: Convolutions of every geometry the "columns" rule must rebuild: rank 1, 2, 3, stride,
+#: dilation, groups, padding, no bias, the fused relu, and the transposed convolution.
+CONV_GEOMETRIES = {
+    "conv2d": (lambda: bp.conv(4, 3), (5, 6, 3)),
+    "conv2d-s2-groups2-relu-valid": (lambda: bp.conv(4, (3, 2), strides=2, groups=2, activation="relu",
+                                                     padding="VALID"), (7, 6, 4)),
+    "conv1d-dilation2-pad1": (lambda: bp.conv(3, 3, dilation=2, padding=1), (9, 2)),
+    "conv3d-nobias": (lambda: bp.conv(2, 2, use_bias=False), (3, 4, 3, 2)),
+    "conv_transpose2d-s2": (lambda: bp.conv_transpose(3, 3, strides=2), (4, 5, 2)),
+    "conv_transpose1d-s3-groups2-relu": (lambda: bp.conv_transpose(4, 2, strides=3, groups=2, activation="relu"),
+                                         (5, 2)),
+    "conv2d-wide-gram": (lambda: bp.conv(24, 1), (2, 2, 24)),   # T·(P+Q) < P·Q: the Gram form
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONV_GEOMETRIES))
+def test_conv_columns_rule_every_geometry(name):
+    """The columns rule (no vmapped backward) gives every example's norm, and clipped_grad the
+    clipped mean from the per-example gradients it kept, to 1e-10 of the vmapped reference."""
+    make, shape = CONV_GEOMETRIES[name]
+    model = bp.sequential(make(), bp.flatten(), bp.dense(3))
+    loss = bp.softmax_cross_entropy()
+    gen = np.random.default_rng(3)
+    x, y = jnp.asarray(gen.standard_normal((6, *shape))), jnp.asarray(gen.integers(0, 3, 6))
+    params, state, _ = model.init(jax.random.PRNGKey(0), shape)
+    params = _f64(params)
+    clip = 0.5
+
+    @jax.jit
+    def f(params, x, y):
+        _, grads, norms = bp.per_example_grad_norms(model, loss)(params, state, x, y)
+        _, clipped, _ = bp.clipped_grad(model, loss, clip)(params, state, x, y)
+        _, plain = bp.value_and_grad(model, loss)(params, state, x, y)
+        pe = bp.per_example_grads(model, loss)(params, state, x, y)
+        return grads, norms, clipped, plain, pe
+
+    grads, norms, clipped, plain, pe = f(params, x, y)
+    ref = _reference_norms(pe)
+    np.testing.assert_allclose(norms, ref, rtol=1e-10)
+    scale = np.minimum(1.0, clip / np.asarray(ref))
+    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14, err_msg="grads differ from value_and_grad's")
+    for a, g in zip(jax.tree_util.tree_leaves(clipped), jax.tree_util.tree_leaves(pe)):
+        want = np.mean(np.asarray(g) * scale.reshape((-1,) + (1,) * (g.ndim - 1)), 0)
+        np.testing.assert_allclose(a, want, rtol=1e-10, atol=1e-14)
+
+
+def test_conv_gradient_comes_from_the_per_example_products():
+    """In the explicit form, per_example_grad_norms's compiled program has as many matrix
+    products as the plain step's (the conv's own weight-gradient product is dropped for the sum
+    of the dW_n its rule built), and clipped_grad's second pass adds one for the dense layer's
+    replay and one weighted sum of the kept dW_n, not the conv's product again."""
+    model = bp.sequential(bp.conv(8, 3, impl="columns"), bp.flatten(), bp.dense(3))
+    loss = bp.softmax_cross_entropy()
+    params, state, _ = model.init(jax.random.PRNGKey(0), (6, 6, 4))
+    x, y = jnp.zeros((4, 6, 6, 4)), jnp.zeros((4,), jnp.int32)
+
+    def products(f):
+        text = jax.jit(f).lower(params, state, x, y).compile().as_text()
+        return len(re.findall(r" dot\(", text)) + len(re.findall(r" convolution\(", text))
+
+    plain = products(bp.value_and_grad(model, loss))
+    assert products(bp.per_example_grad_norms(model, loss)) == plain
+    assert products(bp.clipped_grad(model, loss, 1.0)) == plain + 2
 
 
 def _dot_loss():

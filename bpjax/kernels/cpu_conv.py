@@ -43,8 +43,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from .._core import accumulation_dtype, sum_acc
-from ..layers._windows import (ACTIVATIONS, Geometry, conv_out_shape, kernel_offsets, pad_config, place_view, plain_conv,
-                               shifted_view)
+from ..layers._windows import (ACTIVATIONS, Geometry, columns, conv_out_shape, kernel_offsets, pad_config, place_view,
+                               plain_conv)
 from .cpu_matmul import matmul_tn
 
 #: Eigen's convolution falls behind YNNPACK's with fewer channels in or out than this.
@@ -123,10 +123,8 @@ def _chunked(f, b: int, *arrays):
 
 
 def _columns(x, kernel, out, *, strides, pads, in_dilation, dilation):
-    """im2col: the ∏K shifted views of xp side by side.               (b·∏O, ∏K·C_in)"""
-    xp = lax.pad(x, jnp.zeros((), x.dtype), pad_config(pads, in_dilation))
-    views = [shifted_view(xp, kappa, dilation, strides, out) for kappa in kernel_offsets(kernel)]
-    return jnp.concatenate(views, axis=-1).reshape(-1, math.prod(kernel) * x.shape[-1])
+    """im2col, flattened over the examples and positions.              (b·∏O, ∏K·C_in)"""
+    return columns(x, kernel, out, strides, pads, in_dilation, dilation).reshape(-1, math.prod(kernel) * x.shape[-1])
 
 
 _COLUMN_GEOMETRY = ("strides", "pads", "in_dilation", "dilation")

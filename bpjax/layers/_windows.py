@@ -128,6 +128,14 @@ def shifted_view(xp, kappa, dilation, strides, out):
     return lax.slice(xp, start, limit, (1, *strides, 1))
 
 
+def columns(x, kernel, out, strides, pads, in_dilation, dilation):
+    """im2col: the ∏K shifted views of xp (x padded by ``pads``, dilated by ``in_dilation``) side
+    by side, κ-major: cols[n, o, (κ, ci)] = xp[n, o·s + κ·d, ci].     (N, *out, ∏K·C_in)"""
+    xp = lax.pad(x, jnp.zeros((), x.dtype), pad_config(pads, in_dilation))
+    return jnp.concatenate([shifted_view(xp, kappa, dilation, strides, out) for kappa in kernel_offsets(kernel)],
+                           axis=-1)
+
+
 def place_view(v, kappa, dilation, strides, padded_spatial):
     """The adjoint of ``shifted_view``: v (N, *out, C) put at positions κ·d + o·s of a zero array
     (N, *padded_spatial, C)."""

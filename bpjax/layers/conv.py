@@ -26,8 +26,9 @@ from jax import lax
 from .. import initializers, kernels
 from .._checks import check_positive_int
 from .._core import Layer, accumulation_dtype, make_layer, sum_acc
-from ._windows import (ACTIVATIONS, AXES, DIMENSION_NUMBERS, Geometry, check_padding, conv_out_shape, explicit_pads,
-                       kernel_offsets, pad_config, per_axis, plain_conv, positive_ints, promote, spatial_rank, transpose_pads)
+from ._windows import (ACTIVATIONS, AXES, DIMENSION_NUMBERS, Geometry, check_padding, columns, conv_out_shape,
+                       explicit_pads, kernel_offsets, pad_config, per_axis, plain_conv, positive_ints, promote,
+                       spatial_rank, transpose_pads)
 
 __all__ = ["conv", "conv_transpose"]
 
@@ -254,6 +255,23 @@ def _conv_layer(name, out_channels, kernel_size, strides, padding, dilation, gro
             dparams["b"] = db                                                 # (C_out,)
         return dparams, dx.astype(x.dtype)                                    # (N, *spatial, C_in)
 
+    def example_rows(res, dy):
+        """Each example's weight gradient as a sum of outer products over the output positions
+        o, within each group g (``per_example="columns"``, bpjax/_per_example.py)::
+
+            dW_n[..., g] = Σ_o cols[n, o, g]ᵀ dz[n, o, g],   db_n = Σ_o dz[n, o]
+            cols[n, o, g] = the window o reads of group g's channels, κ-major   (N, ∏O, G, ∏K·C_in/G)
+            dz[n, o, g]   = dy ⊙ f'(z) at o, group g's output channels           (N, ∏O, G, C_out/G)"""
+        x, y = res if df else (res[0], None)
+        kernel, g, out = geometry(x.shape[1:])
+        xc, dz = promote(x, dy)
+        if df is not None:
+            dz = dz * df(y)
+        cols = columns(xc, kernel, out, g.strides, g.pads, g.in_dilation, g.dilation)   # (N, *O, ∏K·C_in)
+        n, t = x.shape[0], math.prod(out)
+        cols = cols.reshape(n, t, math.prod(kernel), groups, -1).transpose(0, 1, 3, 2, 4)
+        return cols.reshape(n, t, groups, -1), dz.reshape(n, t, groups, -1)
+
     def check(params, state, x):
         c_in = params["w"].shape[-2] * groups
         if x.shape[-1] != c_in:
@@ -262,9 +280,11 @@ def _conv_layer(name, out_channels, kernel_size, strides, padding, dilation, gro
 
     if rank is None:
         return make_layer(name, init, forward, backward, check=check, min_ndim=3,
-                          meaning="(batch, *spatial, channels)", per_example="from_residuals", curvature="conv")
+                          meaning="(batch, *spatial, channels)", per_example="columns", curvature="conv",
+                          example_rows=example_rows)
     return make_layer(name, init, forward, backward, check=check, ndim=rank + 2,
-                      meaning=f"(batch, {AXES[rank]})", per_example="from_residuals", curvature="conv")
+                      meaning=f"(batch, {AXES[rank]})", per_example="columns", curvature="conv",
+                      example_rows=example_rows)
 
 
 def conv(out_channels: int, kernel_size, *, strides=1, padding="SAME", dilation=1, groups: int = 1,

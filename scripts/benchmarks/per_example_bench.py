@@ -1,7 +1,7 @@
 """Per-example gradient norms from one backward, against the plain step and the vmapped ones.
 
 For each model (``scripts/benchmarks/bench.py``'s definitions: the MLP 784-1024-1024-10 at batch 256, the
-2-D CNN at batch 128 and the GPT at batch 4 × 256 tokens), three jitted functions of
+2-D CNN at batch 128, or 64 as issue 24's targets (``cnn2d_b64``), and the GPT at batch 4 × 256 tokens), three jitted functions of
 (params, state, x, y), in one process, on the same inputs:
 
 * ``value_and_grad``: ``bp.value_and_grad``, the plain training gradient;
@@ -39,7 +39,8 @@ sys.path.insert(0, str(HERE))
 import bpjax as bp  # noqa: E402
 import bench  # noqa: E402  (scripts/benchmarks/bench.py: the model definitions)
 
-MODELS = {"mlp": lambda: bench.mlp(256), "cnn2d": lambda: bench.cnn2d(128), "gpt": bench.gpt}
+MODELS = {"mlp": lambda: bench.mlp(256), "cnn2d": lambda: bench.cnn2d(128), "cnn2d_b64": lambda: bench.cnn2d(64),
+          "gpt": bench.gpt}
 
 
 def variants(model, loss):
