@@ -67,7 +67,7 @@ class LayerToken:
     """One layer made by :func:`make_layer`, as the hooks see it. Compared with ``is``: a hook
     matches a layer's backward with its forward by it. ``per_example`` and ``curvature`` are the
     rules the layer's factory named (``make_layer(..., per_example=..., curvature=...)``), or None;
-    ``example_rows`` the function the ``"columns"`` rule calls, or None."""
+    ``example_rows`` the function the ``"columns"`` and ``"projections"`` rules call, or None."""
 
     __slots__ = ("per_example", "curvature", "example_rows")
 
@@ -252,23 +252,25 @@ def make_layer(
 
     ``per_example`` names the rule by which :func:`bpjax.per_example_grad_norms` splits this
     layer's gradient by example (the rules are in ``bpjax/_per_example.py``; each built-in
-    layer names its own: ``"dense"``, ``"norm"``, ``"columns"``, ``"from_residuals"``, ``"mixes_examples"``, …).
+    layer names its own: ``"dense"``, ``"norm"``, ``"columns"``, ``"projections"``, ``"mixes_examples"``, …).
     The default, None, reruns the layer on each example: right for any layer that does not mix
     examples. The rule goes with the layer, whatever its name or the module it is written in.
 
-    ``per_example="columns"`` (conv, conv_transpose) comes with ``example_rows(res, dy) ->
-    (cols (N, T, G, P), dz (N, T, G, Q))``: each example's weight gradient is Σ_t cols_ntgᵀ dz_ntg
-    within each of G groups (P·Q weights each), its bias gradient Σ_t dz_nt, so that the rule
-    needs no other knowledge of the layer.
+    ``per_example="columns"`` (conv, conv_transpose) comes with ``example_rows(params, res, dy)
+    -> (cols (N, T, G, P), dz (N, T, G, Q))``: each example's weight gradient is
+    Σ_t cols_ntgᵀ dz_ntg within each of G groups (P·Q weights each), its bias gradient Σ_t dz_nt,
+    so that the rule needs no other knowledge of the layer. ``per_example="projections"``
+    (multi_head_attention) comes with ``example_rows(params, res, dy) -> {k: (rows (N, T, P),
+    errors (N, T, Q))}``, one dense-like product per pair of params "w_k", "b_k".
 
     ``curvature`` names the layer's rule in ``bpjax.curvature`` (its Kronecker factors, or why
     it has none) where ``per_example`` does not tell it: ``"conv"`` (conv and conv_transpose),
     ``"recurrent"``, ``"attention"``. The default, None, leaves it to ``per_example`` (``"dense"``,
     ``"embedding"``, the norms' rules); a layer with neither has no Kronecker factors.
     """
-    if (per_example == "columns") != (example_rows is not None):
-        raise ValueError(f"make_layer: {name}: expected example_rows exactly with per_example='columns', "
-                         f"got per_example={per_example!r} and example_rows={example_rows!r}")
+    if (per_example in ("columns", "projections")) != (example_rows is not None):
+        raise ValueError(f"make_layer: {name}: expected example_rows exactly with per_example 'columns' or "
+                         f"'projections', got per_example={per_example!r} and example_rows={example_rows!r}")
     token = LayerToken(per_example, curvature, example_rows)   # this layer, for the hooks (path names, its rules)
 
     def init_(key, in_shape):

@@ -127,7 +127,7 @@ class View:
 
     ``name``: the factory's name (``dense``); ``per_example``, ``curvature``: the rules its
     factory named (``make_layer(..., per_example=..., curvature=...)``), or None; ``example_rows``:
-    the function of the ``"columns"`` rule, or None; ``label``: the path name;
+    the function of the ``"columns"`` and ``"projections"`` rules, or None; ``label``: the path name;
     ``params``, ``res`` (the layer's own residuals), ``dy``, ``dparams``, ``dx``; ``tape``: the
     :class:`_Tape` or None; ``subs``: the entries of its sub-layers; ``backward``: its raw
     backward.

@@ -9,14 +9,16 @@ different layers add (their parameters differ); the norm is ‖g_n‖ = N·√(�
 Each layer's factory names its rule where it builds the layer, ``make_layer(...,
 per_example="dense")`` (``bpjax/layers/``); the rule travels with the layer, so neither the
 layer's name nor the module it is written in decides it: a user's own layer called ``dense``
-gets the explicit rule, unless it names another. The rules, for example n (rows t = the
+gets the rule of None (a rerun), unless it names another. The rules, for example n (rows t = the
 positions of one example: T = 1 for x (N, D))::
 
     "dense" (dense)
         dW_n = X_nᵀ DY_n, db_n = Σ_t dy_nt                      X_n (T, D_in), DY_n (T, D_out)
         ‖dW_n‖² = ‖x_n‖²·‖dy_n‖²                                   when T = 1
                 = ⟨X_n X_nᵀ, DY_n DY_nᵀ⟩  (Gram, T²·(D_in+D_out) multiply-adds)
-                or ‖X_nᵀ DY_n‖²           (explicit, T·D_in·D_out), whichever is cheaper
+                or ‖X_nᵀ DY_n‖²           (explicit, T·D_in·D_out), whichever is cheaper;
+        explicitly, the dW_n are built: their sum replaces the layer's own dW (the same work,
+        done once) and clipped_grad takes Σ_n c_n dW_n from them (when N·params ≤ EXAMPLE_BYTES)
     "embedding" (embedding)
         dT_n[v] = Σ_{t: id_t = v} dy_nt:  ‖dT_n‖² = Σ_{t,t'} [id_t = id_t'] ⟨dy_nt, dy_nt'⟩
     "norm" (layer_norm, rms_norm, group_norm)
@@ -35,7 +37,11 @@ positions of one example: T = 1 for x (N, D))::
         cheaper; the columns are built for a few examples at a time (``COLUMN_CHUNK_BYTES``).
         In the explicit form the dW_n are built anyway: their sum is the layer's gradient (its
         own weight-gradient products are dropped), and clipped_grad sums Σ_n c_n dW_n from them
-    "from_residuals" (multi_head_attention)
+    "projections" (multi_head_attention)
+        dense's rule for each projection: W_o on the rows (O_n, DY_n), W_qkv on (X_n, d[Q|K|V]_n),
+        the layer's ``example_rows`` giving d[Q|K|V] by its backward's own operations (XLA
+        computes them once); the sum of the explicit dW_n replaces the layer's own
+    "from_residuals" (a layer of the user's that names it)
         the explicit per-example gradient of that layer alone: its own hand-written backward on
         each example's residuals and dy, vmapped over the examples (its residuals all have the
         batch axis first; dx is unused and XLA drops it)
@@ -112,10 +118,19 @@ def _sum_sq_rows(a, n):
 
 def _dense(v: View, n: int):
     (x,) = v.res
-    sq = sq_outer(_rows(x, n), _rows(v.dy, n))
+    x, dy = _rows(x, n), _rows(v.dy, n)                                              # (N, T, P), (N, T, Q)
+    t, p, q = x.shape[1], x.shape[2], dy.shape[2]
+    if t == 1 or t * (p + q) < p * q:                  # the norm without the dW_n is the cheaper
+        sq = sq_outer(x, dy)
+        if "b" in v.params:
+            sq = sq + _sum_sq_rows(v.dy, n)                                          # the bias part
+        return sq
+    x, dy = _acc(x, dy)
+    ex = {"w": jnp.einsum("ntp,ntq->npq", x, dy)}                                    # (N, P, Q) dW_n
     if "b" in v.params:
-        sq = sq + _sum_sq_rows(v.dy, n)                                              # the bias part
-    return sq
+        ex["b"] = jnp.sum(dy, axis=1)                                                # (N, Q) db_n
+    sq = sum(jnp.sum(a.reshape(n, -1) ** 2, axis=1) for a in ex.values())
+    return _explicit(v, n, sq, ex, jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), ex))
 
 
 def _embedding(v: View, n: int):
@@ -175,7 +190,7 @@ def _columns(v: View, n: int):
     if t * (p + q) < p * q:                                         # the Gram form: norms only
 
         def gram(inputs):
-            cols, dz = v.example_rows(treedef.unflatten(inputs[0]), inputs[1])                 # (b, T, G, P), (b, T, G, Q)
+            cols, dz = v.example_rows(v.params, treedef.unflatten(inputs[0]), inputs[1])                 # (b, T, G, P), (b, T, G, Q)
             b = cols.shape[0]
             by_group = lambda a: a.transpose(0, 2, 1, 3).reshape(b * groups, t, a.shape[-1])  # noqa: E731
             sq = jnp.sum(sq_outer(by_group(cols), by_group(dz)).reshape(b, groups), axis=1)
@@ -187,7 +202,7 @@ def _columns(v: View, n: int):
         return {"sq": _in_chunks(gram, rows, n, per_example, v.params, budget=COLUMN_CHUNK_BYTES)[0]}
 
     def explicit(inputs):
-        cols, dz = _acc(*v.example_rows(treedef.unflatten(inputs[0]), inputs[1]))              # (b, T, G, P), (b, T, G, Q)
+        cols, dz = _acc(*v.example_rows(v.params, treedef.unflatten(inputs[0]), inputs[1]))              # (b, T, G, P), (b, T, G, Q)
         b = cols.shape[0]
         dw = jnp.einsum("ntgp,ntgq->ngpq", cols, dz)                                           # (b, G, P, Q) dW_n
         sq = jnp.sum(dw ** 2, axis=(1, 2, 3))
@@ -198,17 +213,51 @@ def _columns(v: View, n: int):
             sq = sq + jnp.sum(ex["b"] ** 2, axis=1)
         return sq, ex
 
-    keep = n * sum(a.size for a in jax.tree_util.tree_leaves(v.params)) * 4 <= EXAMPLE_BYTES
-    sq, examples, total = _in_chunks(explicit, rows, n, per_example, v.params, keep=keep, budget=COLUMN_CHUNK_BYTES)
+    sq, examples, total = _in_chunks(explicit, rows, n, per_example, v.params, keep=_keeps(v, n),
+                                     budget=COLUMN_CHUNK_BYTES)
+    return _explicit(v, n, sq, examples, total)
+
+
+def _keeps(v: View, n: int) -> bool:
+    """Whether the N per-example gradients of ``v``'s layer fit in ``EXAMPLE_BYTES``."""
+    return n * param_size(v.params) * 4 <= EXAMPLE_BYTES
+
+
+def _explicit(v: View, n: int, sq, examples, total) -> dict:
+    """A rule's result from the explicit per-example gradients (N, ...) it built: the norms,
+    their sum in place of the layer's own gradient, and the g_n for clipped_grad when they fit."""
     out = {"sq": sq, REPLACE_DPARAMS: total}
-    if examples is not None:
+    if examples is not None and _keeps(v, n):
         out["_examples"] = examples
     return out
 
 
+def _projections(v: View, n: int):
+    """The "projections" rule (multi_head_attention; module doc): each projection k of the
+    layer's ``example_rows``, {k: (rows in (N, T, P), errors (N, T, Q))} for the params "w_k"
+    (P, Q) and "b_k" (Q,), by dense's rule; when every one takes the explicit form, the sum of
+    the dW_n replaces the layer's own gradient."""
+    parts = v.example_rows(v.params, v.res, v.dy)
+    sq, ex = jnp.zeros((n,), jnp.float32), {}
+    for k, (rows, err) in parts.items():
+        x, dy = _acc(_rows(rows, n), _rows(err, n))                                  # (N, T, P), (N, T, Q)
+        t, p, q = x.shape[1], x.shape[2], dy.shape[2]
+        if t == 1 or t * (p + q) < p * q:
+            sq = sq + sq_outer(x, dy)
+        else:
+            ex[f"w_{k}"] = jnp.einsum("ntp,ntq->npq", x, dy)                         # (N, P, Q) dW_n
+        if f"b_{k}" in v.params:
+            ex[f"b_{k}"] = jnp.sum(dy, axis=1)                                       # (N, Q) db_n
+    sq = sq + sum(jnp.sum(a.reshape(n, -1) ** 2, axis=1) for a in ex.values())
+    if set(ex) != set(v.params):
+        return sq                                     # a Gram form somewhere: the layer's own dW stays
+    return _explicit(v, n, sq, ex, jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), ex))
+
+
 #: The rules of a leaf layer by the name its factory gives ``make_layer(..., per_example=...)``:
 #: (view, N) -> (N,) squared norms.
-LEAF_RULES = {"dense": _dense, "embedding": _embedding, "norm": _norm_layer, "columns": _columns}
+LEAF_RULES = {"dense": _dense, "embedding": _embedding, "norm": _norm_layer, "columns": _columns,
+              "projections": _projections}
 #: The rules of a layer with params of its own beside its sub-layers': (view, N, the sum of
 #: the sub-layers' parts) -> (N,), or None when the residuals are not the expected ones.
 COMPOSITE_RULES = {"gpt": _gpt}
@@ -223,7 +272,7 @@ MIXES_EXAMPLES = "mixes_examples"
 RULES = {*LEAF_RULES, *COMPOSITE_RULES, FROM_RESIDUALS, COMBINATOR, MIXES_EXAMPLES}
 
 
-# ----------------------------------------------------------------------------- the explicit rule
+# ----------------------------------------------------------------------------- the rules by the layer's own backward
 
 
 def _from_residuals(v: View, n: int):
@@ -311,7 +360,7 @@ COLUMN_CHUNK_BYTES = 2**20
 EXAMPLE_BYTES = 2**26
 
 
-def _explicit(v: View, n: int):
+def _rerun(v: View, n: int):
     """‖one example's gradient of this layer alone‖², for every example: the layer's raw
     forward and backward rerun on x_n (a batch of one), vmapped over the examples."""
     t = v.tape
@@ -362,7 +411,7 @@ class _PerExample(Client):
             elif rule == FROM_RESIDUALS:
                 out = _from_residuals(v, self.n)
             else:
-                out = _explicit(v, self.n)
+                out = _rerun(v, self.n)
             out = dict(out) if isinstance(out, dict) else {"sq": out}
             self.leaf_sq.append((v.label, out["sq"]))
             self.leaf_examples.append(out.pop("_examples", None))
@@ -378,7 +427,7 @@ class _PerExample(Client):
                 return {"sq": sq}
         elif param_size(v.params) == sum(e.size for e in v.subs):
             return {"sq": subs_sq}                   # a combinator: its params are its layers'
-        return {"sq": _explicit(v, self.n)}
+        return {"sq": _rerun(v, self.n)}
 
 
 def per_example_grad_norms(model, loss, *, compute_dtype: Optional[Any] = None):

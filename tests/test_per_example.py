@@ -156,6 +156,27 @@ def test_conv_columns_rule_every_geometry(name):
         np.testing.assert_allclose(a, want, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("kind", ["causal", "lean", "masked"])
+def test_attention_projections_rule(kind):
+    """multi_head_attention's rule (its two projections by dense's rule, d[Q|K|V] from its own
+    backward): causal, the lean backward, and a key mask; norms and clipped mean to 1e-10."""
+    gen = np.random.default_rng(4)
+    if kind == "masked":
+        att = bp.multi_head_attention(2, masked=True)
+        x = jnp.asarray(gen.standard_normal((5, 6, 8)))
+        mask = jnp.asarray(gen.random((5, 6)) > 0.3).at[:, 0].set(True)
+        model = bp.sequential(att, bp.flatten(), bp.dense(3))
+        inputs, in_shape = (x, mask), ((6, 8), (6,))
+    else:
+        att = bp.multi_head_attention(2, causal=True, lean=kind == "lean", block_size=2)
+        inputs = jnp.asarray(gen.standard_normal((5, 6, 8)))
+        model = bp.sequential(att, bp.flatten(), bp.dense(3))
+        in_shape = (6, 8)
+    y = jnp.asarray(gen.integers(0, 3, 5))
+    params, state, _ = model.init(jax.random.PRNGKey(0), in_shape)
+    _assert_norms(model, bp.softmax_cross_entropy(), _f64(params), state, inputs, y, what=kind)
+
+
 def test_conv_gradient_comes_from_the_per_example_products():
     """In the explicit form, per_example_grad_norms's compiled program has as many matrix
     products as the plain step's (the conv's own weight-gradient product is dropped for the sum
@@ -296,7 +317,7 @@ def test_a_users_combinator_with_params_of_its_own():
 def test_the_rule_goes_with_the_layer_not_its_name_or_module(monkeypatch):
     """The rule that runs is the one the layer's factory named (make_layer's ``per_example``),
     whatever the layer is called and wherever its functions live: a user's layer called "dense",
-    its functions claiming bpjax.layers.basic as their module, gets the explicit rule; bp.dense
+    its functions claiming bpjax.layers.basic as their module, gets the rerun rule; bp.dense
     gets the dense rule, and so does the dense of a copy of bpjax/layers/basic.py loaded under
     another module name."""
     import importlib.util
@@ -311,7 +332,7 @@ def test_the_rule_goes_with_the_layer_not_its_name_or_module(monkeypatch):
         return run
 
     monkeypatch.setitem(_per_example.LEAF_RULES, "dense", spy(_per_example.LEAF_RULES["dense"], "dense"))
-    monkeypatch.setattr(_per_example, "_explicit", spy(_per_example._explicit, "explicit"))
+    monkeypatch.setattr(_per_example, "_rerun", spy(_per_example._rerun, "rerun"))
 
     def init(key, in_shape):
         return {"w": jnp.linspace(-1.0, 1.0, in_shape[-1] * 3).reshape(in_shape[-1], 3)}, (), (3,)
@@ -335,7 +356,7 @@ def test_the_rule_goes_with_the_layer_not_its_name_or_module(monkeypatch):
     gen = np.random.default_rng(2)
     x, y = jnp.asarray(gen.standard_normal((5, 3))), jnp.asarray(gen.integers(0, 2, 5))
     _assert_norms(model, bp.softmax_cross_entropy(), _f64(params), state, x, y, what="rule by layer")
-    assert sorted(ran) == [("sequential[0] (dense)", "dense"), ("sequential[2] (dense)", "explicit"),
+    assert sorted(ran) == [("sequential[0] (dense)", "dense"), ("sequential[2] (dense)", "rerun"),
                            ("sequential[3] (dense)", "dense")]
 
 

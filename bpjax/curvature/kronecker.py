@@ -74,7 +74,7 @@ REFUSED = {
 
 def rule_name(v: View):
     """The rule name ``v``'s factory gave make_layer for its curvature: ``curvature=`` where it
-    gave one (conv's per-example rule, "columns", and attention's, "from_residuals", say nothing
+    gave one (conv's per-example rule, "columns", and attention's, "projections", say nothing
     of curvature), else ``per_example=``."""
     return v.curvature or v.per_example
 

@@ -8,7 +8,7 @@ the loss's error (the per-example gradients) and for dy a column of the loss Hes
     residuals   the layer's backward on example n's residuals and dy_n (a batch of one),
                 vmapped over n: for the layers whose residuals all have the batch axis first
                 (their factories name the per-example rules "dense", "embedding", "norm",
-                "columns", "from_residuals")
+                "columns", "projections", "from_residuals")
     rerun       the layer's raw forward rerun on x_n (kept for it by ``bpjax.observe``'s tape),
                 then its backward, vmapped over n: every other layer (the recurrent layers,
                 whose residuals are time-major; a user's make_layer layer; a layer with params
@@ -26,7 +26,7 @@ from .._observe import View, paused
 __all__ = ["FROM_RESIDUALS", "per_example_dparams", "needs_tape"]
 
 #: The per-example rules (``make_layer(..., per_example=...)``) whose residuals have the batch axis first.
-FROM_RESIDUALS = ("dense", "embedding", "norm", "columns", "from_residuals")
+FROM_RESIDUALS = ("dense", "embedding", "norm", "columns", "projections", "from_residuals")
 
 
 def needs_tape(per_example, params, leaf: bool) -> bool:

@@ -310,11 +310,20 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, masked: bool =
         return y, state, res
 
     def backward(params, res, dy):
-        x, q, k, v, om = res["x"], res["q"], res["k"], res["v"], res["om"]
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        x, om = res["x"], res["om"]
         acc = accumulation_dtype(dy.dtype)                         # float32 sums for bfloat16
         dparams = {"w_o": _dot("ntd,nte->de", om, dy, acc),        # (D, D)
                    "b_o": sum_acc(dy, axis=(0, 1))}                # (D,)
+        dqkv = qkv_error(params, res, dy)                          # (N, T, 3D)
+        dparams["w_qkv"] = _dot("ntd,nte->de", x, dqkv, acc)       # (D, 3D)
+        dparams["b_qkv"] = sum_acc(dqkv, axis=(0, 1))              # (3D,)
+        dx = dqkv @ params["w_qkv"].T                              # (N, T, D)
+        return dparams, ((dx, None) if masked else dx)
+
+    def qkv_error(params, res, dy):
+        """d[Q | K | V] from dy, through the output projection and the attention.   (N, T, 3D)"""
+        x, q, k, v = res["x"], res["q"], res["k"], res["v"]
+        scale = 1.0 / math.sqrt(q.shape[-1])
         do = split_heads(dy @ params["w_o"].T)                     # (N, h, T, d)
         path = kernels.attention_path(impl, lean, q, res.get("mask"))
         if path == "standard":
@@ -326,11 +335,14 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, masked: bool =
             dq, dk, dv = kernels.lean_attention_backward(path, lean_backward, do, q, k, v, res["o"], res["lse"],
                                                          res.get("mask"), causal=causal, scale=scale, blocks=blocks,
                                                          interpret=pallas_interpret)
-        dqkv = jnp.concatenate([merge_heads(a) for a in (dq, dk, dv)], axis=-1)   # (N, T, 3D)
-        dparams["w_qkv"] = _dot("ntd,nte->de", x, dqkv, acc)       # (D, 3D)
-        dparams["b_qkv"] = sum_acc(dqkv, axis=(0, 1))              # (3D,)
-        dx = dqkv @ params["w_qkv"].T                              # (N, T, D)
-        return dparams, ((dx, None) if masked else dx)
+        return jnp.concatenate([merge_heads(a) for a in (dq, dk, dv)], axis=-1)
+
+    def projections(params, res, dy):
+        """The rows of the two projections, for ``per_example="projections"``
+        (bpjax/_per_example.py): each example's dW_o = Σ_t om_ntᵀ dy_nt and dW_qkv =
+        Σ_t x_ntᵀ d[Q|K|V]_nt, the biases Σ_t of the errors. d[Q|K|V] is the backward's own
+        (the same operations on the same arrays, which XLA computes once)."""
+        return {"o": (res["om"], dy), "qkv": (res["x"], qkv_error(params, res, dy))}
 
     def check(params, state, x):
         d_model = params["w_o"].shape[0]
@@ -354,9 +366,11 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, masked: bool =
 
     if masked:
         return make_layer(name, init, forward, backward, check=check, tuple_input=True,
-                          float_input=False, min_ndim=2, per_example="from_residuals", curvature="attention")
+                          float_input=False, min_ndim=2, per_example="projections", curvature="attention",
+                          example_rows=projections)
     return make_layer(name, init, forward, backward, check=check, ndim=3,
-                      meaning="(batch, time, features)", per_example="from_residuals", curvature="attention")
+                      meaning="(batch, time, features)", per_example="projections", curvature="attention",
+                      example_rows=projections)
 
 
 # ----------------------------------------------------------------------------- transformer block

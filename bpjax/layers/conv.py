@@ -255,7 +255,7 @@ def _conv_layer(name, out_channels, kernel_size, strides, padding, dilation, gro
             dparams["b"] = db                                                 # (C_out,)
         return dparams, dx.astype(x.dtype)                                    # (N, *spatial, C_in)
 
-    def example_rows(res, dy):
+    def example_rows(params, res, dy):
         """Each example's weight gradient as a sum of outer products over the output positions
         o, within each group g (``per_example="columns"``, bpjax/_per_example.py)::
 
