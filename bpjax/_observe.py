@@ -69,24 +69,45 @@ class Entry:
     ``subs`` (the entries of the layers it called, in backward order), ``leaf`` (it called no
     layer) and ``size`` (its number of parameters). A pytree: arrays are its leaves."""
 
-    def __init__(self, label: str, values: dict, subs: tuple, leaf: bool, size: int, order: tuple = ()):
+    def __init__(self, label: str, values: dict, subs: tuple, leaf: bool, size: int, order: tuple = (),
+                 slot: Optional[int] = None, step: bool = False):
         self.label, self.values, self.subs, self.leaf, self.size = label, values, subs, leaf, size
         self.order = order              # when its forward ran: entries sort into forward order
+        self.slot = slot                # its residuals' _Slot number, or None
+        self.step = step                # one step of a scan, its values sliced from the stacked ones
 
     def relabel(self, old: str, new: str, before: tuple) -> "Entry":
         """This entry and its subs with the path prefix ``old`` replaced by ``new``, and
         ``before`` put in front of their orders (one step of a scan: its entries sort together)."""
         label = new + self.label[len(old):] if self.label.startswith(old) else self.label
         return Entry(label, self.values, tuple(s.relabel(old, new, before) for s in self.subs), self.leaf,
-                     self.size, before + self.order)
+                     self.size, before + self.order, self.slot, True)
 
     def __repr__(self):
         return f"Entry({self.label!r}, {sorted(self.values)}, {len(self.subs)} subs)"
 
 
 jax.tree_util.register_pytree_node(
-    Entry, lambda e: ((e.values, e.subs), (e.label, e.leaf, e.size, e.order)),
+    Entry, lambda e: ((e.values, e.subs), (e.label, e.leaf, e.size, e.order, e.slot, e.step)),
     lambda aux, ch: Entry(aux[0], ch[0], ch[1], *aux[1:]))
+
+
+class _Slot:
+    """A leaf layer's residuals with the number of its forward call, ``sid`` (static: one
+    number for every step of a scan), and ``record``: what an earlier backward over the same
+    residuals recorded for that layer (clipped_grad's second pass, :func:`with_records`),
+    stacked as the residuals are, or None."""
+
+    def __init__(self, res, sid, record=None):
+        self.res, self.sid, self.record = res, sid, record
+
+
+jax.tree_util.register_pytree_node(
+    _Slot, lambda s: ((s.res, s.record), s.sid), lambda sid, ch: _Slot(ch[0], sid, ch[1]))
+
+
+def _is_slot(a) -> bool:
+    return isinstance(a, _Slot)
 
 
 class _Carried:
@@ -146,12 +167,16 @@ REPLACE_DPARAMS = "replace dparams"
 
 
 class Client:
-    """What to record. ``tape(name, per_example, params, leaf)`` says, after a layer's forward,
+    """What to record. ``slots``: whether leaf layers with params get their residuals marked
+    (:class:`_Slot`) and their dy, dx recorded, for a second backward over the same residuals
+    (clipped_grad's).  ``tape(name, per_example, params, leaf)`` says, after a layer's forward,
     whether its backward will need x (a :class:`_Tape`); ``measure(view)`` returns the dict of
     arrays to record for that layer (it may raise, naming ``view.label``). A value under
     :data:`REPLACE_DPARAMS` is the layer's gradient computed another way, equal up to rounding (the sum of the
     per-example gradients a client built anyway): it replaces the layer's own, which XLA then
     drops, and is not recorded."""
+
+    slots = False
 
     def tape(self, name: str, per_example: Optional[str], params, leaf: bool) -> bool:
         return False
@@ -192,6 +217,9 @@ class _Observer:
         self.calls = 0                  # forward calls so far (the order of the entries)
         self.log: list = []             # every backward, in the order they began: token, leaf, dy, dx
         self.carried = False            # an entry left a scan's body through the data
+        self.stacked: list = []         # the entries that did, as they left it (values stacked by step)
+        self.nested = False             # one left a scan's body inside another scan's body
+        self.top = None                 # the trace of the outermost backward
 
     # -- forward: name every call by its path; tape a leaf's input when the client asks
     def layer_forward(self, name, token, forward, params, state, x, *, key, train):
@@ -211,6 +239,8 @@ class _Observer:
             self.forward_stack.pop()
         if self.client.tape(name, token.per_example, params, leaf=not frame.children):
             res = _Tape(res, x, state, key, forward, train)
+        if self.client.slots and not frame.children and jax.tree_util.tree_leaves(params):
+            res = _Slot(res, frame.order[0])
         return y, new_state, res
 
     def _frame(self, name, token):
@@ -226,6 +256,10 @@ class _Observer:
     # -- backward: run it, unwrap what sub-layers carried out of scans, measure, hand the entry up
     def layer_backward_checked(self, name, token, backward, finish, params, res, dy):
         frame = self._frame(name, token)
+        if self.top is None:
+            self.top = _trace_state()
+        slot = res.sid if isinstance(res, _Slot) else None
+        res = res.res if isinstance(res, _Slot) else res
         tape = res if isinstance(res, _Tape) else None
         res = tape.res if tape is not None else res
         scope = _Scope(frame, _trace_state())
@@ -248,7 +282,10 @@ class _Observer:
         if REPLACE_DPARAMS in values:   # the same gradient, computed by the client (see Client)
             values = dict(values)
             dparams = _core.cast_like(values.pop(REPLACE_DPARAMS), params)
-        entry = Entry(frame.label, values, tuple(scope.entries), view.leaf, param_size(params), frame.order)
+        if slot is not None:            # what clipped_grad's second pass needs of this layer
+            values = {**values, "_dx": dx, **({} if "_examples" in values else {"_dy": dy})}
+        entry = Entry(frame.label, values, tuple(scope.entries), view.leaf, param_size(params), frame.order,
+                      slot)
         parent = self.scopes[-1] if self.scopes else None
         if parent is None:
             self.entries.append(entry)
@@ -272,6 +309,9 @@ class _Observer:
             return a
 
         dparams = jax.tree_util.tree_map(strip, dparams, is_leaf=_is_carried)
+        if found and scope.trace != self.top:
+            self.nested = True          # a scan inside a scan: its steps' records are not kept stacked
+        self.stacked.extend(c.entry for c in found)
         for c in found:
             steps = c.marker.shape
             for idx in np.ndindex(*steps):
@@ -299,6 +339,40 @@ class _Observer:
         for root in self.roots:
             reset(root)
         self.entries = []
+
+
+def slot_records(hook) -> Optional[dict]:
+    """{sid: what the backward observed by ``hook`` recorded for the leaf layer of that
+    :class:`_Slot` ("_dx", and "_examples" or "_dy")}, stacked by step for a layer in a scan
+    (as the scan stacked them); None when a scan ran inside another scan's body."""
+    if hook.nested:
+        return None
+    out: dict = {}
+
+    def walk(e, stacked):
+        if e.slot is not None and "_dx" in e.values and (stacked or not e.step):
+            out[e.slot] = {k: v for k, v in e.values.items() if k in ("_dx", "_dy", "_examples")}
+        for sub in e.subs:
+            walk(sub, stacked)
+
+    for e in hook.entries:
+        walk(e, False)
+    for e in hook.stacked:
+        walk(e, True)
+    return out
+
+
+def with_records(res, records: dict):
+    """The residuals ``res`` with each :class:`_Slot` given its record; KeyError for a slot
+    whose layer's backward did not run."""
+    return jax.tree_util.tree_map(lambda a: _Slot(a.res, a.sid, records[a.sid]) if _is_slot(a) else a,
+                                  res, is_leaf=_is_slot)
+
+
+def unslot(res):
+    """A layer's residuals without the :class:`_Slot` and :class:`_Tape` wrappers."""
+    res = res.res if isinstance(res, _Slot) else res
+    return res.res if isinstance(res, _Tape) else res
 
 
 @contextlib.contextmanager

@@ -70,13 +70,16 @@ from ._observe import (
     REPLACE_DPARAMS,
     Client,
     View,
-    _Tape,
+    _Slot,
     flatten_entries,
     observe,
     param_size,
     paused,
     run_observed,
+    slot_records,
     sq_norm,
+    unslot,
+    with_records,
 )
 
 __all__ = ["per_example_grad_norms", "clipped_grad"]
@@ -414,7 +417,10 @@ class _PerExample(Client):
                 out = _rerun(v, self.n)
             out = dict(out) if isinstance(out, dict) else {"sq": out}
             self.leaf_sq.append((v.label, out["sq"]))
-            self.leaf_examples.append(out.pop("_examples", None))
+            examples = out.pop("_examples", None)
+            self.leaf_examples.append(examples)
+            if self.slots and examples is not None:
+                out["_examples"] = examples           # recorded for a second pass through scans
             if rule == "embedding":
                 out.update(_ids=v.res[0], _dy=v.dy)   # for a composite that also uses the table (gpt)
             return out
@@ -534,12 +540,18 @@ def clipped_grad(model, loss, clip_norm=None, *, mode: str = "flat", gamma: floa
     once; the result equals the unchunked one up to rounding (microbatch i's layers get key
     ``fold_in(key, i)``, so dropout draws differ).
 
-    One forward, then two backwards per (micro)batch: the first, observed, gives the norms (its
-    weight gradients are unused and XLA drops them); the second runs each layer's backward
-    again with its error scaled row by row, dy_n ← (clip factor of n)·dy_n, so that every
-    layer's dθ = Σ_n (scaled dy_n's share) is the clipped mean. Right for any model that does
-    not mix examples (``batch_norm`` in training is refused, naming it); per-layer clipping
-    also needs every layer with params to be a leaf used once, outside a scan (else ValueError).
+    One forward and one backward through the chain per (micro)batch (Book-Keeping, Bu et al.
+    2023): the backward, observed, gives the norms, and each layer's per-example gradients where
+    its rule builds them (dense over positions, conv, attention's projections); then, with
+    c_n = the clip factor of example n, each leaf layer with params gets Σ_n c_n g_n: from its
+    kept g_n (a weighted sum, no product), or from its own backward on its recorded error scaled
+    row by row, dy_n ← c_n·dy_n (its weight products once more; its dx is not recomputed). For
+    layers inside a scan (the GPT's blocks) or a model with params of its own beside its layers'
+    (the GPT's positions and tied table) the records travel with the residuals to every step
+    (``_SlotReplay``); only a scan inside a scan's body falls back to a whole second backward on
+    the scaled error. Right for any model that does not mix examples (``batch_norm`` in
+    training is refused, naming it); per-layer clipping also needs every layer with params to
+    be a leaf used once, outside a scan (else ValueError).
     """
     _core.check_model_and_loss("clipped_grad", model, loss)
     if clip_norm is None and mode == "automatic":
@@ -582,6 +594,7 @@ def _clipped(model, loss, c, *, mode: str = "flat", gamma: float = AUTO_GAMMA, m
     def one(params, state, x, target, key, mask=None):
         n = jax.tree_util.tree_leaves(x)[0].shape[0]
         client = _PerExample(n)
+        client.slots = True                           # for a model with scans or params of its own
         (value, new_state, y, res, dy), hook = run_observed(passes, client, params, state, x, target, key)
         sq = sum((e.values["sq"] for e in hook.entries if "sq" in e.values), jnp.zeros((n,), jnp.float32))
         norms = n * jnp.sqrt(sq)                                                       # (N,)
@@ -597,6 +610,12 @@ def _clipped(model, loss, c, *, mode: str = "flat", gamma: float = AUTO_GAMMA, m
             _core._HOOKS.append(_Replay(hook.log, scale, per_leaf, client.leaf_examples))
             try:
                 grads, _ = model.backward(params, res, dy)
+            finally:
+                _core._HOOKS.pop()
+        elif mode != "per-layer" and _recorded(hook, res) is not None:
+            _core._HOOKS.append(_SlotReplay(scale))   # scans, params of its own: from the records
+            try:
+                grads, _ = model.backward(params, _recorded(hook, res), _rows_scaled(dy, scale))
             finally:
                 _core._HOOKS.pop()
         else:                                         # the whole backward again, dy's rows scaled
@@ -664,6 +683,53 @@ def _rows_scaled(tree, scale):
         lambda a: a * scale.reshape((-1,) + (1,) * (a.ndim - 1)).astype(a.dtype), tree)
 
 
+def _recorded(hook, res):
+    """The residuals with every leaf's record of the first pass (``with_records``), or None
+    when some could not be recorded (a scan in a scan, a layer whose backward did not run)."""
+    records = slot_records(hook)
+    if records is None:
+        return None
+    try:
+        return with_records(res, records)
+    except KeyError:
+        return None
+
+
+class _SlotReplay:
+    """The hook of clipped_grad's second pass for a model the first pass could not replay leaf
+    by leaf (layers in a scan, the GPT's own params): the model's backward runs again on the
+    scaled error, dy_n ← c_n·dy_n, but each leaf layer with params takes what the first pass
+    recorded for it from its residuals (``_Slot``, at every step of a scan): Σ_n c_n g_n from its
+    kept per-example gradients, or its backward on c ⊙ (its recorded dy) for its dparams, and
+    c ⊙ (its recorded dx) as the dx it sends on. The backward being linear in dy, row by row,
+    that is what the whole backward would give, and the dx chain is not computed again (the
+    errors reaching those layers are unused, and XLA drops them); what remains is each layer's
+    weight products, or none, and the code between the layers (additions, the GPT's own products)."""
+
+    def __init__(self, scale):
+        self.scale = scale
+
+    def layer_forward(self, name, token, forward, params, state, x, *, key, train):
+        return forward(params, state, x, key=key, train=train)
+
+    def layer_backward_checked(self, name, token, backward, finish, params, res, dy):
+        record = res.record if isinstance(res, _Slot) else None
+        if record is None:
+            return finish(params, backward(params, unslot(res), dy))
+        if "_examples" in record:
+            dparams = jax.tree_util.tree_map(lambda g: jnp.tensordot(self.scale.astype(g.dtype), g, axes=1),
+                                             record["_examples"])
+        else:
+            dparams, _ = backward(params, unslot(res), _rows_scaled(record["_dy"], self.scale))
+        return finish(params, (dparams, _rows_scaled(record["_dx"], self.scale)))
+
+    def loss_forward(self, name, forward, pred, target):
+        return forward(pred, target)
+
+    def loss_backward(self, name, backward, res, dvalue):
+        return backward(res, dvalue)
+
+
 class _Replay:
     """The hook of clipped_grad's second pass, when every layer with params is a leaf used once
     and none ran in a scan: each leaf's backward gets the dy it got in the first pass, rows
@@ -685,7 +751,7 @@ class _Replay:
         self.i += 1
         if record["token"] is not token:
             raise RuntimeError(f"clipped_grad: the second backward reached {name} out of the first's order")
-        res = res.res if isinstance(res, _Tape) else res
+        res = unslot(res)
         if not record["leaf"]:
             return finish(params, backward(params, res, dy))
         if not jax.tree_util.tree_leaves(params):

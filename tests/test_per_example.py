@@ -385,11 +385,12 @@ def test_bad_arguments_name_the_function():
         bp.gradient_flow(bp.dense(3), bp.softmax_cross_entropy)
 
 
-@pytest.mark.parametrize("name", ["mlp", "mnist1d_cnn", "branches", "combinator"])
+@pytest.mark.parametrize("name", ["mlp", "mnist1d_cnn", "branches", "combinator", "gpt", "gru"])
 def test_clipped_grad_equals_the_vmapped_reference(name):
     """(1/N) Σ_n min(1, C/‖g_n‖) g_n from the rows of dy scaled, against per_example_grads: the
-    weight products redone (mlp, cnn, branches) or, for a layer with params of its own beside
-    its sub-layer's, the whole backward again (combinator)."""
+    weight products redone or the kept dW_n summed (mlp, cnn, branches, gru), or, for layers in
+    a scan (gpt) or a layer with params of its own beside its sub-layer's (combinator), from what
+    the first pass recorded at every leaf."""
     model, params, state, x, y = _model_case(name)
     loss = bp.softmax_cross_entropy()
     pe = jax.jit(bp.per_example_grads(model, loss))(params, state, x, y)
@@ -401,6 +402,32 @@ def test_clipped_grad_equals_the_vmapped_reference(name):
     np.testing.assert_allclose(norms, ref_norms, rtol=1e-10)
     for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12 * float(np.max(np.abs(b))))
+
+
+@pytest.mark.parametrize("name", ["gpt", "combinator"])
+def test_clipped_grad_takes_the_records_through_scans(monkeypatch, name):
+    """A model whose layers run in a scan (the GPT's blocks) or with params of its own beside its
+    layers' gets its second pass from what the first recorded at every leaf (_SlotReplay), not
+    from a whole backward again: no leaf layer's backward runs on the error the second pass
+    propagates (each takes its recorded one)."""
+    from bpjax import _per_example
+    used, ignored = [], []
+
+    class Spy(_per_example._SlotReplay):
+        def __init__(self, scale):
+            used.append(True)
+            super().__init__(scale)
+
+        def layer_backward_checked(self, name, token, backward, finish, params, res, dy):
+            if isinstance(res, _per_example._Slot) and res.record is not None:
+                ignored.append(name)
+            return super().layer_backward_checked(name, token, backward, finish, params, res, dy)
+
+    monkeypatch.setattr(_per_example, "_SlotReplay", Spy)
+    model, params, state, x, y = _model_case(name)
+    jax.jit(bp.clipped_grad(model, bp.softmax_cross_entropy(), 1.0)).lower(params, state, x, y)
+    assert used == [True]
+    assert ("dense" in ignored) and (name != "gpt" or {"multi_head_attention", "layer_norm", "embedding"} <= set(ignored))
 
 
 @pytest.mark.parametrize("clip", [0.0, -1.0, float("nan")])
