@@ -260,8 +260,9 @@ def make_layer(
     -> (cols (N, T, G, P), dz (N, T, G, Q))``: each example's weight gradient is
     Σ_t cols_ntgᵀ dz_ntg within each of G groups (P·Q weights each), its bias gradient Σ_t dz_nt,
     so that the rule needs no other knowledge of the layer. ``per_example="projections"``
-    (multi_head_attention) comes with ``example_rows(params, res, dy) -> {k: (rows (N, T, P),
-    errors (N, T, Q))}``, one dense-like product per pair of params "w_k", "b_k".
+    (multi_head_attention, the recurrent layers) comes with ``example_rows(params, res, dy) ->
+    {weight: (rows (N, T, P), errors (N, T, Q), its bias's name or None)}``, one dense-like
+    product per weight, which with the biases must cover every param.
 
     ``curvature`` names the layer's rule in ``bpjax.curvature`` (its Kronecker factors, or why
     it has none) where ``per_example`` does not tell it: ``"conv"`` (conv and conv_transpose),

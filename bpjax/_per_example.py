@@ -37,18 +37,20 @@ positions of one example: T = 1 for x (N, D))::
         cheaper; the columns are built for a few examples at a time (``COLUMN_CHUNK_BYTES``).
         In the explicit form the dW_n are built anyway: their sum is the layer's gradient (its
         own weight-gradient products are dropped), and clipped_grad sums Σ_n c_n dW_n from them
-    "projections" (multi_head_attention)
-        dense's rule for each projection: W_o on the rows (O_n, DY_n), W_qkv on (X_n, d[Q|K|V]_n),
-        the layer's ``example_rows`` giving d[Q|K|V] by its backward's own operations (XLA
-        computes them once); the sum of the explicit dW_n replaces the layer's own
+    "projections" (multi_head_attention, rnn, gru, lstm)
+        dense's rule for each weight, with the layer's ``example_rows`` giving its rows and
+        errors by its backward's own operations (XLA computes them once): attention's W_o on
+        (O_n, DY_n) and W_qkv on (X_n, d[Q|K|V]_n); a recurrent layer's W_x on (x_nt, dgx_nt)
+        and W_h on (h_n,t−1, dgh_nt) over the steps t (one weight used at every step: the sum
+        over t is inside each example's product). The sum of the explicit dW_n replaces the
+        layer's own
     "from_residuals" (a layer of the user's that names it)
         the explicit per-example gradient of that layer alone: its own hand-written backward on
         each example's residuals and dy, vmapped over the examples (its residuals all have the
         batch axis first; dx is unused and XLA drops it)
     None (any other layer)
         the same, with the layer's raw forward rerun on each example first, from the input kept
-        for it (the recurrent layers, whose residuals are time-major, a user's make_layer layer,
-        a combinator of the user's). Correct for any layer that does not mix examples; its
+        for it (a user's make_layer layer, a combinator of the user's with params of its own). Correct for any layer that does not mix examples; its
         memory is N times that layer's params.
     "mixes_examples" (batch_norm)
         in training, ``ValueError`` naming the layer: it normalises with batch statistics, so
@@ -236,21 +238,20 @@ def _explicit(v: View, n: int, sq, examples, total) -> dict:
 
 
 def _projections(v: View, n: int):
-    """The "projections" rule (multi_head_attention; module doc): each projection k of the
-    layer's ``example_rows``, {k: (rows in (N, T, P), errors (N, T, Q))} for the params "w_k"
-    (P, Q) and "b_k" (Q,), by dense's rule; when every one takes the explicit form, the sum of
-    the dW_n replaces the layer's own gradient."""
-    parts = v.example_rows(v.params, v.res, v.dy)
+    """The "projections" rule (multi_head_attention, rnn, gru, lstm; module doc): each weight
+    of the layer's ``example_rows``, {weight: (rows in (N, T, P), errors (N, T, Q), its bias or
+    None)}, by dense's rule; when every one takes the explicit form, the sum of the dW_n
+    replaces the layer's own gradient."""
     sq, ex = jnp.zeros((n,), jnp.float32), {}
-    for k, (rows, err) in parts.items():
+    for w, (rows, err, b) in v.example_rows(v.params, v.res, v.dy).items():
         x, dy = _acc(_rows(rows, n), _rows(err, n))                                  # (N, T, P), (N, T, Q)
         t, p, q = x.shape[1], x.shape[2], dy.shape[2]
         if t == 1 or t * (p + q) < p * q:
             sq = sq + sq_outer(x, dy)
         else:
-            ex[f"w_{k}"] = jnp.einsum("ntp,ntq->npq", x, dy)                         # (N, P, Q) dW_n
-        if f"b_{k}" in v.params:
-            ex[f"b_{k}"] = jnp.sum(dy, axis=1)                                       # (N, Q) db_n
+            ex[w] = jnp.einsum("ntp,ntq->npq", x, dy)                                # (N, P, Q) dW_n
+        if b is not None:
+            ex[b] = jnp.sum(dy, axis=1)                                              # (N, Q) db_n
     sq = sq + sum(jnp.sum(a.reshape(n, -1) ** 2, axis=1) for a in ex.values())
     if set(ex) != set(v.params):
         return sq                                     # a Gram form somewhere: the layer's own dW stays

@@ -177,6 +177,29 @@ def test_attention_projections_rule(kind):
     _assert_norms(model, bp.softmax_cross_entropy(), _f64(params), state, inputs, y, what=kind)
 
 
+@pytest.mark.parametrize("kind", ["rnn", "lstm-sequences", "gru-masked"])
+def test_recurrent_projections_rule(kind):
+    """The recurrent layers' rule (W_x and W_h by dense's rule over the steps, from the
+    backward's own reverse scan): exact, and the compiled program has no more loops than the
+    plain step's (XLA computed the reverse scan once)."""
+    gen = np.random.default_rng(6)
+    layer = {"rnn": lambda: bp.rnn(5), "lstm-sequences": lambda: bp.lstm(3, return_sequences=True),
+             "gru-masked": lambda: bp.gru(4, masked=True)}[kind]()
+    x = jnp.asarray(gen.standard_normal((5, 6, 3)))
+    inputs, in_shape = ((x, jnp.asarray(gen.random((5, 6)) > 0.3)), ((6, 3), (6,))) if "masked" in kind else (x, (6, 3))
+    model = bp.sequential(layer, bp.flatten(), bp.dense(3))
+    y = jnp.asarray(gen.integers(0, 3, 5))
+    params, state, _ = model.init(jax.random.PRNGKey(0), in_shape)
+    loss = bp.softmax_cross_entropy()
+    _assert_norms(model, loss, _f64(params), state, inputs, y, what=kind)
+
+    def loops(f):
+        text = jax.jit(f).lower(_f64(params), state, inputs, y).compile().as_text()
+        return len(re.findall(r"\) while\(", text))
+
+    assert loops(bp.per_example_grad_norms(model, loss)) == loops(bp.value_and_grad(model, loss))
+
+
 def test_conv_gradient_comes_from_the_per_example_products():
     """In the explicit form, per_example_grad_norms's compiled program has as many matrix
     products as the plain step's (the conv's own weight-gradient product is dropped for the sum

@@ -8,11 +8,11 @@ the loss's error (the per-example gradients) and for dy a column of the loss Hes
     residuals   the layer's backward on example n's residuals and dy_n (a batch of one),
                 vmapped over n: for the layers whose residuals all have the batch axis first
                 (their factories name the per-example rules "dense", "embedding", "norm",
-                "columns", "projections", "from_residuals")
+                "columns", "from_residuals"); or, for "projections" (attention, the recurrent
+                layers), X_nᵀ E_n from the rows and errors of each weight the layer gives
     rerun       the layer's raw forward rerun on x_n (kept for it by ``bpjax.observe``'s tape),
-                then its backward, vmapped over n: every other layer (the recurrent layers,
-                whose residuals are time-major; a user's make_layer layer; a layer with params
-                of its own beside its sub-layers', the GPT). A layer that draws random numbers
+                then its backward, vmapped over n: every other layer (a user's make_layer
+                layer; a layer with params of its own beside its sub-layers', the GPT). A layer that draws random numbers
                 (dropout) draws them anew for the batch of one.
 
 ``batch_norm`` in training mixes examples (its batch statistics): refused, naming it.
@@ -20,13 +20,17 @@ the loss's error (the per-example gradients) and for dy a column of the loss Hes
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from .._observe import View, paused
 
-__all__ = ["FROM_RESIDUALS", "per_example_dparams", "needs_tape"]
+__all__ = ["FROM_RESIDUALS", "FROM_ROWS", "per_example_dparams", "needs_tape"]
 
 #: The per-example rules (``make_layer(..., per_example=...)``) whose residuals have the batch axis first.
-FROM_RESIDUALS = ("dense", "embedding", "norm", "columns", "projections", "from_residuals")
+FROM_RESIDUALS = ("dense", "embedding", "norm", "columns", "from_residuals")
+#: The rule whose layers give their weights' rows and errors (``example_rows``): attention, the
+#: recurrent layers (whose residuals are time-major).
+FROM_ROWS = ("projections",)
 
 
 def needs_tape(per_example, params, leaf: bool) -> bool:
@@ -36,7 +40,7 @@ def needs_tape(per_example, params, leaf: bool) -> bool:
         return False
     if not leaf:
         return per_example != "combinator"
-    return per_example not in FROM_RESIDUALS
+    return per_example not in FROM_RESIDUALS + FROM_ROWS
 
 
 def per_example_dparams(where: str, v: View, n: int):
@@ -47,7 +51,21 @@ def per_example_dparams(where: str, v: View, n: int):
                          "statistics), so it has no per-example Jacobian; use train=False, layer_norm or group_norm")
     if v.leaf and v.per_example in FROM_RESIDUALS:
         return _from_residuals(where, v, n)
+    if v.leaf and v.per_example in FROM_ROWS:
+        return _from_rows(v, n)
     return _rerun(where, v, n)
+
+
+def _from_rows(v: View, n: int):
+    """Each example's share from the layer's rows and errors of its weights (``example_rows``,
+    for this dy): dW_n = X_nᵀ E_n and db_n = Σ_t E_nt.                              (N, ...)"""
+    out = {}
+    for w, (rows, err, b) in v.example_rows(v.params, v.res, v.dy).items():
+        x, e = rows.reshape(n, -1, rows.shape[-1]), err.reshape(n, -1, err.shape[-1])   # (N, T, P), (N, T, Q)
+        out[w] = jnp.einsum("ntp,ntq->npq", x, e)
+        if b is not None:
+            out[b] = jnp.sum(e, axis=1)
+    return out
 
 
 def _from_residuals(where: str, v: View, n: int):

@@ -342,7 +342,7 @@ def multi_head_attention(num_heads: int, *, causal: bool = False, masked: bool =
         (bpjax/_per_example.py): each example's dW_o = Σ_t om_ntᵀ dy_nt and dW_qkv =
         Σ_t x_ntᵀ d[Q|K|V]_nt, the biases Σ_t of the errors. d[Q|K|V] is the backward's own
         (the same operations on the same arrays, which XLA computes once)."""
-        return {"o": (res["om"], dy), "qkv": (res["x"], qkv_error(params, res, dy))}
+        return {"w_o": (res["om"], dy, "b_o"), "w_qkv": (res["x"], qkv_error(params, res, dy), "b_qkv")}
 
     def check(params, state, x):
         d_model = params["w_o"].shape[0]

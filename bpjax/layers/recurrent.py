@@ -201,7 +201,24 @@ def _recurrent(name, cell: _Cell, hidden_size, *, return_sequences, masked, init
         return y, state, res
 
     def backward(params, res, dy):
-        x, h0, states, saved = res["x"], res["h0"], res["states"], res["saved"]
+        x = res["x"]
+        dh0, dw_h, dgx, dgh = through_time(params, res, dy)
+        acc = accumulation_dtype(dgx.dtype)                        # float32 for bfloat16
+        xt = _time_major(x)                                        # (T, N, D)
+        dparams = {"w_x": jnp.einsum("tnd,tng->dg", xt, dgx, preferred_element_type=acc),  # (D, G·H)
+                   "w_h": dw_h,                                    # (H, G·H)
+                   "b": sum_acc(dgx, axis=(0, 1))}                 # (G·H,)
+        if cell.hidden_bias:
+            dparams["b_h"] = sum_acc(dgh, axis=(0, 1))             # (G·H,)
+        dx = _time_major(dgx @ params["w_x"].T)                    # (N, T, D)
+        if not tuple_input:
+            return dparams, dx
+        return dparams, (dx, *((None,) if masked else ()), *(dh0 if initial_state else ()))
+
+    def through_time(params, res, dy):
+        """The reverse scan over time: (dh0, dW_h, dgx (T, N, G·H), dgh (T, N, G·H) or None
+        without a hidden bias), the errors of the gate pre-activations."""
+        h0, states, saved = res["h0"], res["states"], res["saved"]
         m = res.get("m")
         prevs = tuple(jnp.concatenate([s0[None], s[:-1]]) for s0, s in zip(h0, states))  # (T, N, H)
         if return_sequences:
@@ -227,17 +244,21 @@ def _recurrent(name, cell: _Cell, hidden_size, *, return_sequences, masked, init
         dstate_T = (dlast, *(jnp.zeros_like(s) for s in h0[1:]))
         (dh0, dw_h), out = lax.scan(back_step, (dstate_T, jnp.zeros_like(w_h, dtype=acc)),
                                     (dys, m, states, prevs, saved), reverse=True)
-        dgx = out[0] if cell.hidden_bias else out                  # (T, N, G·H)
-        xt = _time_major(x)                                        # (T, N, D)
-        dparams = {"w_x": jnp.einsum("tnd,tng->dg", xt, dgx, preferred_element_type=acc),  # (D, G·H)
-                   "w_h": dw_h,                                    # (H, G·H)
-                   "b": sum_acc(dgx, axis=(0, 1))}                 # (G·H,)
         if cell.hidden_bias:
-            dparams["b_h"] = sum_acc(out[1], axis=(0, 1))          # (G·H,)
-        dx = _time_major(dgx @ params["w_x"].T)                    # (N, T, D)
-        if not tuple_input:
-            return dparams, dx
-        return dparams, (dx, *((None,) if masked else ()), *(dh0 if initial_state else ()))
+            return dh0, dw_h, out[0], out[1]
+        return dh0, dw_h, out, None
+
+    def example_rows(params, res, dy):
+        """Each weight's rows and errors, for ``per_example="projections"``: W_x on (x_t, dgx_t),
+        W_h on (h_{t−1}, dgh_t) (dgh = dgx but for a GRU's hidden bias), over the T steps, from
+        the backward's own reverse scan (the same operations, which XLA computes once)."""
+        _, _, dgx, dgh = through_time(params, res, dy)
+        h0, states = res["h0"], res["states"]
+        prev = jnp.concatenate([h0[0][None], states[0][:-1]])      # (T, N, H) h_{t−1}
+        rows = {"w_x": (res["x"], _time_major(dgx), "b"),
+                "w_h": (_time_major(prev), _time_major(dgx if dgh is None else dgh),
+                        "b_h" if cell.hidden_bias else None)}
+        return rows
 
     def check(params, state, x):
         d_in = params["w_x"].shape[0]
@@ -266,9 +287,10 @@ def _recurrent(name, cell: _Cell, hidden_size, *, return_sequences, masked, init
 
     if tuple_input:
         return make_layer(name, init, forward, backward, check=check, tuple_input=True,
-                          float_input=False, min_ndim=2, curvature="recurrent")
+                          float_input=False, min_ndim=2, curvature="recurrent", per_example="projections",
+                          example_rows=example_rows)
     return make_layer(name, init, forward, backward, check=check, ndim=3, meaning="(batch, time, features)",
-                      curvature="recurrent")
+                      curvature="recurrent", per_example="projections", example_rows=example_rows)
 
 
 _ORTHOGONAL = jax.nn.initializers.orthogonal()
