@@ -60,6 +60,7 @@ positions of one example: T = 1 for x (N, D))::
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -382,11 +383,23 @@ def _rerun(v: View, n: int):
     return jax.vmap(example)(t.x, v.dy)                                              # (N,)
 
 
+class FallbackWarning(UserWarning):
+    """A layer with params and no per-example rule of its own: its part of the norms came from
+    its backward vmapped over the examples (``_from_residuals``, ``_rerun``)."""
+
+
+def _warn_fallback(who: str, v: View, rerun: bool) -> None:
+    how = "its forward rerun and its backward" if rerun else "its backward"
+    warnings.warn(f"{who}: {v.label} has no per-example rule of its own (make_layer(..., per_example=...)), so its "
+                  f"part of each example's norm comes from {how} vmapped over the examples, which costs about N "
+                  "times that layer's gradient memory", FallbackWarning, stacklevel=2)
+
+
 class _PerExample(Client):
     """Each layer's part of every example's squared gradient norm, ``values["sq"]`` (N,)."""
 
-    def __init__(self, n: int):
-        self.n = n
+    def __init__(self, n: int, who: str = "per_example_grad_norms"):
+        self.n, self.who = n, who
         self.pure = True                # every layer with params is a leaf used once (clipped_grad)
         self.leaf_sq: list = []         # (path, sq (N,)) of every leaf with params, in backward order
         self.leaf_examples: list = []   # and its per-example gradients (N, ...) where its rule kept them, or None
@@ -413,8 +426,10 @@ class _PerExample(Client):
             if rule in LEAF_RULES:
                 out = LEAF_RULES[rule](v, self.n)
             elif rule == FROM_RESIDUALS:
+                _warn_fallback(self.who, v, rerun=False)
                 out = _from_residuals(v, self.n)
             else:
+                _warn_fallback(self.who, v, rerun=True)
                 out = _rerun(v, self.n)
             out = dict(out) if isinstance(out, dict) else {"sq": out}
             self.leaf_sq.append((v.label, out["sq"]))
@@ -434,6 +449,7 @@ class _PerExample(Client):
                 return {"sq": sq}
         elif param_size(v.params) == sum(e.size for e in v.subs):
             return {"sq": subs_sq}                   # a combinator: its params are its layers'
+        _warn_fallback(self.who, v, rerun=True)
         return {"sq": _rerun(v, self.n)}
 
 
@@ -449,7 +465,9 @@ def per_example_grad_norms(model, loss, *, compute_dtype: Optional[Any] = None):
     batch sharded over devices.
 
     Raises ``ValueError`` naming the layer for a model with ``batch_norm`` in training (it
-    mixes examples). The loss must be a mean over examples (every bpjax loss is).
+    mixes examples). Warns (``FallbackWarning``, at trace time) naming each layer with params
+    that has no rule of its own (a user's layer): its part comes from its backward vmapped
+    over the examples. The loss must be a mean over examples (every bpjax loss is).
     """
     _core.check_model_and_loss("per_example_grad_norms", model, loss)
     vg = value_and_grad(model, loss, compute_dtype=compute_dtype)
@@ -594,7 +612,7 @@ def _clipped(model, loss, c, *, mode: str = "flat", gamma: float = AUTO_GAMMA, m
 
     def one(params, state, x, target, key, mask=None):
         n = jax.tree_util.tree_leaves(x)[0].shape[0]
-        client = _PerExample(n)
+        client = _PerExample(n, "clipped_grad")
         client.slots = True                           # for a model with scans or params of its own
         (value, new_state, y, res, dy), hook = run_observed(passes, client, params, state, x, target, key)
         sq = sum((e.values["sq"] for e in hook.entries if "sq" in e.values), jnp.zeros((n,), jnp.float32))

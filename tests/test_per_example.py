@@ -8,6 +8,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ import pytest
 
 import bpjax as bp
 from bpjax import models
+from bpjax._per_example import FallbackWarning
 from bpjax.check.cases import LAYER_CASES
 from helpers import init_params, normal, rng
 
@@ -91,8 +93,11 @@ def _model_case(name):
 
 @pytest.mark.parametrize("name", ["mlp", "mnist1d_cnn", "cnn2d", "gru", "gpt"])
 def test_models(name):
+    """The networks' norms, with no layer taking the vmapped fallback (FallbackWarning)."""
     model, params, state, x, y = _model_case(name)
-    _assert_norms(model, bp.softmax_cross_entropy(), params, state, x, y, what=name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        _assert_norms(model, bp.softmax_cross_entropy(), params, state, x, y, what=name)
 
 
 def test_chunked_loop_over_examples(monkeypatch):
@@ -280,7 +285,9 @@ def test_table(case):
         with pytest.raises(ValueError, match=r"per_example_grad_norms: .*batch_norm.* mixes examples"):
             jax.jit(bp.per_example_grad_norms(layer, _dot_loss()))(params, state, x, target, key=key)
         return
-    _assert_norms(layer, _dot_loss(), params, state, x, target, key, what=str(case))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)        # a built-in layer has a rule of its own
+        _assert_norms(layer, _dot_loss(), params, state, x, target, key, what=str(case))
 
 
 def test_a_layer_without_params_adds_nothing():
@@ -309,7 +316,10 @@ def test_a_users_layer_takes_part():
     params, state, _ = model.init(jax.random.PRNGKey(0), (4,))
     gen = np.random.default_rng(1)
     x, y = jnp.asarray(gen.standard_normal((5, 4))), jnp.asarray(gen.integers(0, 3, 5))
-    _assert_norms(model, bp.softmax_cross_entropy(), _f64(params), state, x, y, what="user layer")
+    with pytest.warns(UserWarning, match=r"per_example_grad_norms: sequential\[1\] \(wave\) has no per-example "
+                                         r"rule of its own") as caught:
+        _assert_norms(model, bp.softmax_cross_entropy(), _f64(params), state, x, y, what="user layer")
+    assert len([w for w in caught if "has no per-example rule" in str(w.message)]) == 1   # only the user's layer
 
 
 def _gain(inner):
