@@ -4,7 +4,10 @@ epochs, clip and learning rate (issue 24, part 5).
 
 Every bpjax run is a ``bpjax train`` command (printed, and in the table): DP-SGD with Poisson
 sampling, ``--dp-epsilon E`` choosing σ for the run's rate B/n and n // B steps an epoch; the
-non-private run is the same command without the ``--dp-*`` options. The Opacus run trains the
+non-private run is the same command without the ``--dp-*`` options; two more runs of the same
+recipe say where the accuracy goes: clipped as DP-SGD clips but with no noise (``--dp-noise 0``),
+and, where the recipe's learning rate is too large for unclipped gradients, non-private at a
+smaller one (:data:`NONPRIVATE_LR`). The Opacus run trains the
 same architecture from the same initial params (bpjax's, for the seed, copied into torch), on the
 same training split (``fit``'s validation split), with Opacus' own pieces: ``DPDataLoader``
 (Poisson sampling at rate B/n, n // B batches an epoch), ``GradSampleModule`` and ``DPOptimizer``
@@ -22,7 +25,7 @@ runs import them.
 
     python scripts/examples/dp_results.py                                 # the whole grid
     python scripts/examples/dp_results.py --datasets mnist1d --seeds 0 --epsilons 3
-    python scripts/examples/dp_results.py --parts bpjax,nonprivate        # no Opacus
+    python scripts/examples/dp_results.py --parts bpjax,nonprivate        # no Opacus, no σ = 0 runs
     python scripts/examples/dp_results.py --table-only                    # the table from --runs
 """
 from __future__ import annotations
@@ -45,17 +48,25 @@ RECIPES = {
     "digits": dict(model="mlp", batch=100, epochs=20, optimizer="adam", lr=1e-2, clip=1.0, delta=5e-7),
 }
 EPSILONS = (1.0, 3.0, 8.0)
+#: A second non-private run where the recipe's learning rate is too large for unclipped
+#: gradients (SGD at 0.5 on MNIST-1D diverges on some seeds): the same recipe at this rate.
+NONPRIVATE_LR = {"mnist1d": 0.1}
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def bpjax_command(dataset, seed, epsilon, out):
-    """The ``bpjax train`` command of one run (``epsilon`` None: non-private)."""
+def bpjax_command(dataset, seed, epsilon, out, variant=None):
+    """The ``bpjax train`` command of one run (``epsilon`` None: non-private; ``variant``
+    "cliponly": clipped as DP-SGD clips, with no noise, σ = 0; "lr": non-private at
+    :data:`NONPRIVATE_LR`)."""
     r = RECIPES[dataset]
+    lr = NONPRIVATE_LR[dataset] if variant == "lr" else r["lr"]
     cmd = ["bpjax", "train", "--model", r["model"], "--dataset", dataset, "--epochs", str(r["epochs"]),
-           "--batch-size", str(r["batch"]), "--optimizer", r["optimizer"], "--lr", f"{r['lr']:g}",
+           "--batch-size", str(r["batch"]), "--optimizer", r["optimizer"], "--lr", f"{lr:g}",
            "--schedule", "constant", "--patience", "0", "--seed", str(seed)]
     if epsilon is not None:
         cmd += ["--dp-clip", f"{r['clip']:g}", "--dp-epsilon", f"{epsilon:g}", "--dp-delta", f"{r['delta']:g}"]
+    elif variant == "cliponly":
+        cmd += ["--dp-clip", f"{r['clip']:g}", "--dp-noise", "0", "--dp-delta", f"{r['delta']:g}"]
     return cmd + ["--no-progress", "--no-plot", "--overwrite", "--out", str(out)]
 
 
@@ -65,9 +76,15 @@ def per_epoch(seconds):
     return (seconds[-1] - seconds[0]) / (len(seconds) - 1)
 
 
-def run_bpjax(dataset, seed, epsilon, runs):
-    out = runs / f"bpjax-{dataset}-{'np' if epsilon is None else f'eps{epsilon:g}'}-s{seed}"
-    cmd = bpjax_command(dataset, seed, epsilon, out)
+def _name(side, dataset, seed, epsilon, variant=None):
+    """The name of a run's folder and (with .json) of its result."""
+    kind = {None: "np", "cliponly": "cliponly", "lr": f"np-lr{NONPRIVATE_LR.get(dataset, 0):g}"}[variant]
+    return f"{side}-{dataset}-{kind if epsilon is None else f'eps{epsilon:g}'}-s{seed}"
+
+
+def run_bpjax(dataset, seed, epsilon, runs, variant=None):
+    out = runs / _name("bpjax", dataset, seed, epsilon, variant)
+    cmd = bpjax_command(dataset, seed, epsilon, out, variant)
     exe = pathlib.Path(sys.executable).with_name("bpjax")
     t0 = time.perf_counter()
     proc = subprocess.run([str(exe), *cmd[1:]], capture_output=True, text=True)
@@ -75,11 +92,11 @@ def run_bpjax(dataset, seed, epsilon, runs):
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    result = {"side": "bpjax", "dataset": dataset, "seed": seed, "epsilon_target": epsilon,
+    result = {"side": "bpjax", "dataset": dataset, "seed": seed, "epsilon_target": epsilon, "variant": variant,
               "test_acc": summary["test_acc"], "best_epoch": summary["best_epoch"],
               "seconds_per_epoch": per_epoch([row["seconds"] for row in rows]),
               "wall_seconds": time.perf_counter() - t0, "command": " ".join(cmd)}
-    if epsilon is not None:
+    if epsilon is not None or variant == "cliponly":
         result.update(noise=summary["dp"]["noise"], epsilon=summary["dp"]["epsilon"], steps=summary["dp"]["steps"])
     return result
 
@@ -94,7 +111,7 @@ def _torch_model(dataset, params):
     from torch import nn
 
     def t(a, *perm):
-        a = np.asarray(a, np.float32)
+        a = np.array(a, np.float32)                      # a writable copy for torch
         return nn.Parameter(torch.from_numpy(np.ascontiguousarray(a.transpose(*perm) if perm else a)))
 
     if RECIPES[dataset]["model"] == "cnn":               # conv 5/2, conv 3/2, conv 3/2 (25, pad 1), ReLU, dense
@@ -121,8 +138,9 @@ def _torch_model(dataset, params):
     return nn.Sequential(nn.Flatten(), denses[0], nn.ReLU(), denses[1], nn.ReLU(), denses[2])
 
 
-def run_opacus(dataset, seed, epsilon, runs):
-    """The same run with Opacus: same split, initial params, σ, Poisson rate, steps, clip, lr."""
+def run_opacus(dataset, seed, epsilon, runs, variant=None):
+    """The same run with Opacus: same split, initial params, σ, Poisson rate, steps, clip, lr
+    (``variant`` "cliponly", with ``epsilon`` None: σ = 0 and no accounting)."""
     import jax
     import numpy as np
     import opacus
@@ -143,7 +161,7 @@ def run_opacus(dataset, seed, epsilon, runs):
     n, batch = x_tr.shape[0], r["batch"]
     rate, steps_per_epoch = batch / n, n // batch
     steps = r["epochs"] * steps_per_epoch
-    sigma = dp_noise_for(epsilon, rate, steps, r["delta"])             # what bpjax train --dp-epsilon chooses
+    sigma = 0.0 if epsilon is None else dp_noise_for(epsilon, rate, steps, r["delta"])   # bpjax train's σ
     k_init = jax.random.split(jax.random.PRNGKey(seed), 3)[0]           # as fit initialises
     bp_model = models.MODELS[r["model"]](data.num_classes)
     params, state, _ = bp_model.init(k_init, data.in_shape)
@@ -167,7 +185,7 @@ def run_opacus(dataset, seed, epsilon, runs):
     xv, yv = torch.from_numpy(np.asarray(x_val)), torch.from_numpy(y_val.astype(np.int64))
     best = (2.0, float("inf"), 0, None)                                  # (val error, val loss, epoch, state)
     ends, t_train = [], 0.0
-    ckpt = runs / f"opacus-{dataset}-eps{epsilon:g}-s{seed}.pt"
+    ckpt = runs / (_name("opacus", dataset, seed, epsilon, variant) + ".pt")
     for epoch in range(1, r["epochs"] + 1):
         t0 = time.perf_counter()
         model.train()
@@ -175,12 +193,13 @@ def run_opacus(dataset, seed, epsilon, runs):
             opt.zero_grad()
             lossf(model(xb), yb).backward()
             opt.step()
-            accountant.step(noise_multiplier=sigma, sample_rate=rate)
+            if sigma:
+                accountant.step(noise_multiplier=sigma, sample_rate=rate)
         model.eval()
         with torch.no_grad():
             logits = model(xv)
             val_loss, val_err = float(lossf(logits, yv)), float((logits.argmax(1) != yv).float().mean())
-        epsilon_now = accountant.get_epsilon(r["delta"])                 # as bpjax train reports ε every epoch
+        epsilon_now = accountant.get_epsilon(r["delta"]) if sigma else float("inf")    # as bpjax train, every epoch
         if val_err < best[0] or (val_err == best[0] and val_loss < best[1]):
             best = (val_err, val_loss, epoch, {k: v.detach().clone() for k, v in net.state_dict().items()})
         torch.save({"model": net.state_dict(), "optimizer": opt.original_optimizer.state_dict(), "epoch": epoch,
@@ -192,12 +211,12 @@ def run_opacus(dataset, seed, epsilon, runs):
     with torch.no_grad():
         xt, yt = torch.from_numpy(np.asarray(data.x_test)), torch.from_numpy(data.y_test.astype(np.int64))
         test_acc = float((net(xt).argmax(1) == yt).float().mean())
-    return {"side": "opacus", "dataset": dataset, "seed": seed, "epsilon_target": epsilon, "test_acc": test_acc,
-            "best_epoch": best[2], "seconds_per_epoch": per_epoch(ends), "noise": sigma,
-            "epsilon": dp_epsilon(sigma, rate, steps, r["delta"]),
-            "epsilon_opacus_rdp": accountant.get_epsilon(r["delta"]), "steps": steps,
+    return {"side": "opacus", "dataset": dataset, "seed": seed, "epsilon_target": epsilon, "variant": variant,
+            "test_acc": test_acc, "best_epoch": best[2], "seconds_per_epoch": per_epoch(ends), "noise": sigma,
+            "epsilon": dp_epsilon(sigma, rate, steps, r["delta"]), "epsilon_opacus_rdp": epsilon_now, "steps": steps,
             "torch": torch.__version__, "opacus": opacus.__version__,
-            "command": f"python scripts/examples/dp_results.py --opacus-run {dataset} {epsilon:g} {seed}"}
+            "command": f"python scripts/examples/dp_results.py --opacus-run {dataset} "
+                       f"{'cliponly' if epsilon is None else f'{epsilon:g}'} {seed}"}
 
 
 # ----------------------------------------------------------------------------- the table
@@ -208,35 +227,60 @@ def _spread(values, scale=1.0, digits=1):
     v = [scale * x for x in values]
     if len(v) == 1:
         return f"{v[0]:.{digits}f} (1 seed)"
-    return f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f} ({min(v):.{digits}f}–{max(v):.{digits}f})"
+    mean, std = statistics.mean(v), statistics.stdev(v)
+    return f"{mean:.{digits}f} ± {std:.{digits}f} ({min(v):.{digits}f}–{max(v):.{digits}f})"
+
+
+def _ratios(dp, op):
+    """bpjax's seconds per epoch over Opacus', seed by seed (each pair ran one after the other)."""
+    theirs = {x["seed"]: x["seconds_per_epoch"] for x in op}
+    r = [x["seconds_per_epoch"] / theirs[x["seed"]] for x in dp if x["seed"] in theirs]
+    return _spread(r, digits=2) if r else "—"
 
 
 def table(results):
-    """The Markdown table: one row per dataset and ε, bpjax DP-SGD, non-private and Opacus."""
-    lines = ["| dataset | model | ε target | δ | σ | ε spent (RDP; Opacus' RDP) | bpjax DP-SGD, test acc. % | "
-             "non-private, test acc. % | Opacus DP-SGD, test acc. % | s/epoch bpjax DP | s/epoch bpjax non-private | "
-             "s/epoch Opacus | seeds |",
-             "|" + " --- |" * 13]
+    """The Markdown tables: test accuracy, then seconds per epoch, one row per dataset and ε
+    (bpjax DP-SGD, Opacus, the non-private run of the recipe), then the other runs of the recipe."""
+    acc = ["| dataset | model | ε target | δ | σ | ε spent: dp-accounting RDP; Opacus RDP | "
+           "bpjax DP-SGD, test acc. % | Opacus DP-SGD, test acc. % | non-private, test acc. % | runs (bpjax, Opacus, non-private) |",
+           "|" + " --- |" * 10]
+    times = ["", "| dataset | ε target | bpjax DP-SGD, s/epoch | Opacus DP-SGD, s/epoch | "
+             "bpjax / Opacus, seed by seed | bpjax non-private, s/epoch |", "|" + " --- |" * 6]
     for dataset, r in RECIPES.items():
-        nonpriv = [x for x in results if x["side"] == "bpjax" and x["dataset"] == dataset and x["epsilon_target"] is None]
+        mine = [x for x in results if x["dataset"] == dataset]
+        nonpriv = [x for x in mine if x["side"] == "bpjax" and x["epsilon_target"] is None and x.get("variant") is None]
         for eps in EPSILONS:
-            dp = [x for x in results if x["side"] == "bpjax" and x["dataset"] == dataset and x["epsilon_target"] == eps]
-            op = [x for x in results if x["side"] == "opacus" and x["dataset"] == dataset and x["epsilon_target"] == eps]
+            dp = [x for x in mine if x["side"] == "bpjax" and x["epsilon_target"] == eps]
+            op = [x for x in mine if x["side"] == "opacus" and x["epsilon_target"] == eps]
             if not dp and not op:
                 continue
             some = (dp or op)[0]
             spent = f"{some['epsilon']:.3f}" + (f"; {op[0]['epsilon_opacus_rdp']:.3f}" if op else "")
-            seeds = sorted({x["seed"] for x in dp + op + nonpriv})
-            lines.append(" | ".join([
+            acc.append(" | ".join([
                 f"| {dataset}", r["model"], f"{eps:g}", f"{r['delta']:g}", f"{some['noise']:.3f}", spent,
                 _spread([x["test_acc"] for x in dp], 100) if dp else "—",
-                _spread([x["test_acc"] for x in nonpriv], 100) if nonpriv else "—",
                 _spread([x["test_acc"] for x in op], 100) if op else "—",
-                _spread([x["seconds_per_epoch"] for x in dp], digits=2) if dp else "—",
-                _spread([x["seconds_per_epoch"] for x in nonpriv], digits=2) if nonpriv else "—",
-                _spread([x["seconds_per_epoch"] for x in op], digits=2) if op else "—",
-                f"{', '.join(map(str, seeds))} ({len(dp)} DP, {len(nonpriv)} non-private, {len(op)} Opacus) |"]))
-    return "\n".join(lines)
+                _spread([x["test_acc"] for x in nonpriv], 100) if nonpriv else "—",
+                f"{len(dp)}, {len(op)}, {len(nonpriv)} |"]))
+            times.append(" | ".join([
+                f"| {dataset}", f"{eps:g}",
+                _spread([x["seconds_per_epoch"] for x in dp], digits=3) if dp else "—",
+                _spread([x["seconds_per_epoch"] for x in op], digits=3) if op else "—",
+                _ratios(dp, op),
+                (_spread([x["seconds_per_epoch"] for x in nonpriv], digits=3) if nonpriv else "—") + " |"]))
+    lines = acc + times
+    others = ["", "| dataset | run (same recipe unless named) | test acc. % | s/epoch | seeds |",
+              "| --- | --- | --- | --- | --- |"]
+    for dataset in RECIPES:
+        for side, variant, what in (("bpjax", "cliponly", "bpjax, clipped as DP-SGD, no noise (σ = 0, ε = ∞)"),
+                                    ("opacus", "cliponly", "Opacus, clipped, no noise (σ = 0, no accounting)"),
+                                    ("bpjax", "lr", f"bpjax, non-private at lr {NONPRIVATE_LR.get(dataset, 0):g}")):
+            xs = [x for x in results if x["dataset"] == dataset and x["side"] == side and x.get("variant") == variant]
+            if xs:
+                others.append(f"| {dataset} | {what} | {_spread([x['test_acc'] for x in xs], 100)} | "
+                              f"{_spread([x['seconds_per_epoch'] for x in xs], digits=3)} | "
+                              f"{', '.join(str(x['seed']) for x in xs)} |")
+    return "\n".join(lines + (others if len(others) > 3 else []))
 
 
 def main(argv=None) -> int:
@@ -244,39 +288,48 @@ def main(argv=None) -> int:
     p.add_argument("--datasets", default="mnist1d,digits")
     p.add_argument("--epsilons", default=",".join(f"{e:g}" for e in EPSILONS))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--parts", default="bpjax,nonprivate,opacus", help="which runs: bpjax (DP-SGD), nonprivate, opacus")
+    p.add_argument("--parts", default="bpjax,nonprivate,opacus,cliponly,nonprivate-lr",
+                   help="which runs: bpjax (DP-SGD), opacus, nonprivate, cliponly (σ = 0), nonprivate-lr "
+                        "(non-private at NONPRIVATE_LR)")
     p.add_argument("--runs", default="runs/dp_results", help="folder of the runs and their results (JSON)")
     p.add_argument("--table-only", action="store_true", help="print the table of the results in --runs; run nothing")
     p.add_argument("--opacus-run", nargs=3, metavar=("DATASET", "EPSILON", "SEED"),
-                   help="one Opacus run, its result as JSON on stdout (the grid runs each in its own process)")
+                   help="one Opacus run, its result as JSON on stdout (the grid runs each in its own process); "
+                        "EPSILON 'cliponly': σ = 0")
     args = p.parse_args(argv)
     runs = pathlib.Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
     if args.opacus_run:
         dataset, eps, seed = args.opacus_run
-        print(json.dumps(run_opacus(dataset, int(seed), float(eps), runs)))
+        cliponly = eps == "cliponly"
+        print(json.dumps(run_opacus(dataset, int(seed), None if cliponly else float(eps), runs,
+                                    "cliponly" if cliponly else None)))
         return 0
     if not args.table_only:
         parts = args.parts.split(",")
         for dataset in args.datasets.split(","):
             for seed in map(int, args.seeds.split(",")):
-                todo = ([("nonprivate", None)] if "nonprivate" in parts else []) + \
-                    [(side, float(e)) for e in args.epsilons.split(",") for side in ("bpjax", "opacus") if side in parts]
-                for side, eps in todo:
-                    name = f"{'bpjax' if side == 'nonprivate' else side}-{dataset}-" \
-                           f"{'np' if eps is None else f'eps{eps:g}'}-s{seed}.json"
+                todo = ([("nonprivate", None, None)] if "nonprivate" in parts else []) + \
+                    [(side, float(e), None) for e in args.epsilons.split(",") for side in ("bpjax", "opacus")
+                     if side in parts] + \
+                    ([("bpjax", None, "cliponly"), ("opacus", None, "cliponly")] if "cliponly" in parts else []) + \
+                    ([("bpjax", None, "lr")] if "nonprivate-lr" in parts and dataset in NONPRIVATE_LR else [])
+                for side, eps, variant in todo:
+                    name = _name("opacus" if side == "opacus" else "bpjax", dataset, seed, eps, variant) + ".json"
                     if (runs / name).exists():
                         continue
                     t0 = time.perf_counter()
                     if side == "opacus":
-                        proc = subprocess.run([sys.executable, __file__, "--opacus-run", dataset, f"{eps:g}", str(seed),
+                        what = "cliponly" if eps is None else f"{eps:g}"
+                        proc = subprocess.run([sys.executable, __file__, "--opacus-run", dataset, what, str(seed),
                                                "--runs", str(runs)], capture_output=True, text=True,
                                               env={**os.environ, "PYTHONPATH": str(ROOT)})
                         if proc.returncode:
-                            raise RuntimeError(f"the Opacus run {dataset} {eps:g} {seed} failed:\n{proc.stderr[-3000:]}")
+                            raise RuntimeError(f"the Opacus run {dataset} {what} {seed} failed:\n"
+                                               f"{proc.stderr[-3000:]}")
                         result = json.loads(proc.stdout.strip().splitlines()[-1])
                     else:
-                        result = run_bpjax(dataset, seed, eps, runs)
+                        result = run_bpjax(dataset, seed, eps, runs, variant)
                     (runs / name).write_text(json.dumps(result, indent=1) + "\n")
                     print(f"{name}: test acc {100 * result['test_acc']:.1f}%, {result['seconds_per_epoch']:.3f} s/epoch"
                           + (f", sigma {result['noise']:.4g}, epsilon {result['epsilon']:.3f}" if eps else "")
