@@ -256,3 +256,22 @@ def test_a_dp_run_records_its_clip_mode_and_microbatch(tmp_path, capsys):
     assert cli.main([*TRAIN, "--dp-sampling", "shuffle", "--dp-clip-mode", "automatic", "--dp-microbatch", "8",
                      "--out", str(out), "--resume"]) == 2
     assert "--dp-clip-mode automatic (the run has per-layer)" in capsys.readouterr().err
+
+
+def test_dp_epsilon_chooses_the_noise_for_the_run_and_records_it(tmp_path, capsys):
+    """--dp-epsilon E: σ is the least (to 0.1%) whose ε after the run's steps at its rate is at
+    most E (xor: 230 training examples, 14 steps of 16), printed, in summary.json and run.json;
+    with --dp-noise too, one line."""
+    out = tmp_path / "eps"
+    argv = [a for a in TRAIN if a not in ("--dp-noise", "1.1")]
+    assert cli.main([*argv, "--dp-epsilon", "3", "--out", str(out)]) == 0
+    sigma = privacy.dp_noise_for(3.0, 16 / 230, 14, 1e-5)
+    assert privacy.dp_epsilon(sigma, 16 / 230, 14, 1e-5) <= 3.0 < privacy.dp_epsilon(sigma / 1.001, 16 / 230, 14, 1e-5)
+    assert f"--dp-epsilon 3: noise multiplier {sigma:.4g}" in capsys.readouterr().out
+    dp = json.loads((out / "summary.json").read_text())["dp"]
+    assert (dp["noise"], dp["target_epsilon"]) == (sigma, 3.0) and dp["epsilon"] <= 3.0
+    info = json.loads((out / "run.json").read_text())
+    assert (info["dp_noise"], info["dp_epsilon"]) == (sigma, 3.0)
+    assert cli.main([*TRAIN, "--dp-epsilon", "3", "--out", str(tmp_path / "both")]) == 2
+    err = capsys.readouterr().err
+    assert "expected --dp-noise or --dp-epsilon" in err and "got both" in err and err.count("\n") == 1

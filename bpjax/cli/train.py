@@ -23,7 +23,7 @@ from ..datasets import DATASETS, Dataset, load
 from ..layers import losses as _losses
 from ..models import MODELS, fitting, output_shape
 from .._per_example import AUTO_GAMMA
-from ..privacy import ACCOUNTANTS, NOT_A_GUARANTEE, SAMPLERS, check_dpsgd
+from ..privacy import ACCOUNTANTS, NOT_A_GUARANTEE, SAMPLERS, check_dpsgd, dp_epsilon, dp_noise_for
 from ..train import FitResult, TrainingError, fit, runs
 from ..train.checkpoint import _to_save
 from ..train.recipes import DEFAULT_MODEL, RECIPES
@@ -71,10 +71,14 @@ def add_arguments(p) -> None:
                    help="every epoch, each layer's ‖dy‖, ‖dx‖, ‖dθ‖, ‖θ‖ and update-to-weight ratio on a fixed "
                         "batch, in the metrics and in gradflow.png")
     p.add_argument("--dp-clip", type=float, default=None, metavar="C",
-                   help="DP-SGD: clip each example's gradient to norm C (needs --dp-noise)")
+                   help="DP-SGD: clip each example's gradient to norm C (needs --dp-noise or --dp-epsilon)")
     p.add_argument("--dp-noise", type=float, default=None, metavar="SIGMA",
                    help="DP-SGD: Gaussian noise of std SIGMA*C on the sum of the clipped gradients, divided "
                         "by --batch-size")
+    p.add_argument("--dp-epsilon", type=float, default=None, metavar="EPSILON",
+                   help="DP-SGD, instead of --dp-noise: the epsilon the whole run may spend at --dp-delta; "
+                        "SIGMA is then the least (to 0.1%%) whose epsilon by --dp-accountant after --epochs "
+                        "epochs at rate batch/n is at most EPSILON, printed and kept in summary.json")
     p.add_argument("--dp-delta", type=float, default=None, metavar="DELTA",
                    help="DP-SGD: report epsilon at this delta every epoch (default: 1e-5)")
     p.add_argument("--dp-sampling", choices=SAMPLERS, default=None,
@@ -151,6 +155,12 @@ def command(args) -> int:
     except ImportError as e:                    # an optional package (mnist1d, scikit-learn)
         print(f"bpjax train: --dataset {args.dataset}: {e}", file=sys.stderr)
         return 2
+    if dp is not None and getattr(args, "dp_epsilon", None) is not None:
+        try:
+            dp = _calibrate_noise(args, data, dp, say)
+        except ValueError as e:
+            print(e if str(e).startswith("bpjax train:") else f"bpjax train: {e}", file=sys.stderr)
+            return 2
     model_args = {"num_classes": data.num_classes or 1}
     problem = _model_fits(args.model, args.dataset, data, model_args["num_classes"])
     if problem:
@@ -272,6 +282,25 @@ def _announce(args, data: Dataset, out: pathlib.Path, dp, say) -> None:
             f"Poisson sampling at rate batch/n")
 
 
+def _calibrate_noise(args, data: Dataset, dp, say):
+    """``--dp-epsilon``: the least σ (to 0.1%) whose ε at δ, by the run's accountant, after all
+    of its steps (``--epochs`` of n // batch, n the training split that ``fit`` samples from, at
+    rate batch/n) is at most the target; kept in ``args`` (``dp_calibrated_noise``) for run.json,
+    printed, and returned as the run's :class:`bpjax.privacy.DPSGD`."""
+    n = data.x_train.shape[0]
+    n_val = int(round(args.val_fraction * n))          # as fit's split_validation cuts it
+    n = n - n_val if n_val else n
+    batch = min(args.batch_size, n)
+    rate, steps = batch / n, args.epochs * (n // batch)
+    sigma = dp_noise_for(args.dp_epsilon, rate, steps, dp.delta, accountant=dp.accountant, who="--dp-epsilon")
+    args.dp_calibrated_noise = sigma
+    spent = dp_epsilon(sigma, rate, steps, dp.delta, accountant=dp.accountant)
+    say(f"bpjax train: --dp-epsilon {args.dp_epsilon:g}: noise multiplier {sigma:.4g}, the least (to 0.1%) whose "
+        f"epsilon at delta {dp.delta:g} by {dp.accountant.upper()} after {steps} steps at rate {batch}/{n} is at "
+        f"most {args.dp_epsilon:g} (it is {spent:.4g})")
+    return _dp_from_args(args)
+
+
 def _write_summary(args, result: FitResult, out: pathlib.Path, dp) -> None:
     """``summary.json``: the run's test metrics, best epoch and time; under DP-SGD, the ε spent
     by all its steps, the sampling and the accountant (and, for shuffled batches, that ε is not
@@ -286,6 +315,8 @@ def _write_summary(args, result: FitResult, out: pathlib.Path, dp) -> None:
                          "sampling": dp.sampling, "accountant": dp.accountant, "clip": dp.clip,
                          "noise": dp.noise, "clip_mode": dp.clip_mode, "microbatch": dp.microbatch,
                          "expected_batch": args.batch_size,
+                         **({"target_epsilon": args.dp_epsilon} if getattr(args, "dp_epsilon", None) is not None
+                            else {}),
                          **({"physical_batch": result.dp_physical_batch} if dp.sampling == "poisson" else
                             {"note": NOT_A_GUARANTEE})}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -299,12 +330,21 @@ DP_OPTIONS = {"dp_clip": None, "dp_noise": None, "dp_delta": 1e-5, "dp_sampling"
 def _dp_from_args(args):
     """``--dp-*`` as a :class:`bpjax.privacy.DPSGD`, None without ``--dp-clip``, or ValueError."""
     given = {k: getattr(args, k, None) for k in DP_OPTIONS}
+    target = getattr(args, "dp_epsilon", None)
     if given["dp_clip"] is None:
-        if any(v is not None for v in given.values()):
+        if target is not None or any(v is not None for v in given.values()):
             raise ValueError("expected --dp-clip with --dp-noise and --dp-delta (DP-SGD), got no --dp-clip")
         return None
+    if target is not None:
+        if given["dp_noise"] is not None:
+            raise ValueError("expected --dp-noise or --dp-epsilon (the noise, or the epsilon to choose it for), "
+                             "got both")
+        if not target > 0:
+            raise ValueError(f"expected --dp-epsilon > 0, got {target:g}")
+        # the calibrated σ once the data is loaded (_calibrate_noise); until then a stand-in
+        given["dp_noise"] = getattr(args, "dp_calibrated_noise", 1.0)
     if given["dp_noise"] is None:
-        raise ValueError("expected --dp-noise with --dp-clip (DP-SGD), got no --dp-noise")
+        raise ValueError("expected --dp-noise (or --dp-epsilon) with --dp-clip (DP-SGD), got neither")
     if args.dtype != "float32":
         raise ValueError(f"expected --dtype float32 with --dp-clip (DP-SGD runs in float32), got --dtype {args.dtype}")
     micro = given["dp_microbatch"]
@@ -363,19 +403,22 @@ DEFINING = {"model": "--model", "dataset": "--dataset", "seed": "--seed", "dtype
             "batch_size": "--batch-size", "optimizer": "--optimizer", "lr": "--lr", "schedule": "--schedule",
             "weight_decay": "--weight-decay", "val_fraction": "--val-fraction", "epochs": "--epochs",
             "metrics_format": "--metrics-format", "bpjax_version": "the bpjax version",
-            "dp_clip": "--dp-clip", "dp_noise": "--dp-noise", "dp_delta": "--dp-delta", "dp_sampling": "--dp-sampling",
-            "dp_accountant": "--dp-accountant", "dp_physical_batch": "--dp-physical-batch",
-            "dp_clip_mode": "--dp-clip-mode", "dp_microbatch": "--dp-microbatch"}
+            "dp_clip": "--dp-clip", "dp_noise": "--dp-noise", "dp_epsilon": "--dp-epsilon", "dp_delta": "--dp-delta",
+            "dp_sampling": "--dp-sampling", "dp_accountant": "--dp-accountant",
+            "dp_physical_batch": "--dp-physical-batch", "dp_clip_mode": "--dp-clip-mode",
+            "dp_microbatch": "--dp-microbatch"}
 
 
 def run_arguments(args) -> Dict[str, Any]:
     """The arguments that define the run of ``bpjax train`` ``args`` (keys of :data:`DEFINING`)."""
 
-    defining = {k: getattr(args, k, None) for k in DEFINING if k not in ("epochs", "bpjax_version")
+    defining = {k: getattr(args, k, None) for k in DEFINING if k not in ("epochs", "bpjax_version", "dp_epsilon")
                 and k not in DP_OPTIONS}
     dp = _dp_from_args(args)
     if dp is not None:                               # DP-SGD's options only when it is on, defaults filled
         defining.update({k: v for k, v in zip(DP_OPTIONS, dp) if v is not None})
+        if getattr(args, "dp_epsilon", None) is not None:
+            defining["dp_epsilon"] = args.dp_epsilon     # and dp_noise is the σ chosen for it
     if args.schedule == "cosine":                    # the learning rate decays to 0 over --epochs
         defining["epochs"] = args.epochs
     defining["bpjax_version"] = __version__

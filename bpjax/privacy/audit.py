@@ -296,7 +296,7 @@ def audit_dp_sgd(data, *, model: str = "logreg", canaries: int = 1000, clip: flo
 
     from .. import models as _models
     from .._grad import value_and_grad
-    from .accounting import dp_epsilon
+    from .accounting import dp_epsilon, dp_noise_for
     from .sgd import check_dp
     from ..layers.losses import softmax_cross_entropy
     from ..train import fit
@@ -332,7 +332,7 @@ def audit_dp_sgd(data, *, model: str = "logreg", canaries: int = 1000, clip: flo
                          f"got {batch_size}")
     rate, steps = batch_size / n, epochs * (n // batch_size)          # as fit accounts them
     with _quiet_accountant():
-        sigma = _noise_for(epsilon, rate, steps, delta) if noise is None else float(noise)
+        sigma = dp_noise_for(epsilon, rate, steps, delta, who="audit") if noise is None else float(noise)
         claimed = dp_epsilon(sigma, rate, steps, delta)
     trained = sigma / noise_divisor
     log(f"audit: {model} on {data.name} ({data.x_train.shape[0]} examples) + {m} canaries ({int(c.included.sum())} "
@@ -381,22 +381,6 @@ def _positive_int(arg: str, value, least: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
         raise ValueError(f"audit: expected {arg} to be an integer >= {least}, got {value!r}")
     return int(value)
-
-
-def _noise_for(epsilon: float, rate: float, steps: int, delta: float) -> float:
-    """The smallest σ (to 0.1%) whose accountant's ε at ``delta`` is at most ``epsilon``."""
-    from .accounting import dp_epsilon
-    lo, hi = 0.05, 1.0                    # ε(lo) > epsilon ≥ ε(hi), σ's ε falls as σ grows
-    while dp_epsilon(hi, rate, steps, delta) > epsilon:
-        lo, hi = hi, 2.0 * hi
-        if hi > 1e4:
-            raise ValueError(f"audit: no noise up to 1e4 gives epsilon {epsilon:g} at delta {delta:g}")
-    if dp_epsilon(lo, rate, steps, delta) <= epsilon:
-        raise ValueError(f"audit: expected an epsilon that needs noise above {lo:g}, got epsilon {epsilon:g}")
-    while hi / lo > 1.001:
-        mid = float(np.sqrt(lo * hi))
-        lo, hi = (lo, mid) if dp_epsilon(mid, rate, steps, delta) <= epsilon else (mid, hi)
-    return hi
 
 
 @contextlib.contextmanager
