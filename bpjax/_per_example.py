@@ -17,8 +17,8 @@ positions of one example: T = 1 for x (N, D))::
         ‖dW_n‖² = ‖x_n‖²·‖dy_n‖²                                   when T = 1
                 = ⟨X_n X_nᵀ, DY_n DY_nᵀ⟩  (Gram, T²·(D_in+D_out) multiply-adds)
                 or ‖X_nᵀ DY_n‖²           (explicit, T·D_in·D_out), whichever is cheaper;
-        explicitly, the dW_n are built: their sum replaces the layer's own dW (the same work,
-        done once) and clipped_grad takes Σ_n c_n dW_n from them (when N·params ≤ EXAMPLE_BYTES)
+        explicitly, the dW_n are built, and clipped_grad takes Σ_n c_n dW_n from them (when
+        N·params ≤ EXAMPLE_BYTES)
     "embedding" (embedding)
         dT_n[v] = Σ_{t: id_t = v} dy_nt:  ‖dT_n‖² = Σ_{t,t'} [id_t = id_t'] ⟨dy_nt, dy_nt'⟩
     "norm" (layer_norm, rms_norm, group_norm)
@@ -42,8 +42,8 @@ positions of one example: T = 1 for x (N, D))::
         errors by its backward's own operations (XLA computes them once): attention's W_o on
         (O_n, DY_n) and W_qkv on (X_n, d[Q|K|V]_n); a recurrent layer's W_x on (x_nt, dgx_nt)
         and W_h on (h_n,t−1, dgh_nt) over the steps t (one weight used at every step: the sum
-        over t is inside each example's product). The sum of the explicit dW_n replaces the
-        layer's own
+        over t is inside each example's product). clipped_grad takes Σ_n c_n dW_n from the
+        explicit dW_n; the layer's gradient, one product over (n, t) per weight, replaces its own
     "from_residuals" (a layer of the user's that names it)
         the explicit per-example gradient of that layer alone: its own hand-written backward on
         each example's residuals and dy, vmapped over the examples (its residuals all have the
@@ -136,7 +136,7 @@ def _dense(v: View, n: int):
     if "b" in v.params:
         ex["b"] = jnp.sum(dy, axis=1)                                                # (N, Q) db_n
     sq = sum(jnp.sum(a.reshape(n, -1) ** 2, axis=1) for a in ex.values())
-    return _explicit(v, n, sq, ex, jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), ex))
+    return _explicit(v, n, sq, ex)
 
 
 def _embedding(v: View, n: int):
@@ -229,10 +229,14 @@ def _keeps(v: View, n: int) -> bool:
     return n * param_size(v.params) * 4 <= EXAMPLE_BYTES
 
 
-def _explicit(v: View, n: int, sq, examples, total) -> dict:
+def _explicit(v: View, n: int, sq, examples, total=None) -> dict:
     """A rule's result from the explicit per-example gradients (N, ...) it built: the norms,
-    their sum in place of the layer's own gradient, and the g_n for clipped_grad when they fit."""
-    out = {"sq": sq, REPLACE_DPARAMS: total}
+    their sum ``total`` in place of the layer's own gradient where given, and the g_n for
+    clipped_grad when they fit. Only the convolutions give ``total``: their own weight gradient
+    is a loop over chunks of columns, which the sum saves; a dense-like layer's is one large
+    matrix product, which XLA runs faster than the sum of N smaller ones (the GPT on 2 threads:
+    1.13× a plain step without the sum, 1.31× with it; BENCHMARKS.md)."""
+    out = {"sq": sq} if total is None else {"sq": sq, REPLACE_DPARAMS: total}
     if examples is not None and _keeps(v, n):
         out["_examples"] = examples
     return out
@@ -241,22 +245,26 @@ def _explicit(v: View, n: int, sq, examples, total) -> dict:
 def _projections(v: View, n: int):
     """The "projections" rule (multi_head_attention, rnn, gru, lstm; module doc): each weight
     of the layer's ``example_rows``, {weight: (rows in (N, T, P), errors (N, T, Q), its bias or
-    None)}, by dense's rule; when every one takes the explicit form, the sum of the dW_n
-    replaces the layer's own gradient."""
-    sq, ex = jnp.zeros((n,), jnp.float32), {}
+    None)}, by dense's rule; the dW_n are kept for clipped_grad when every weight takes the
+    explicit form. The layer's gradient, Σ_{n,t} of the same rows, replaces its own: for a
+    recurrent layer, whose own dW_h is summed inside its reverse scan, that leaves XLA two
+    identical scans, which it computes once."""
+    sq, ex, total = jnp.zeros((n,), jnp.float32), {}, {}
     for w, (rows, err, b) in v.example_rows(v.params, v.res, v.dy).items():
         x, dy = _acc(_rows(rows, n), _rows(err, n))                                  # (N, T, P), (N, T, Q)
         t, p, q = x.shape[1], x.shape[2], dy.shape[2]
+        total[w] = jnp.einsum("ntp,ntq->pq", x, dy)                                  # (P, Q) dW
         if t == 1 or t * (p + q) < p * q:
             sq = sq + sq_outer(x, dy)
         else:
             ex[w] = jnp.einsum("ntp,ntq->npq", x, dy)                                # (N, P, Q) dW_n
         if b is not None:
             ex[b] = jnp.sum(dy, axis=1)                                              # (N, Q) db_n
+            total[b] = jnp.sum(ex[b], axis=0)                                        # (Q,) db
     sq = sq + sum(jnp.sum(a.reshape(n, -1) ** 2, axis=1) for a in ex.values())
-    if set(ex) != set(v.params):
-        return sq                                     # a Gram form somewhere: the layer's own dW stays
-    return _explicit(v, n, sq, ex, jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), ex))
+    out = _explicit(v, n, sq, ex if set(ex) == set(v.params) else None)          # g_n only if all explicit
+    out[REPLACE_DPARAMS] = total
+    return out
 
 
 #: The rules of a leaf layer by the name its factory gives ``make_layer(..., per_example=...)``:
