@@ -70,6 +70,9 @@ def add_arguments(p) -> None:
     p.add_argument("--grad-flow", action="store_true",
                    help="every epoch, each layer's ‖dy‖, ‖dx‖, ‖dθ‖, ‖θ‖ and update-to-weight ratio on a fixed "
                         "batch, in the metrics and in gradflow.png")
+    p.add_argument("--inspect", action="store_true",
+                   help="every epoch, the gradient noise scale B_simple, each layer's gradient signal-to-noise "
+                        "ratio and the GGN's trace on a fixed batch, in the metrics and in inspect.png")
     p.add_argument("--dp-clip", type=float, default=None, metavar="C",
                    help="DP-SGD: clip each example's gradient to norm C (needs --dp-noise or --dp-epsilon)")
     p.add_argument("--dp-noise", type=float, default=None, metavar="SIGMA",
@@ -186,6 +189,7 @@ def command(args) -> int:
     optimizer = make_optimizer(args.optimizer, args.lr, args.schedule, args.weight_decay, total_steps)
     _announce(args, data, out, dp, say)
     metrics = out / f"metrics.{args.metrics_format}"
+    inspector = _inspector(args, model, loss, data, out, main)
     try:
         result = fit(model, loss, data, optimizer=optimizer, epochs=args.epochs,
                      batch_size=args.batch_size, seed=args.seed, val_fraction=args.val_fraction,
@@ -195,7 +199,8 @@ def command(args) -> int:
                      plot_path=None if args.no_plot or not main else out / "curves.png",
                      progress=main and not args.no_progress, log=say, mesh=mesh, fsdp=args.fsdp,
                      compute_dtype=None if args.dtype == "float32" else jnp.dtype(args.dtype),
-                     epoch_hook=_grad_flow_hook(args, model, loss, data, out, main), dp=dp)
+                     epoch_hook=_epoch_hooks(_grad_flow_hook(args, model, loss, data, out, main), inspector),
+                     dp=dp)
     except TrainingError as e:
         _forget_a_failed_start(out, fresh, created)
         print(f"bpjax train: {e}", file=sys.stderr)
@@ -220,6 +225,8 @@ def command(args) -> int:
     _write_summary(args, result, out, dp)
     if dp is not None and dp.sampling == "shuffle":
         print(f"bpjax train: {NOT_A_GUARANTEE}")
+    if inspector is not None:
+        print(inspector.summary())
     print(final_line(args, result, out, time.perf_counter() - started))
     return 0
 
@@ -358,6 +365,32 @@ def _dp_from_args(args):
         raise ValueError(f"dp-sgd: expected --dp-microbatch to divide --batch-size {args.batch_size}, "
                          f"got {dp.microbatch}")
     return dp
+
+
+def _inspector(args, model, loss, data, out, main):
+    """``--inspect``: an Inspector on the first 1024 training examples (at least the batch), or None."""
+    if not getattr(args, "inspect", False):
+        return None
+    from ..train.inspect import Inspector
+    b = min(max(args.batch_size, 1024), data.x_train.shape[0])
+    plot = None if args.no_plot or not main else out / "inspect.png"
+    return Inspector(model, loss, jnp.asarray(data.x_train[:b]), jnp.asarray(data.y_train[:b]),
+                     batch_size=args.batch_size, plot_path=plot, seed=args.seed)
+
+
+def _epoch_hooks(*hooks):
+    """One epoch_hook running each given one (None: none) and merging their rows."""
+    hooks = [h for h in hooks if h is not None]
+    if len(hooks) < 2:
+        return hooks[0] if hooks else None
+
+    def run(epoch, params, state):
+        row = {}
+        for h in hooks:
+            row.update(h(epoch, params, state))
+        return row
+
+    return run
 
 
 def _grad_flow_hook(args, model, loss, data, out, main):

@@ -475,7 +475,7 @@ def _end_epoch(t: _Training, run, history, carry, epoch, losses, corrects, sizes
     if t.metrics_path:
         _write_row(t.metrics_path, row)
     t.log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
-                   if not k.startswith("grad_flow/")))
+                   if not k.startswith("grad_flow/") and k.count("/") < 2))       # per-layer rows: the file only
     error = 1.0 - row["val_acc"] if t.classification else row["val_loss"]
     _update_best(run, error, row["val_loss"], min_delta, epoch, params, state, opt_state)
     if t.ckpt:
