@@ -439,3 +439,20 @@ def test_bad_arguments_are_refused():
         bp.backward_quantities(model, bp.softmax_cross_entropy(), ["kfac"], kronecker="both")
     with pytest.raises(ValueError, match="expected key= to draw the sampled cotangents of diag_ggn_mc"):
         _shapes(["diag_ggn_mc"], "mlp")
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn2d", "norms"])
+def test_the_sums_without_the_per_example_gradients_equal_the_checked_ones(name):
+    """Asked without batch_grad and batch_diag_ggn, the first-order sums and diag_ggn of a dense
+    layer on rows come from (x²)ᵀ(dy²) and ‖x_n‖²‖dy_n‖² (no g_n built): equal to the values the
+    test above checks against autodiff."""
+    model, loss, params, state, x, t = _data(name)
+    asked = ["variance", "sum_grad_squared", "batch_l2", "diag_ggn"]
+    _, _, q = jax.jit(bp.backward_quantities(model, loss, asked, train=CASES[name].train))(params, state, x, t)
+    checked = _computed(name)["q"]
+    for label in checked:
+        for quantity in asked:
+            if quantity in checked[label]:
+                for a, b in zip(jax.tree_util.tree_leaves(q[label][quantity]),
+                                jax.tree_util.tree_leaves(checked[label][quantity])):
+                    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14, err_msg=f"{name} {label} {quantity}")

@@ -85,6 +85,12 @@ class _Measure(Client):
                 out["a"] = input_factors(v, rule, self.n, self.variant)
                 out["g"] = error_factors(v, rule, self.n, self.variant)
         needs_sq = {"sq", "sq_n"} & set(self.wants) or rule == "diagonal"
+        rows = _single_rows(v, self.n)
+        if "grad_sq" in self.wants:                  # the first-order sums, without the g_n where it can
+            out.update(_first_order_sums(v, self.n, rows))
+        if needs_sq and rows is not None and "sq_n" not in self.wants:
+            out["sq"] = _sum_sq(v, *rows)             # Σ_n (J_nᵀ s_n)² = (x²)ᵀ (s²), no per-example shares
+            needs_sq = False
         if "grad" in self.wants or needs_sq:
             g = per_example_dparams(_WHERE, v, self.n)                   # (N, *θ)
             if "grad" in self.wants:
@@ -100,6 +106,41 @@ class _Measure(Client):
         """A leaf, or a layer with params beside its layers' (it reports them all, and its
         layers' entries are left out)."""
         return v.leaf or (v.per_example != "combinator" and param_size(v.params) != sum(e.size for e in v.subs))
+
+
+def _single_rows(v: View, n: int):
+    """(x (N, D_in), dy (N, D_out)) for a dense layer that sees one row per example, whose
+    per-example shares are outer products x_n ⊗ dy_n; else None."""
+    if not v.leaf or v.per_example != "dense":
+        return None
+    (x,) = v.res
+    if x.ndim != 2 or x.shape[0] != n:
+        return None
+    return x, v.dy
+
+
+def _sum_sq(v: View, x, dy) -> dict:
+    """Σ_n (x_n ⊗ dy_n)² = (x²)ᵀ (dy²), and Σ_n dy_n² for the bias: BackPACK's square trick."""
+    out = {"w": jnp.square(x).T @ jnp.square(dy)}
+    if "b" in v.params:
+        out["b"] = jnp.sum(jnp.square(dy), axis=0)
+    return out
+
+
+def _first_order_sums(v: View, n: int, rows) -> dict:
+    """For the first-order quantities but batch_grad: Σ_n g_n² ("gsq"), ‖g_n‖² ("l2", (N,)) and
+    ḡ = (1/N) Σ_n g_n ("mean", the layer's dparams), with g_n = N · J_nᵀ dy_n; from (x²)ᵀ(dy²)
+    and ‖x_n‖²·‖dy_n‖² for a dense layer on rows, else from the per-example shares."""
+    if rows is not None:
+        x, dy = rows
+        gsq = jax.tree_util.tree_map(lambda a: n * n * a, _sum_sq(v, x, dy))
+        dy2 = jnp.sum(jnp.square(dy), axis=1)
+        l2 = n * n * (jnp.sum(jnp.square(x), axis=1) * dy2 + (dy2 if "b" in v.params else 0.0))
+    else:
+        g = jax.tree_util.tree_map(lambda a: n * a, per_example_dparams(_WHERE, v, n))   # (N, *θ)
+        gsq = jax.tree_util.tree_map(lambda a: jnp.sum(a * a, axis=0), g)
+        l2 = sum(jnp.sum(a.reshape(n, -1) ** 2, axis=1) for a in jax.tree_util.tree_leaves(g))
+    return {"gsq": gsq, "l2": l2, "mean": v.dparams}
 
 
 def _reported(entries) -> list:
@@ -173,7 +214,8 @@ def backward_quantities(model, loss, quantities: Sequence[str], *, mc_samples: i
             y, new_state, res = model.forward(params, state, x, key=key, train=train)      # the forward
             value, loss_res = loss.forward(y, target)
             dy = loss.backward(loss_res)                                                 # (N, ...) ∂L/∂y
-            client.wants = ("grad",) if set(quantities) & set(FIRST_ORDER) else ()
+            first = set(quantities) & set(FIRST_ORDER)
+            client.wants = ("grad",) if "batch_grad" in first else ("grad_sq",) if first else ()
             grads, _ = model.backward(params, res, dy)                                   # first order
             reports = {"grad": _reported(hook.entries)}
             if set(quantities) & set(EXACT):
@@ -227,6 +269,10 @@ def _assemble(quantities, reports, n) -> dict:
         out[e.label] = {}
         if "grad" in e.values:
             out[e.label].update(_first_order(quantities, e.values["grad"], n))
+        elif "gsq" in e.values:
+            gsq, mean = e.values["gsq"], e.values["mean"]
+            out[e.label].update(batch_l2=e.values["l2"], sum_grad_squared=gsq,
+                                variance=jax.tree_util.tree_map(lambda s, m: s / n - m * m, gsq, mean))
     for kind, diag, kron in (("exact", "diag_ggn", "kflr"), ("sampled", "diag_ggn_mc", "kfac")):
         for e in reports.get(kind, ()):
             q = out.setdefault(e.label, {})
