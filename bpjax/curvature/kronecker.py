@@ -22,8 +22,9 @@ names one, else ``make_layer(..., per_example=...)`` (``RULES``), never by the l
 
     "dense"                  a from x (N, ..., D_in); the bias as a homogeneous input 1: kron([[1]], g)
     "conv"                   conv and conv_transpose: a from the patches p_no (∏K·C_in) a window
-                             reads (KFC): the layer's own backward with a unit error at one output
-                             position gives dW[..., 0] = p_no, so no geometry is rebuilt here.
+                             reads (KFC): the layer's own im2col columns (``example_rows``), or for a
+                             layer without them its own backward with a unit error at one output
+                             position, dW[..., 0] = p_no, so no geometry is rebuilt here.
                              groups = 1 and no fused activation only (else refused, naming the layer)
     "embedding"              a diagonal: a_v = (1/(N·R)) Σ [id_nr = v], given as the vector (V,)
                              (expand only)
@@ -142,8 +143,12 @@ def error_factors(v: View, rule: str, n: int, variant: str):
 
 
 def _patches(v: View, n: int) -> jax.Array:
-    """p_no for every example and output position, (N, ∏O, ∏K·C_in): the layer's own backward
-    on example n with a unit error at output o, channel 0, is dW[..., 0] = p_no."""
+    """p_no for every example and output position, (N, ∏O, ∏K·C_in): the layer's im2col
+    columns where it gives them (``example_rows``, bpjax's conv), else from its own backward
+    on example n with a unit error at output o, channel 0, which is dW[..., 0] = p_no."""
+    if v.example_rows is not None:
+        cols, _ = v.example_rows(v.params, v.res, v.dy)                            # (N, ∏O, 1, ∏K·C_in)
+        return cols.reshape(n, cols.shape[1], -1)
     (x,) = v.res
     out = v.dy.shape[1:]                                                            # (*O, C_out)
     positions = out[:-1]
