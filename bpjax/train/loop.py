@@ -56,14 +56,20 @@ def _step_fn(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, 
     averaged, plus Gaussian noise of standard deviation σ·S/B on the batch of B, S the clipped
     sum's sensitivity (:func:`bpjax.privacy.dp_forward_backward`).
     """
-    if dp is None:
+    factors = getattr(optimizer, "factors", None)          # K-FAC (bpjax.curvature.kfac): its factor step
+    if factors is not None and (dp is not None or compute_dtype is not None):
+        raise ValueError("fit: expected no DP-SGD and no compute_dtype with the K-FAC optimizer")
+    if factors is not None:
+        fb = factors
+    elif dp is None:
         fb = forward_backward(model, loss, compute_dtype=compute_dtype)
     else:
         fb = dp_forward_backward(model, loss, dp[0], dp[1], **_dp_modes(dp))
 
     def step(params, state, opt_state, x, y, key, step_num):
-        value, state, out, grads = fb(params, state, x, y, key=jax.random.fold_in(key, step_num))
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+        value, state, out, grads, *extra = fb(params, state, x, y, key=jax.random.fold_in(key, step_num))
+        kw = {"factors": extra[0]} if factors is not None else {}
+        updates, opt_state = optimizer.update(grads, opt_state, params, **kw)
         params = optax.apply_updates(params, updates)
         correct = _correct(out, y) if classification else jnp.zeros((), jnp.int32)
         return params, state, opt_state, value, correct
