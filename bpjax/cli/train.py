@@ -26,7 +26,7 @@ from .._per_example import AUTO_GAMMA
 from ..privacy import ACCOUNTANTS, NOT_A_GUARANTEE, SAMPLERS, check_dpsgd, dp_epsilon, dp_noise_for
 from ..train import FitResult, TrainingError, fit, runs
 from ..train.checkpoint import _to_save
-from ..curvature.kfac_optimizer import kfac
+from ..curvature import kfac
 from ..train.recipes import DEFAULT_MODEL, KFAC_RECIPE, RECIPES
 
 

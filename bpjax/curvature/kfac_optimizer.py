@@ -48,7 +48,6 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from .. import _core
 from .._observe import Client, View, _Observer, param_size
