@@ -4,7 +4,7 @@ Each run is ``bpjax train``'s: the model's recipe (``RECIPES``; Adam, or AdamW f
 or the same recipe with ``--optimizer kfac`` (``KFAC_RECIPE``'s step size), built by the
 command's own ``apply_recipe`` and ``make_optimizer``, trained by ``fit``. After every epoch
 the test accuracy is measured (its time is not counted); the run stops at the first epoch that
-reaches the target. Time is wall time from the call of ``fit`` (the split, the init and the
+reaches the last target. Time is wall time from the call of ``fit`` (the split, the init and the
 compile included) to the end of that epoch.
 
     python scripts/experiments/kfac_vs_adam.py --models mlp cnn resnet1d --seeds 0 1 2
@@ -22,7 +22,8 @@ from bpjax.models import MODELS
 from bpjax.train import fit
 from bpjax.train.evaluate import evaluate, make_eval_step
 
-TARGETS = {"mlp": 0.60, "cnn": 0.90, "resnet1d": 0.96}
+#: The test accuracies timed, per model; a run stops at the epoch that reaches the last.
+TARGETS = {"mlp": (0.55, 0.60), "cnn": (0.85, 0.90), "resnet1d": (0.96, 0.98)}
 
 
 class _Reached(Exception):
@@ -39,9 +40,9 @@ def run(model_name: str, optimizer: str, seed: int, data) -> dict:
     total = args.epochs * max(n_train // args.batch_size, 1)
     opt = make_optimizer(args.optimizer, args.lr, args.schedule, args.weight_decay, total, model=model, loss=loss,
                          example=(data.x_train[:2], data.y_train[:2]))
-    target = TARGETS[model_name]
-    out = {"model": model_name, "optimizer": args.optimizer, "seed": seed, "lr": args.lr, "target": target,
-           "epochs": None, "seconds": None, "curve": []}
+    targets = TARGETS[model_name]
+    out = {"model": model_name, "optimizer": args.optimizer, "seed": seed, "lr": args.lr,
+           "reached": {f"{t:g}": None for t in targets}, "curve": []}
     clock = {"eval": 0.0}
     eval_step = make_eval_step(model, loss)
 
@@ -53,8 +54,10 @@ def run(model_name: str, optimizer: str, seed: int, data) -> dict:
         acc = float(evaluate(model, loss, params, state, data.x_test, data.y_test, eval_step=eval_step)["acc"])
         clock["eval"] += time.perf_counter() - t
         out["curve"].append(round(acc, 4))
-        if acc >= target:
-            out["epochs"], out["seconds"] = epoch, round(elapsed, 2)
+        for t in targets:
+            if acc >= t and out["reached"][f"{t:g}"] is None:
+                out["reached"][f"{t:g}"] = [epoch, round(elapsed, 2)]     # epochs, seconds
+        if acc >= targets[-1]:
             raise _Reached
         return {"test_acc": acc}
 
@@ -68,6 +71,13 @@ def run(model_name: str, optimizer: str, seed: int, data) -> dict:
     return out
 
 
+def _warm_up(data) -> None:
+    """One epoch of the logistic regression, untimed: JAX's one-time start-up (its first compile)
+    is then no run's."""
+    model, loss = MODELS["logreg"](10), bp.softmax_cross_entropy()
+    fit(model, loss, data, epochs=1, batch_size=100, progress=False, log=lambda *a: None)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(TARGETS))
@@ -75,6 +85,7 @@ def main():
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     a = p.parse_args()
     data = load("mnist1d")
+    _warm_up(data)
     for m in a.models:
         for o in a.optimizers:
             for s in a.seeds:
