@@ -26,7 +26,8 @@ from .._per_example import AUTO_GAMMA
 from ..privacy import ACCOUNTANTS, NOT_A_GUARANTEE, SAMPLERS, check_dpsgd, dp_epsilon, dp_noise_for
 from ..train import FitResult, TrainingError, fit, runs
 from ..train.checkpoint import _to_save
-from ..train.recipes import DEFAULT_MODEL, RECIPES
+from ..curvature import kfac
+from ..train.recipes import DEFAULT_MODEL, KFAC_RECIPE, RECIPES
 
 
 def add_arguments(p) -> None:
@@ -39,7 +40,9 @@ def add_arguments(p) -> None:
     recipe = "(default: the model's recipe, see RECIPES)"
     p.add_argument("--epochs", type=int, default=None, help=f"most epochs {recipe}")
     p.add_argument("--batch-size", type=int, default=None, help=f"examples per step {recipe}")
-    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default=None, help=f"optax optimizer {recipe}")
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd", "kfac"], default=None,
+                   help=f"optax optimizer, or kfac: K-FAC from the hand-written backward's Kronecker factors "
+                        f"(bpjax.curvature.kfac; its lr and weight decay from KFAC_RECIPE) {recipe}")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate {recipe}")
     p.add_argument("--schedule", choices=["constant", "cosine"], default=None,
                    help=f"learning-rate schedule from optax (cosine: decay to 0 over the run) {recipe}")
@@ -116,19 +119,37 @@ def apply_recipe(args) -> None:
     :data:`RECIPES`, in place."""
     if args.model is None:
         args.model = DEFAULT_MODEL.get(args.dataset, "mlp")
-    for key, value in RECIPES.get(args.model, RECIPES["*"]).items():
+    recipe = RECIPES.get(args.model, RECIPES["*"])
+    if args.optimizer == "kfac":                       # the model's recipe, K-FAC's step size
+        recipe = {**recipe, **KFAC_RECIPE}
+    for key, value in recipe.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
 
 
-def make_optimizer(name: str, lr: float, schedule: str, weight_decay: float, total_steps: int):
-    """An optax optimizer with an optax schedule; nothing here re-implements either."""
+def make_optimizer(name: str, lr: float, schedule: str, weight_decay: float, total_steps: int, *,
+                   model=None, loss=None, example=None):
+    """An optax optimizer with an optax schedule; nothing here re-implements either. ``kfac``
+    needs the ``model``, the ``loss`` and an ``example`` ``(x, target)`` of a few rows."""
     rate = optax.cosine_decay_schedule(lr, max(total_steps, 1)) if schedule == "cosine" else lr
+    if name == "kfac":
+        return kfac(rate, model=model, loss=loss, example=example, weight_decay=weight_decay)
     if name == "adamw" or weight_decay:
         return optax.adamw(rate, weight_decay=weight_decay)
     if name == "sgd":
         return optax.sgd(rate, momentum=0.9)
     return optax.adam(rate)
+
+
+def _kfac_problem(args, dp) -> Optional[str]:
+    """The one line that says why ``--optimizer kfac`` cannot run with these options, or None."""
+    if args.optimizer != "kfac":
+        return None
+    clash = [o for o, on in (("DP-SGD (--dp-*)", dp is not None), ("--dtype bfloat16", args.dtype != "float32"),
+                             ("--devices", args.devices not in (None, 1))) if on]
+    if clash:
+        return f"bpjax train: --optimizer kfac runs in float32 on one device without DP-SGD, got {', '.join(clash)}"
+    return None
 
 
 def command(args) -> int:
@@ -148,7 +169,7 @@ def command(args) -> int:
     except ValueError as e:
         print(f"bpjax train: {e}", file=sys.stderr)
         return 2
-    problem = _missing_packages(args, dp)
+    problem = _missing_packages(args, dp) or _kfac_problem(args, dp)
     if problem:
         print(problem, file=sys.stderr)
         return 2
@@ -186,7 +207,8 @@ def command(args) -> int:
                               "x_dtype": str(data.x_train.dtype), "loss": loss_name(data)})
     n_train = int(round(data.x_train.shape[0] * (1 - args.val_fraction)))
     total_steps = args.epochs * max(n_train // args.batch_size, 1)
-    optimizer = make_optimizer(args.optimizer, args.lr, args.schedule, args.weight_decay, total_steps)
+    optimizer = make_optimizer(args.optimizer, args.lr, args.schedule, args.weight_decay, total_steps, model=model,
+                               loss=loss, example=(data.x_train[:2], data.y_train[:2]))
     _announce(args, data, out, dp, say)
     metrics = out / f"metrics.{args.metrics_format}"
     inspector = _inspector(args, model, loss, data, out, main)

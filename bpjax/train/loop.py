@@ -54,16 +54,24 @@ def _step_fn(model: Layer, loss: Loss, optimizer: optax.GradientTransformation, 
     (float32) master weights (:func:`bpjax._grad.forward_backward`). With ``dp = (C, σ)`` (or
     ``(C, σ, clip mode, microbatch)``) the gradient is DP-SGD's: per-example clipped to C,
     averaged, plus Gaussian noise of standard deviation σ·S/B on the batch of B, S the clipped
-    sum's sensitivity (:func:`bpjax.privacy.dp_forward_backward`).
+    sum's sensitivity (:func:`bpjax.privacy.dp_forward_backward`). An optimizer with a
+    ``factors`` step (:func:`bpjax.curvature.kfac`) runs that step in place of the plain
+    forward and backward and gets its factors in ``update(..., factors=...)``.
     """
-    if dp is None:
+    factors = getattr(optimizer, "factors", None)          # K-FAC (bpjax.curvature.kfac): its factor step
+    if factors is not None and (dp is not None or compute_dtype is not None):
+        raise ValueError("fit: expected no DP-SGD and no compute_dtype with the K-FAC optimizer")
+    if factors is not None:
+        fb = factors
+    elif dp is None:
         fb = forward_backward(model, loss, compute_dtype=compute_dtype)
     else:
         fb = dp_forward_backward(model, loss, dp[0], dp[1], **_dp_modes(dp))
 
     def step(params, state, opt_state, x, y, key, step_num):
-        value, state, out, grads = fb(params, state, x, y, key=jax.random.fold_in(key, step_num))
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+        value, state, out, grads, *extra = fb(params, state, x, y, key=jax.random.fold_in(key, step_num))
+        kw = {"factors": extra[0]} if factors is not None else {}
+        updates, opt_state = optimizer.update(grads, opt_state, params, **kw)
         params = optax.apply_updates(params, updates)
         correct = _correct(out, y) if classification else jnp.zeros((), jnp.int32)
         return params, state, opt_state, value, correct
@@ -264,7 +272,8 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
     for SIGINT/SIGTERM.
 
     Args:
-      optimizer: an optax transformation (default ``optax.adam(1e-3)``); learning-rate schedules
+      optimizer: an optax transformation (default ``optax.adam(1e-3)``), or
+        :func:`bpjax.curvature.kfac` (K-FAC: each step also computes its factors); learning-rate schedules
         and weight decay come from optax (e.g. ``optax.adamw(optax.cosine_decay_schedule(...))``).
       epochs: the most epochs to run. Each epoch shuffles the training split under
         ``fold_in(data_key, epoch)`` and takes full batches of ``batch_size``.
@@ -402,6 +411,8 @@ def _prepare(model, loss, optimizer, data, run, *, seed, val_fraction, batch_siz
     if dp is not None and compute_dtype is not None:
         raise ValueError("fit: expected compute_dtype=None with dp (DP-SGD runs in the params' dtype), "
                          f"got compute_dtype={jnp.dtype(compute_dtype).name}")
+    if dp is not None and getattr(optimizer, "factors", None) is not None:
+        raise ValueError("fit: expected no DP-SGD with the K-FAC optimizer (its factors are not private)")
     if dp is not None and dp.sampling == "poisson":
         devices = 1 if mesh is None else mesh.shape[dist.AXIS]
         physical = dp.physical_batch or default_physical_batch(n, batch_size / n, devices)

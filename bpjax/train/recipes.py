@@ -21,3 +21,8 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     "textbook_mlp": dict(epochs=100, batch_size=16, optimizer="adam", lr=3e-2, schedule="cosine",
                          weight_decay=0.0, patience=20),
 }
+
+#: What ``bpjax train --optimizer kfac`` takes in place of the model's recipe, unless an option
+#: says otherwise: K-FAC's step size (``bpjax.curvature.kfac``: fixed lr, momentum 0.9, a norm
+#: constraint), the rest of the recipe (epochs, batch, schedule, patience) kept.
+KFAC_RECIPE: Dict[str, Any] = dict(lr=3e-2, weight_decay=0.0)
