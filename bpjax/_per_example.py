@@ -175,7 +175,14 @@ def _gpt(v: View, n: int, subs_sq):
     return subs_sq + pos + out + cross
 
 
-def _columns(v: View, n: int):
+def column_examples(v: View, n: int):
+    """Each example's share of a "columns" layer's dparams for the dy it got, every n: the tree of
+    params with a leading axis N, from its im2col columns (no vmapped backward; the curvature
+    quantities' per-example shares)."""
+    return _columns(v, n, examples=True)
+
+
+def _columns(v: View, n: int, *, examples: bool = False):
     """The "columns" rule (conv, conv_transpose; module doc): ‖dW_n‖² + ‖db_n‖² for every n,
     from the layer's ``example_rows`` (its im2col columns and dz), within each group, as dense's
     with the output positions as rows; the columns built for a few examples at a time
@@ -193,7 +200,7 @@ def _columns(v: View, n: int):
     t, p, q = math.prod(v.dy.shape[1:-1]), math.prod(kernel) * w.shape[-2], c_out // groups
     per_example = t * math.prod(kernel) * x.shape[-1] * x.dtype.itemsize                       # its columns
     rows = (leaves, v.dy)
-    if t * (p + q) < p * q:                                         # the Gram form: norms only
+    if t * (p + q) < p * q and not examples:                        # the Gram form: norms only
 
         def gram(inputs):
             cols, dz = v.example_rows(v.params, treedef.unflatten(inputs[0]), inputs[1])                 # (b, T, G, P), (b, T, G, Q)
@@ -219,9 +226,11 @@ def _columns(v: View, n: int):
             sq = sq + jnp.sum(ex["b"] ** 2, axis=1)
         return sq, ex
 
-    sq, examples, total = _in_chunks(explicit, rows, n, per_example, v.params, keep=_keeps(v, n),
-                                     budget=COLUMN_CHUNK_BYTES)
-    return _explicit(v, n, sq, examples, total)
+    sq, kept, total = _in_chunks(explicit, rows, n, per_example, v.params, keep=examples or _keeps(v, n),
+                                 budget=COLUMN_CHUNK_BYTES)
+    if examples:
+        return kept
+    return _explicit(v, n, sq, kept, total)
 
 
 def _keeps(v: View, n: int) -> bool:

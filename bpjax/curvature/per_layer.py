@@ -8,8 +8,9 @@ the loss's error (the per-example gradients) and for dy a column of the loss Hes
     residuals   the layer's backward on example n's residuals and dy_n (a batch of one),
                 vmapped over n: for the layers whose residuals all have the batch axis first
                 (their factories name the per-example rules "dense", "embedding", "norm",
-                "columns", "from_residuals"); or, for "projections" (attention, the recurrent
-                layers), X_nᵀ E_n from the rows and errors of each weight the layer gives
+                "from_residuals"); or, for "columns" (conv), its per-example products over its
+                im2col columns; for "projections" (attention, the recurrent layers), X_nᵀ E_n
+                from the rows and errors of each weight the layer gives
     rerun       the layer's raw forward rerun on x_n (kept for it by ``bpjax.observe``'s tape),
                 then its backward, vmapped over n: every other layer (a user's make_layer
                 layer; a layer with params of its own beside its sub-layers', the GPT). A layer that draws random numbers
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from .._observe import View, paused
+from .._per_example import column_examples
 
 __all__ = ["FROM_RESIDUALS", "FROM_ROWS", "per_example_dparams", "needs_tape"]
 
@@ -49,6 +51,8 @@ def per_example_dparams(where: str, v: View, n: int):
     if v.per_example == "mixes_examples" and v.tape is not None and v.tape.train:
         raise ValueError(f"{where}: {v.label} mixes examples in training (it normalises with batch "
                          "statistics), so it has no per-example Jacobian; use train=False, layer_norm or group_norm")
+    if v.leaf and v.per_example == "columns":
+        return column_examples(v, n)                 # from its im2col columns
     if v.leaf and v.per_example in FROM_RESIDUALS:
         return _from_residuals(where, v, n)
     if v.leaf and v.per_example in FROM_ROWS:
