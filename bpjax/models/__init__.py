@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
-from ._core import Layer
-from .layers import basic as B
-from .layers.combinators import residual, sequential
-from .layers.conv import conv
-from .layers.norm import batch_norm
-from .layers.pool import global_avg_pool, max_pool
-from .layers.recurrent import gru as _gru
-from .layers.structure import flatten
+from .._core import Layer
+from ..layers import basic as B
+from ..layers.combinators import residual, sequential
+from ..layers.conv import conv
+from ..layers.norm import batch_norm
+from ..layers.pool import global_avg_pool, max_pool
+from ..layers.recurrent import gru as _gru
+from ..layers.structure import flatten
 
 
 def logreg(num_classes: int = 10) -> Layer:
