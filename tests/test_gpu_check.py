@@ -16,7 +16,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-STAGES = ("env", "data", "tests", "bench_float32", "bench_bfloat16", "fit_speed", "gpt")
+STAGES = ("env", "data", "tests", "bench_float32", "bench_bfloat16", "fit_speed", "gpt", "gpt2_memory")
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
@@ -81,5 +81,6 @@ exec "{sys.executable}" "$@"
                     "--preset gpt2-small --dtype bfloat16 --steps 30 --batch 8 --print-every 10 "
                     "--eval-every 0 --sample-chars 0"):
         assert "RAN: " in log and command in log, command
+    assert re.search(r"^RAN: scripts/benchmarks/gpt2_memory\.py$", log, re.M)        # full sizes on a GPU
     if (ROOT / "scripts" / "benchmarks" / "fit_speed.py").exists():
         assert re.search(r"RAN: scripts/benchmarks/fit_speed\.py --out \S+/fit_speed\.json --batch-sizes 32,1024", log)

@@ -87,6 +87,18 @@ def test_attention_bench_tiny_runs_every_variant(capsys):
     assert "| T | variant | ms | TFLOP/s |" in out and "pallas vs jnp lean at T=40: " in out
 
 
+def test_gpt2_memory_tiny_exports_for_cuda_and_reads_the_compiled_memory(capsys):
+    """scripts/benchmarks/gpt2_memory.py --tiny: the step lowers for CUDA on this CPU, and a batch
+    that does not fit a tiny "device" is halved until one does."""
+    module = _load("gpt2_memory")
+    assert module.main(["--tiny", "--device-gb", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "export for CUDA: ok" in out and "memory: batch 4 × 32 fits in 80 GB" in out
+    assert module.main(["--tiny", "--device-gb", "1e-4"]) == 1          # 100 kB: no batch fits
+    out = capsys.readouterr().out
+    assert "batch 2 × 32:" in out and "batch 1 × 32:" in out and "memory: no batch fits in 0.0001 GB" in out
+
+
 def test_vjp_corpus_script_prints_the_tables(capsys):
     results = _load("vjp_corpus").main(["--no-torch", "--cases", "relu_at_zeros", "sigmoid_sign"])
     out = capsys.readouterr().out

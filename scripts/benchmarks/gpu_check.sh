@@ -2,7 +2,8 @@
 # One prepared check of bpjax on a GPU: the cross-check table and the network tests,
 # the step benchmark in float32 and bfloat16 (MFU against both matmul peaks of the same run),
 # fit's speed against a bare loop, GPT-2 small's tokens/s and MFU, and the Pallas attention's
-# forward + backward against the jnp paths (then GPT-2 small again with it).
+# forward + backward against the jnp paths (then GPT-2 small again with it), and GPT-2 124M's step
+# exported for CUDA with its compiled memory (scripts/benchmarks/gpt2_memory.py).
 #
 #   bash scripts/benchmarks/gpu_check.sh OUT_DIR
 #
@@ -286,6 +287,12 @@ if [ "$MODE" = full ] && grep -q -- '"--attention-impl"' scripts/examples/train_
 else
     record gpt_pallas "skipped (tiny mode, or no --attention-impl)" 0 ""
 fi
+
+# GPT-2 124M's step exported for CUDA and its compiled memory against 80 GB (the check the CPU
+# runs without a GPU; here the memory is the accelerator's own compile's)
+MEM=()
+[ "$MODE" = tiny ] && MEM=(--tiny)
+run_stage gpt2_memory 90 "^memory:" "$PY" scripts/benchmarks/gpt2_memory.py ${MEM[@]+"${MEM[@]}"}
 
 # ----------------------------------------------------------------------------- the summary
 
