@@ -235,6 +235,19 @@ def test_parity_with_transformers_in_float64_logits_loss_every_gradient_and_adam
     assert {k: v for k, v in diffs.items() if not v <= 1e-10} == {}
 
 
+def test_transformers_loads_what_we_save_and_computes_our_logits(folder, tmp_path):
+    torch = pytest.importorskip("torch", reason="GPT2LMHeadModel runs on torch")
+    transformers = pytest.importorskip("transformers", reason="the saved folder is loaded by GPT2LMHeadModel")
+    model, params, config = gpt2_from_pretrained(folder, dtype=jnp.float64)
+    out = save_gpt2_pretrained(tmp_path / "saved", params, config=config)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out, dtype=torch.float64).eval()
+    ids = np.random.default_rng(2).integers(0, 40, (2, 12))
+    with torch.no_grad():
+        theirs = hf(torch.from_numpy(ids)).logits.numpy()
+    ours, _, _ = model.forward(params, (), jnp.asarray(ids))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
 def test_the_parity_script_passes_tiny_in_float32():
     pytest.importorskip("torch", reason="gpt2_parity.py runs transformers' GPT2LMHeadModel (torch)")
     pytest.importorskip("transformers", reason="gpt2_parity.py runs transformers' GPT2LMHeadModel")
