@@ -4,6 +4,9 @@ Each entry of :data:`MODELS` is ``make(num_classes) -> Layer``; inputs are chann
 (MNIST-1D is ``(N, 40, 1)``, digits ``(N, 8, 8, 1)``). The MNIST-1D models follow the paper
 (Greydanus & Kobak, "Scaling down deep learning"): a logistic regression, an MLP with two hidden
 layers of 100, and a three-layer CNN with 25 channels; ``resnet1d`` is our residual 1-D CNN.
+
+Hugging Face GPT-2 folders load into, and save from, :func:`bpjax.gpt` with
+:func:`gpt2_from_pretrained` and :func:`save_gpt2_pretrained` (:mod:`bpjax.models.gpt2`).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from ..layers.norm import batch_norm
 from ..layers.pool import global_avg_pool, max_pool
 from ..layers.recurrent import gru as _gru
 from ..layers.structure import flatten
+from .gpt2 import gpt2_from_pretrained, gpt2_tokenizer, save_gpt2_pretrained  # noqa: F401  Hugging Face GPT-2 folders
 
 
 def logreg(num_classes: int = 10) -> Layer:
