@@ -16,7 +16,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-STAGES = ("env", "data", "tests", "bench_float32", "bench_bfloat16", "fit_speed", "gpt", "gpt2_memory")
+STAGES = ("env", "data", "tests", "bench_float32", "bench_bfloat16", "fit_speed", "gpt", "gpt2_parity", "gpt2_memory")
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,

@@ -3,7 +3,8 @@
 # the step benchmark in float32 and bfloat16 (MFU against both matmul peaks of the same run),
 # fit's speed against a bare loop, GPT-2 small's tokens/s and MFU, and the Pallas attention's
 # forward + backward against the jnp paths (then GPT-2 small again with it), and GPT-2 124M's step
-# exported for CUDA with its compiled memory (scripts/benchmarks/gpt2_memory.py).
+# exported for CUDA with its compiled memory (scripts/benchmarks/gpt2_memory.py), after bp.gpt's
+# parity with transformers' GPT-2 at 124M's size (scripts/benchmarks/gpt2_parity.py).
 #
 #   bash scripts/benchmarks/gpu_check.sh OUT_DIR
 #
@@ -286,6 +287,18 @@ if [ "$MODE" = full ] && grep -q -- '"--attention-impl"' scripts/examples/train_
     run_stage gpt_pallas 100 "tokens/s" "$PY" scripts/examples/train_gpt.py "${GPT[@]}" --attention-impl pallas
 else
     record gpt_pallas "skipped (tiny mode, or no --attention-impl)" 0 ""
+fi
+
+# bp.gpt against transformers' GPT2LMHeadModel at 124M's size, float32 (tiny in tiny mode): logits,
+# loss, every gradient, AdamW steps; skipped, and said so, where torch or transformers is missing
+if "$PY" -c "import torch, transformers" >/dev/null 2>&1; then
+    PARITY=()
+    [ "$MODE" = tiny ] && PARITY=(--tiny)
+    run_stage gpt2_parity 150 "gpt2_parity:" "$PY" scripts/benchmarks/gpt2_parity.py ${PARITY[@]+"${PARITY[@]}"}
+else
+    say ""
+    say "=== gpt2_parity: skipped, torch or transformers is not importable"
+    record gpt2_parity "skipped (no torch or transformers)" 0 ""
 fi
 
 # GPT-2 124M's step exported for CUDA and its compiled memory against 80 GB (the check the CPU
