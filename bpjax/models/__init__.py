@@ -4,10 +4,13 @@ Each entry of :data:`MODELS` is ``make(num_classes) -> Layer``; inputs are chann
 (MNIST-1D is ``(N, 40, 1)``, digits ``(N, 8, 8, 1)``). The MNIST-1D models follow the paper
 (Greydanus & Kobak, "Scaling down deep learning"): a logistic regression, an MLP with two hidden
 layers of 100, and a three-layer CNN with 25 channels; ``resnet1d`` is our residual 1-D CNN.
+
+:func:`generate` (and :func:`cached_logits`, :func:`filter_logits`) samples from a
+:func:`bpjax.gpt`'s params with a key/value cache: :mod:`bpjax.models.generate`.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from collections.abc import Callable
 
 from .._core import Layer
 from ..layers import basic as B
@@ -17,6 +20,7 @@ from ..layers.norm import batch_norm
 from ..layers.pool import global_avg_pool, max_pool
 from ..layers.recurrent import gru as _gru
 from ..layers.structure import flatten
+from .generate import cached_logits, filter_logits, generate  # noqa: F401  (sampling from a bp.gpt)
 
 
 def logreg(num_classes: int = 10) -> Layer:
@@ -76,7 +80,7 @@ def textbook_mlp(num_classes: int = 2) -> Layer:
     return sequential(B.dense(16), B.sigmoid(), B.dense(16), B.sigmoid(), B.dense(num_classes))
 
 
-MODELS: Dict[str, Callable[..., Layer]] = {
+MODELS: dict[str, Callable[..., Layer]] = {
     "logreg": logreg, "mlp": mlp, "cnn": cnn, "gru": gru, "resnet1d": resnet1d, "digits_cnn": digits_cnn,
     "textbook_mlp": textbook_mlp,
 }
