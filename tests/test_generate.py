@@ -123,3 +123,17 @@ def test_cached_logits_errors(params, ids):
         cached_logits(params[jnp.float32], ids, num_heads=HEADS, prefill=0)
     with pytest.raises(ValueError, match=re.escape("generate: expected num_heads to divide the model width D=16, got num_heads=3")):
         cached_logits(params[jnp.float32], ids, num_heads=3)
+
+
+def test_generate_bench_tiny_runs_and_both_decoders_agree(capsys):
+    """scripts/benchmarks/generate_bench.py at its tiny size: both decoders run and give the
+    same greedy tokens."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmarks" / "generate_bench.py"
+    spec = importlib.util.spec_from_file_location("generate_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--sizes", "tiny", "--repeats", "1"])
+    assert result["tiny"]["equal"] and result["tiny"]["cached_tokens_per_s"] > 0
+    assert "speed-up" in capsys.readouterr().out
