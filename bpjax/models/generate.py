@@ -9,7 +9,10 @@ attention's q/k/v split, scale 1/√d and masking — so its logits equal ``mode
 Shapes: N prompts, T0 prompt positions, V vocabulary, D width, L blocks, H heads, d = D/H,
 ``max_len`` the rows of the params' position table ``pos``. The cache is one array for the
 keys and one for the values, each (L, N, H, max_len, d): the layer axis leads, like the
-blocks' stacked params, so the ``lax.scan`` over blocks hands block l its own slice. Position
+blocks' stacked params, so block l's slice is contiguous. The ``lax.scan`` over blocks carries
+the whole cache and block l writes its S new rows into it with ``dynamic_update_slice``, which
+XLA does in place (handing each layer's slice in and out of the scan instead copied the cache
+every step: half the speed, scripts/benchmarks/generate_bench.py). Position
 j of the cache is used by queries at positions ≥ j only once it is written (a position mask),
 so the unwritten rows (zeros) never count.
 
@@ -83,6 +86,8 @@ def decode_chunk(params, cache, ids, start, *, num_heads: int, eps: float = 1e-5
     _vocab, dim, _, heads, d, max_len = _sizes(params, num_heads)
     f = _layers(eps, params["blocks"]["fc"]["w"].shape[-1], dim)
     n, s_len = ids.shape
+    start = jnp.asarray(start, jnp.int32)                              # int64 under x64 otherwise
+    zero = jnp.int32(0)
     h = params["tok"]["table"][ids] + lax.dynamic_slice_in_dim(params["pos"], start, s_len, 0)  # (N, S, D)
     scale = 1.0 / math.sqrt(d)
     qi = start + lax.broadcasted_iota(jnp.int32, (s_len, max_len), 0)
@@ -92,14 +97,18 @@ def decode_chunk(params, cache, ids, start, *, num_heads: int, eps: float = 1e-5
     def heads_of(a):                                                   # (N, S, D) -> (N, H, S, d)
         return a.reshape(n, s_len, heads, d).transpose(0, 2, 1, 3)
 
-    def block(h, theta_and_cache):
-        theta, k_cache, v_cache = theta_and_cache                      # k_cache (N, H, max_len, d)
+    def block(carry, theta_and_layer):
+        h, (k_all, v_all) = carry                                      # the whole cache, updated in place
+        theta, layer = theta_and_layer
         attn = theta["attn"]
         a = f["ln"].forward(theta["ln1"], (), h)[0]                    # (N, S, D)
         qkv = a @ attn["w_qkv"] + attn["b_qkv"]                        # (N, S, 3D)
         q, k, v = (heads_of(x) for x in jnp.split(qkv, 3, axis=-1))     # (N, H, S, d)
-        k_cache = lax.dynamic_update_slice_in_dim(k_cache, k, start, 2)
-        v_cache = lax.dynamic_update_slice_in_dim(v_cache, v, start, 2)
+        at = (layer, zero, zero, start, zero)
+        k_all = lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+        v_all = lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+        k_cache = lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)   # (N, H, max_len, d)
+        v_cache = lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
         acc = accumulation_dtype(q.dtype)
         s = jnp.einsum("nhqd,nhkd->nhqk", q, k_cache, preferred_element_type=acc) * scale  # (N, H, S, max_len)
         s = jnp.where(allowed, s, jnp.finfo(s.dtype).min)
@@ -111,10 +120,10 @@ def decode_chunk(params, cache, ids, start, *, num_heads: int, eps: float = 1e-5
         b = f["fc"].forward(theta["fc"], (), b)[0]                     # (N, S, hidden)
         b = f["act"].forward((), (), b)[0]
         h = h + f["proj"].forward(theta["proj"], (), b)[0]             # (N, S, D)
-        return h, (k_cache, v_cache)
+        return (h, (k_all, v_all)), None
 
-    k_all, v_all = cache
-    h, cache = lax.scan(block, h, (params["blocks"], k_all, v_all))
+    layers = params["blocks"]["ln1"]["scale"].shape[0]
+    (h, cache), _ = lax.scan(block, (h, cache), (params["blocks"], jnp.arange(layers, dtype=jnp.int32)))
     hf = f["ln"].forward(params["ln_f"], (), h)[0]                     # (N, S, D)
     return hf @ params["tok"]["table"].T, cache                        # (N, S, V) tied unembedding
 
