@@ -7,10 +7,13 @@ layers of 100, and a three-layer CNN with 25 channels; ``resnet1d`` is our resid
 
 Hugging Face GPT-2 folders load into, and save from, :func:`bpjax.gpt` with
 :func:`gpt2_from_pretrained` and :func:`save_gpt2_pretrained` (:mod:`bpjax.models.gpt2`).
+
+:func:`generate` (and :func:`cached_logits`, :func:`filter_logits`) samples from a
+:func:`bpjax.gpt`'s params with a key/value cache: :mod:`bpjax.models.generate`.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from collections.abc import Callable
 
 from .._core import Layer
 from ..layers import basic as B
@@ -21,6 +24,7 @@ from ..layers.pool import global_avg_pool, max_pool
 from ..layers.recurrent import gru as _gru
 from ..layers.structure import flatten
 from .gpt2 import gpt2_from_pretrained, gpt2_tokenizer, save_gpt2_pretrained  # noqa: F401  Hugging Face GPT-2 folders
+from .generate import cached_logits, filter_logits, generate  # noqa: F401  (sampling from a bp.gpt)
 
 
 def logreg(num_classes: int = 10) -> Layer:
@@ -80,7 +84,7 @@ def textbook_mlp(num_classes: int = 2) -> Layer:
     return sequential(B.dense(16), B.sigmoid(), B.dense(16), B.sigmoid(), B.dense(num_classes))
 
 
-MODELS: Dict[str, Callable[..., Layer]] = {
+MODELS: dict[str, Callable[..., Layer]] = {
     "logreg": logreg, "mlp": mlp, "cnn": cnn, "gru": gru, "resnet1d": resnet1d, "digits_cnn": digits_cnn,
     "textbook_mlp": textbook_mlp,
 }

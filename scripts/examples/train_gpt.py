@@ -364,9 +364,12 @@ def train(*, steps=600, batch=32, context=64, dim=64, heads=4, layers=2, lr=3e-3
           f"training {train_time:.0f} s, total {total:.0f} s")
     print(f"throughput: {tokens_per_s:,.0f} tokens/s, MFU {100 * mfu:.1f}% (medians over "
           f"{len(windows)} windows) of a measured peak {peak / 1e12:.4g} TFLOP/s ({dtype})")
+    stats = jax.devices()[0].memory_stats() or {}          # None on CPU; a dict on GPU/TPU
+    peak_mem = stats.get("peak_bytes_in_use")
+    print(f"peak device memory: {'n/a' if peak_mem is None else f'{peak_mem / 2**30:.2f} GiB'}")
     return {"train_loss": mean, "val_loss": val, "sample": text_out, "seconds": total,
             "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_flops": peak,
-            "flops_per_step": step_flops, "params": n_params}
+            "flops_per_step": step_flops, "params": n_params, "peak_memory_bytes": peak_mem}
 
 
 def options(argv=None) -> dict:
