@@ -94,7 +94,7 @@ def test_gpt2_memory_tiny_exports_for_cuda_and_reads_the_compiled_memory(capsys)
     assert module.main(["--tiny", "--device-gb", "80"]) == 0
     out = capsys.readouterr().out
     assert "export for CUDA: ok" in out and "memory: batch 4 × 32 fits in 80 GB" in out
-    assert module.main(["--tiny", "--device-gb", "1e-4"]) == 1          # 100 kB: no batch fits
+    assert module.main(["--tiny", "--batch", "2", "--device-gb", "1e-4"]) == 1      # 100 kB: no batch fits
     out = capsys.readouterr().out
     assert "batch 2 × 32:" in out and "batch 1 × 32:" in out and "memory: no batch fits in 0.0001 GB" in out
 
