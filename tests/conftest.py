@@ -45,7 +45,7 @@ def pytest_configure(config):
 SLOW_FIRST = ("test_gpu_check", "test_multiprocess", "test_crosscheck", "test_distributed", "test_faults", "test_bf16",
               "test_fuzz", "test_runs", "test_per_example", "test_autodiff_speed", "test_train_gpt", "test_scripts",
               "test_train", "test_dp", "test_clipping", "test_curvature", "test_audit", "test_check_vjp_hard", "test_gradient_flow",
-              "test_bench", "test_gpt2_hf")
+              "test_bench", "test_gpt2_hf", "test_finetune_gpt2")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -186,19 +186,7 @@ def test_pytorch_model_bin_loads_the_same_params(tmp_path, folder):
 
 def _byte_level_vocab(folder):
     """A tiny byte-level BPE: the 256 byte symbols (GPT-2's byte→unicode map) and 3 merges."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    symbols = [chr(c) for _, c in sorted(zip(bs, cs))]
-    merges = [("h", "e"), ("l", "l"), ("he", "ll")]
-    vocab = {s: i for i, s in enumerate(symbols + ["".join(m) for m in merges])}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    return vocab
+    return _load("gpt2_folder").write_byte_level_vocab(folder)
 
 
 def test_the_tokenizer_reads_vocab_and_merges_or_tokenizer_json(tmp_path):

@@ -6,6 +6,7 @@ last names every stage with its status. Timings never decide anything here.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import re
@@ -16,7 +17,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-STAGES = ("env", "data", "tests", "bench_float32", "bench_bfloat16", "fit_speed", "gpt", "gpt2_parity", "gpt2_memory")
+STAGES = ("env", "data", "tests", "bench_float32", "bench_bfloat16", "fit_speed", "gpt", "gpt2_parity", "gpt2_memory", "finetune")
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
@@ -34,6 +35,8 @@ def test_gpu_check_runs_every_stage_in_tiny_mode(tmp_path):
     expected = {"summary.md", "gpu_check.log", "bench_float32.md", "bench_bfloat16.md"}
     if (ROOT / "scripts" / "benchmarks" / "fit_speed.py").exists():
         expected.add("fit_speed.json")
+    if importlib.util.find_spec("tokenizers"):
+        expected |= {"finetune_losses.json", "finetune_curves.png"}
     assert expected <= set(files), files
 
     summary = (out / "summary.md").read_text()
@@ -82,5 +85,8 @@ exec "{sys.executable}" "$@"
                     "--eval-every 0 --sample-chars 0"):
         assert "RAN: " in log and command in log, command
     assert re.search(r"^RAN: scripts/benchmarks/gpt2_memory\.py$", log, re.M)        # full sizes on a GPU
+    assert re.search(r"^RAN: scripts/examples/finetune_gpt2\.py --from \S+ --text \S+ --out \S+ --curve \S+ "
+                     r"--steps 200 --batch-tokens 8192 --micro-batch 8 --context 256 --eval-every 20 --dtype bfloat16$",
+                     log, re.M)
     if (ROOT / "scripts" / "benchmarks" / "fit_speed.py").exists():
         assert re.search(r"RAN: scripts/benchmarks/fit_speed\.py --out \S+/fit_speed\.json --batch-sizes 32,1024", log)

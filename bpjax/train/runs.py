@@ -41,8 +41,9 @@ RUN_FILE = "run.json"
 #: The Orbax checkpoint of the final (best) params and state.
 MODEL_DIR = "model"
 FORMAT = 1
-#: Everything ``bpjax train`` writes in a run folder (``--overwrite`` removes these and nothing else).
-WRITTEN = (RUN_FILE, "checkpoints", MODEL_DIR, "metrics.jsonl", "metrics.csv", "curves.png", "summary.json")
+#: Everything ``bpjax train`` writes in a run folder (``--overwrite`` removes these and nothing else),
+#: and the Hugging Face folder ``hf`` that ``scripts/examples/finetune_gpt2.py`` saves there.
+WRITTEN = (RUN_FILE, "checkpoints", MODEL_DIR, "metrics.jsonl", "metrics.csv", "curves.png", "summary.json", "hf")
 
 
 class RunError(ValueError):

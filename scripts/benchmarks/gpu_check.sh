@@ -4,16 +4,18 @@
 # fit's speed against a bare loop, GPT-2 small's tokens/s and MFU, and the Pallas attention's
 # forward + backward against the jnp paths (then GPT-2 small again with it), and GPT-2 124M's step
 # exported for CUDA with its compiled memory (scripts/benchmarks/gpt2_memory.py), after bp.gpt's
-# parity with transformers' GPT-2 at 124M's size (scripts/benchmarks/gpt2_parity.py).
+# parity with transformers' GPT-2 at 124M's size (scripts/benchmarks/gpt2_parity.py), and a 200-step
+# fine-tune of a 124M-sized GPT-2 folder (scripts/examples/finetune_gpt2.py) with its loss curve.
 #
 #   bash scripts/benchmarks/gpu_check.sh OUT_DIR
 #
-# Every result goes into OUT_DIR, five files at most (the device tool brings back eight):
+# Every result goes into OUT_DIR, seven files at most (the device tool brings back eight):
 #   summary.md         the machine, the versions and one row per stage: status, seconds, key line
 #   gpu_check.log      every stage's full output, in order
 #   bench_float32.md   scripts/benchmarks/bench.py's report, float32 compute
 #   bench_bfloat16.md  the same, bfloat16 compute with float32 master weights
 #   fit_speed.json     scripts/benchmarks/fit_speed.py's measurements (when that script is there)
+#   finetune_losses.json, finetune_curves.png   the fine-tune's losses, as numbers and drawn
 # and the summary is printed last, so that the tail of stdout holds it. The exit status is 0
 # when every stage passed or was skipped, 1 otherwise; a failed stage never stops the others.
 #
@@ -309,6 +311,34 @@ else
     say ""
     say "=== gpt2_memory: skipped in tiny mode (tests/test_scripts.py runs it --tiny)"
     record gpt2_memory "skipped (tiny mode)" 0 ""
+fi
+
+# A 200-step fine-tune of a GPT-2 124M-sized folder (random weights: the machine has no
+# download; scripts/examples/gpt2_folder.py) on standard-library source, bf16 compute, 8192
+# tokens per step: its loss curve comes back as finetune_losses.json and finetune_curves.png
+if "$PY" -c "import tokenizers" >/dev/null 2>&1; then
+    FT_TEXT="$WORK/finetune.txt"
+    "$PY" - "$FT_TEXT" <<'PYEOF'
+import pathlib, sys, sysconfig
+files = sorted(pathlib.Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+pathlib.Path(sys.argv[1]).write_text("".join(p.read_text(errors="replace") for p in files)[:3_000_000])
+PYEOF
+    if [ "$MODE" = full ]; then
+        FT_MAKE=()
+        FT=(--steps 200 --batch-tokens 8192 --micro-batch 8 --context 256 --eval-every 20 --dtype bfloat16)
+    else
+        FT_MAKE=(--tiny)
+        FT=(--steps 4 --batch-tokens 128 --micro-batch 4 --context 32 --eval-every 2 --print-every 2 --peak-n 64)
+    fi
+    timeout -k 5 120 "$PY" scripts/examples/gpt2_folder.py "$WORK/gpt2-folder" ${FT_MAKE[@]+"${FT_MAKE[@]}"} >>"$LOG" 2>&1
+    run_stage finetune 150 "^final train loss" "$PY" scripts/examples/finetune_gpt2.py --from "$WORK/gpt2-folder" \
+        --text "$FT_TEXT" --out "$WORK/finetune-run" --curve "$WORK/finetune-run/losses.json" "${FT[@]}"
+    [ -f "$WORK/finetune-run/losses.json" ] && cp "$WORK/finetune-run/losses.json" "$OUT_DIR/finetune_losses.json"
+    [ -f "$WORK/finetune-run/curves.png" ] && cp "$WORK/finetune-run/curves.png" "$OUT_DIR/finetune_curves.png"
+else
+    say ""
+    say "=== finetune: skipped, the tokenizers package is not importable"
+    record finetune "skipped (no tokenizers)" 0 ""
 fi
 
 # ----------------------------------------------------------------------------- the summary
