@@ -5,7 +5,6 @@ import importlib.util
 import pathlib
 import re
 
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
