@@ -1,5 +1,6 @@
 """The documentation's examples run: docstring doctests, the usage blocks of docstrings, and the
-README's train → evaluate → predict commands (its Python blocks run in test_scripts.py)."""
+pages' train → evaluate → predict commands and the sections other tests read (the README and the
+site under docs/; the pages' Python blocks run in test_site.py)."""
 from __future__ import annotations
 
 import ast
@@ -17,6 +18,7 @@ import pytest
 
 import bpjax
 from bpjax import cli
+from doc_pages import code_blocks, file_block, page
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "bpjax"
@@ -101,15 +103,14 @@ def test_the_runs_module_example_loads_a_trained_model(xor_run):
 
 
 def test_the_readme_train_evaluate_predict_commands_run(tmp_path, monkeypatch, capsys):
-    """The README's block that trains XOR, evaluates and predicts, run as written in an empty
-    temporary folder: the block makes its own ``inputs.npy``."""
-    readme = (ROOT / "README.md").read_text()
-    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "bpjax predict runs/xor" in b]
+    """The how-to's block (docs/how-to/runs.md) that trains XOR, evaluates and predicts, run as
+    written in an empty temporary folder: the block makes its own ``inputs.npy``."""
+    (block,) = [b for b in code_blocks(page("docs/how-to/runs.md"), "bash") if "bpjax predict runs/xor" in b]
     monkeypatch.chdir(tmp_path)
     for line in block.strip().splitlines():
         argv = shlex.split(line) if line.startswith("python") else shlex.split(line.split("#")[0])
         if argv[:2] == ["python", "-c"]:
-            exec(compile(argv[2], "README.md python -c", "exec"), {})
+            exec(compile(argv[2], "docs/how-to/runs.md python -c", "exec"), {})
             continue
         assert argv[0] == "bpjax", line
         assert cli.main(argv[1:] + (["--no-progress"] if argv[1] == "train" else [])) == 0, line
@@ -117,20 +118,14 @@ def test_the_readme_train_evaluate_predict_commands_run(tmp_path, monkeypatch, c
     assert "test acc" in capsys.readouterr().out
 
 
-def _readme_file_block(path: str) -> str:
-    """The README's code block that starts with the comment ``# <path>``."""
-    blocks = re.findall(r"^```\w*\n(.*?)^```$", (ROOT / "README.md").read_text(), re.S | re.M)
-    (block,) = [b for b in blocks if b.startswith(f"# {path}\n")]
-    return block
-
-
 def test_the_readme_gradcheck_examples_print_what_it_shows(tmp_path, monkeypatch, capsys):
-    """``mypkg/layers.py`` and ``mypkg/ops.py`` as the README shows them, checked by the commands it
-    shows: the layer's table and summary line as printed (the time aside), the function's pass."""
-    readme = (ROOT / "README.md").read_text()
+    """``mypkg/layers.py`` and ``mypkg/ops.py`` as the tutorials show them (docs/tutorials/own-layer.md,
+    check-vjp.md), checked by the commands they show: the layer's table and summary line as printed
+    (the time aside), the function's pass."""
+    readme = page("docs/tutorials/own-layer.md")
     (tmp_path / "mypkg").mkdir()
     for name in ("layers", "ops"):
-        (tmp_path / "mypkg" / f"{name}.py").write_text(_readme_file_block(f"mypkg/{name}.py"))
+        (tmp_path / "mypkg" / f"{name}.py").write_text(file_block(f"mypkg/{name}.py"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     shown = re.search(r"--in-shape 4`\nprints \(exit status 1\):\n\n```\n(.*?)```", readme, re.S).group(1)
@@ -153,7 +148,7 @@ def test_the_readme_lists_every_model_and_dataset():
     from bpjax.datasets import DATASETS
     from bpjax.models import MODELS
 
-    readme = (ROOT / "README.md").read_text()
+    readme = page("docs/how-to/runs.md")
     models, datasets = re.search(r"`bpjax train --help` lists the models \((.*?)\)\s+and datasets \((.*?)\)",
                                  readme, re.S).groups()
     assert sorted(re.findall(r"`(\w+)`", models)) == sorted(MODELS)
@@ -161,7 +156,7 @@ def test_the_readme_lists_every_model_and_dataset():
 
 
 def _layout_sections(block: str) -> dict:
-    """Each folder of the README's layout tree (``bpjax/``, ``bpjax/check/``, ...) -> its lines:
+    """Each folder of the layout tree (docs/layout.md) (``bpjax/``, ``bpjax/check/``, ...) -> its lines:
     the folder's own line and every line indented deeper below it."""
     lines, sections, stack = block.splitlines(), {}, []
     for i, line in enumerate(lines):
@@ -180,9 +175,9 @@ def _layout_sections(block: str) -> dict:
 
 
 def test_the_readme_layout_names_every_module_and_script():
-    """Every module of bpjax/ and every script is named in the README's layout, under its folder."""
-    readme = (ROOT / "README.md").read_text()
-    layout = readme[readme.index("## Layout"):]
+    """Every module of bpjax/ and every script is named in the layout (docs/layout.md), under its folder."""
+    readme = page("docs/layout.md")
+    layout = readme[readme.index("# Layout"):]
     layout = layout[layout.index("```") + 3:]
     sections = _layout_sections(layout[:layout.index("```")])
     files = [p for p in sorted(PACKAGE.rglob("*.py"))
@@ -191,11 +186,11 @@ def test_the_readme_layout_names_every_module_and_script():
     missing = [p.relative_to(ROOT).as_posix() for p in files
                if not re.search(rf"(?<![\w.]){re.escape(p.name)}",
                                 sections.get(p.parent.relative_to(ROOT).as_posix() + "/", ""))]
-    assert not missing, f"README's layout does not name {missing} under their folders"
+    assert not missing, f"docs/layout.md does not name {missing} under their folders"
 
 def test_the_troubleshooting_names_a_clone_imported_as_a_namespace(tmp_path):
     """A script run from the parent of a clone folder named ``bpjax`` imports the clone as a
-    namespace package: the error is Python's, so the README's troubleshooting names it (a root
+    namespace package: the error is Python's, so the troubleshooting (docs/getting-started.md) names it (a root
     ``__init__.py`` that raised would be imported by pytest, which makes a package of a folder
     that has one)."""
     (tmp_path / "bpjax").symlink_to(ROOT, target_is_directory=True)
@@ -204,20 +199,21 @@ def test_the_troubleshooting_names_a_clone_imported_as_a_namespace(tmp_path):
                           capture_output=True, text=True, timeout=120)
     error = done.stderr.strip().splitlines()[-1]
     assert error == "AttributeError: module 'bpjax' has no attribute 'sequential'"
-    troubleshooting = (ROOT / "README.md").read_text().split("**Troubleshooting.**")[1].split("\n\n")[0]
+    troubleshooting = page("docs/getting-started.md").split("**Troubleshooting.**")[1].split("\n\n")[0]
     assert error.split(": ", 1)[1] in " ".join(troubleshooting.split()) and "rename the" in troubleshooting
 
 
 def test_the_readme_gives_figures_that_vary_as_a_range_with_their_procedure():
     """The main job's figures depend on the machine (a user got 98.8% / 24 s / epoch 16 against the
-    README's 98.6% / 38 s / epoch 22): the README says so and gives the range seen over seeds; and
-    the CNN's three figures (88.2%, 91.9%, 94.1%) each name the procedure they come from."""
-    readme = (ROOT / "README.md").read_text()
-    main_job = " ".join(readme.split("## Two commands")[1].split("<!-- main-command -->")[0].split())
+    pages' 98.6% / 38 s / epoch 22): docs/getting-started.md says so and gives the range seen over
+    seeds; and the CNN's three figures (88.2%, 91.9%, 94.1%) each name the procedure they come from
+    (docs/how-to/runs.md)."""
+    readme = page("docs/getting-started.md")
+    main_job = " ".join(readme.split("two commands")[1].split("<!-- main-command -->")[0].split())
     assert "depend on the machine" in main_job
     assert re.search(r"seeds 0, 1 and 2 reached [\d.]+%, [\d.]+% and [\d.]+%", main_job)
     assert re.search(r"expect \d+\.\d–\d+\.\d%", main_job)
-    cnn = " ".join(readme.split("The CNN's figures come from three procedures")[1].split("\n\n")[0].split())
+    cnn = " ".join(page("docs/how-to/runs.md").split("The CNN's figures come from three procedures")[1].split("\n\n")[0].split())
     for figure, procedure in (("88.2%", "`bpjax train --model cnn`"), ("91.9% ± 1.8", "`mnist1d_table.py`"),
                               ("94.1% ± 0.6", "`paper_cnn.py`")):
         assert figure in cnn and procedure in cnn, (figure, procedure)

@@ -1,11 +1,10 @@
-"""The worked examples run, and the README's Python examples run as written."""
+"""The worked examples run (the pages' Python blocks run in test_site.py)."""
 from __future__ import annotations
 
 import importlib.util
 import pathlib
 import re
 
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -33,17 +32,6 @@ def test_seed_example_command_line(capsys):
     _load("seed_example").main(["--task", "regression", "--max-epochs", "30", "--print-every", "10"])
     out = capsys.readouterr().out
     assert "epoch    10  error" in out and "stopped at epoch 30 (max epochs)" in out
-
-
-def _readme_python_blocks():
-    text = (ROOT / "README.md").read_text()
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
-
-
-@pytest.mark.parametrize("index", range(len(_readme_python_blocks())))
-def test_readme_python_examples_run(index):
-    code = _readme_python_blocks()[index]
-    exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
 
 
 def test_digits_cnn_script_runs(capsys):
