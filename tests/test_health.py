@@ -64,7 +64,7 @@ def test_the_checks_catch_a_wrong_init_and_a_detached_layer():
 
 def test_train_health_and_sanity(tmp_path, capsys):
     args = ["train", "--model", "textbook_mlp", "--dataset", "xor", "--epochs", "2", "--no-progress"]
-    assert cli.main(args + ["--health", "--out", str(tmp_path / "a")]) == 0
+    assert cli.main(args + ["--health", "--sanity", "--out", str(tmp_path / "a")]) == 0
     said = capsys.readouterr().out
     assert "sanity: initial loss" in said and "sanity: overfit 16 examples" in said
     doc = json.loads((tmp_path / "a" / "health.json").read_text())

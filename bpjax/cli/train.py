@@ -79,9 +79,10 @@ def add_arguments(p) -> None:
     p.add_argument("--health", action="store_true",
                    help="every epoch, each layer's activation mean, std and saturation, gradient mean and std "
                         "and update-to-data ratio on a fixed batch, in health.json and health.png")
-    p.add_argument("--sanity", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--sanity", action=argparse.BooleanOptionalAction, default=os.environ.get("BPJAX_SANITY") != "0",
                    help="before training: the initial loss against log C, and overfitting 16 examples "
-                        "(bpjax.train.health.sanity_checks); one line each, a warning when off")
+                        "(bpjax.train.health.sanity_checks); one line each, a warning when off (default: on; "
+                        "off where BPJAX_SANITY=0, as the test suite sets it)")
     p.add_argument("--dp-clip", type=float, default=None, metavar="C",
                    help="DP-SGD: clip each example's gradient to norm C (needs --dp-noise or --dp-epsilon)")
     p.add_argument("--dp-noise", type=float, default=None, metavar="SIGMA",

@@ -178,7 +178,8 @@ def plot_health(records, histograms, path) -> None:
             if h[what]["counts"]:
                 e = np.asarray(h[what]["edges"])
                 s = last["layers"].get(label, {})
-                extra = f", sat {100 * s['saturated']:.0f}%" if what == "act" and "saturated" in s else ""
+                word = "dead" if label.endswith("(relu)") else "saturated"
+                extra = f", {word} {100 * s['saturated']:.0f}%" if what == "act" and "saturated" in s else ""
                 ax.plot((e[1:] + e[:-1]) / 2, h[what]["counts"], label=f"{label}{extra}")
         ax.set_title(f"{title}, epoch {last['epoch']}")
         ax.legend(fontsize=6)
