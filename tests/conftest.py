@@ -24,6 +24,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import atexit
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
+# bpjax train's sanity checks (on by default) would add an overfit's compile to every command the
+# suite runs; tests/test_health.py turns them on with --sanity.
+os.environ.setdefault("BPJAX_SANITY", "0")
+
 import jax  # noqa: E402
 
 # The cross-checks run in float64 as well as float32; arrays are cast explicitly per test.

@@ -76,6 +76,13 @@ def add_arguments(p) -> None:
     p.add_argument("--inspect", action="store_true",
                    help="every epoch, the gradient noise scale B_simple, each layer's gradient signal-to-noise "
                         "ratio and the GGN's trace on a fixed batch, in the metrics and in inspect.png")
+    p.add_argument("--health", action="store_true",
+                   help="every epoch, each layer's activation mean, std and saturation, gradient mean and std "
+                        "and update-to-data ratio on a fixed batch, in health.json and health.png")
+    p.add_argument("--sanity", action=argparse.BooleanOptionalAction, default=os.environ.get("BPJAX_SANITY") != "0",
+                   help="before training: the initial loss against log C, and overfitting 16 examples "
+                        "(bpjax.train.health.sanity_checks); one line each, a warning when off (default: on; "
+                        "off where BPJAX_SANITY=0, as the test suite sets it)")
     p.add_argument("--dp-clip", type=float, default=None, metavar="C",
                    help="DP-SGD: clip each example's gradient to norm C (needs --dp-noise or --dp-epsilon)")
     p.add_argument("--dp-noise", type=float, default=None, metavar="SIGMA",
@@ -212,6 +219,8 @@ def command(args) -> int:
     _announce(args, data, out, dp, say)
     metrics = out / f"metrics.{args.metrics_format}"
     inspector = _inspector(args, model, loss, data, out, main)
+    if main and fresh and getattr(args, "sanity", False):
+        _sanity(args, model, loss, data, say)
     try:
         result = fit(model, loss, data, optimizer=optimizer, epochs=args.epochs,
                      batch_size=args.batch_size, seed=args.seed, val_fraction=args.val_fraction,
@@ -221,7 +230,8 @@ def command(args) -> int:
                      plot_path=None if args.no_plot or not main else out / "curves.png",
                      progress=main and not args.no_progress, log=say, mesh=mesh, fsdp=args.fsdp,
                      compute_dtype=None if args.dtype == "float32" else jnp.dtype(args.dtype),
-                     epoch_hook=_epoch_hooks(_grad_flow_hook(args, model, loss, data, out, main), inspector),
+                     epoch_hook=_epoch_hooks(_grad_flow_hook(args, model, loss, data, out, main), inspector,
+                                             _health_hook(args, model, loss, data, out, main)),
                      dp=dp)
     except TrainingError as e:
         _forget_a_failed_start(out, fresh, created)
@@ -422,6 +432,28 @@ def _grad_flow_hook(args, model, loss, data, out, main):
     b = min(args.batch_size, data.x_train.shape[0])
     plot = None if args.no_plot or not main else out / "gradflow.png"
     return FlowRecorder(model, loss, jnp.asarray(data.x_train[:b]), jnp.asarray(data.y_train[:b]), plot)
+
+
+def _health_hook(args, model, loss, data, out, main):
+    """``--health``: a HealthRecorder on the first batch of the training set (process 0), or None."""
+    if not getattr(args, "health", False) or not main:
+        return None
+    from ..train.health import HealthRecorder
+    b = min(args.batch_size, data.x_train.shape[0])
+    n_train = int(round(data.x_train.shape[0] * (1 - args.val_fraction)))
+    return HealthRecorder(model, loss, jnp.asarray(data.x_train[:b]), jnp.asarray(data.y_train[:b]), out=out,
+                          steps_per_epoch=max(n_train // b, 1), plot=not args.no_plot)
+
+
+def _sanity(args, model, loss, data, say) -> None:
+    """``--sanity``: the checks of :func:`bpjax.train.health.sanity_checks` on the run's initial
+    params (drawn as ``fit`` draws them, from ``--seed``), one line each; the run is unchanged."""
+    from ..train.health import sanity_checks
+    k_init = jax.random.split(jax.random.PRNGKey(args.seed), 3)[0]       # as fit's _start_or_resume
+    params, state, _ = model.init(k_init, data.in_shape)
+    for r in sanity_checks(model, loss, data.x_train, data.y_train, params=params, state=state,
+                           num_classes=data.num_classes):
+        say(r.line)
 
 
 def final_line(args, result: FitResult, out: pathlib.Path, seconds: float) -> str:

@@ -23,6 +23,7 @@ command that drives them is :mod:`bpjax.cli.train`.
 from . import runs
 from .checkpoint import TrainingError
 from .evaluate import evaluate, make_eval_step
+from .health import HealthRecorder, SanityResult, sanity_checks
 from .loop import (DISPATCH_SECONDS, MAX_STEPS_PER_DISPATCH, FitResult, epoch_order, fit, make_poisson_chunk,
                    make_train_chunk, make_train_step, split_validation)
 from .metrics import plot_history
@@ -31,4 +32,5 @@ from .recipes import DEFAULT_MODEL, RECIPES
 __all__ = ["fit", "FitResult", "evaluate", "make_eval_step", "make_train_step", "make_train_chunk",
            "make_poisson_chunk", "epoch_order",
            "split_validation", "TrainingError", "plot_history", "runs", "DEFAULT_MODEL", "RECIPES",
-           "DISPATCH_SECONDS", "MAX_STEPS_PER_DISPATCH"]
+           "DISPATCH_SECONDS", "MAX_STEPS_PER_DISPATCH",
+           "sanity_checks", "SanityResult", "HealthRecorder"]
