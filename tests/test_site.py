@@ -16,6 +16,8 @@ RUN_BY = {
 NOT_RUN = {
     'pip install -e ".[train]" && bpjax train': "installs bpjax and trains the main job for about a minute",
     'pip install -e ".[test,docs]"': "the test command itself, which .ci/run runs in a fresh venv",
+    "bpjax train --model mlp --epochs 5 --health": "trains on MNIST-1D for 5 epochs; tests/test_health.py runs "
+                                                   "--health and --sanity on xor instead",
 }
 
 PYTHON_PAGES = [p for p in pages() if code_blocks(page(p), "python")]
