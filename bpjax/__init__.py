@@ -27,6 +27,7 @@ from .layers.combinators import __all__ as _comb_all
 from ._core import Layer, Loss, make_layer, make_loss
 from .check.finite import check_finite, debug_nans
 from .check.intermediates import IntermediateTable, compare_intermediates, identity_tap
+from .explain import Explanation, explain
 from ._grad import cast_floating, value_and_grad
 from ._observe import gradient_flow
 from ._per_example import clipped_grad, per_example_grad_norms
@@ -53,5 +54,6 @@ __all__ = [
     "per_example_grads", "check_finite", "debug_nans", "load_run",
     "gradient_flow", "per_example_grad_norms", "clipped_grad", "check_vjp", "assert_vjp_close",
     "compare_intermediates", "IntermediateTable", "identity_tap",
+    "explain", "Explanation",
     "backward_quantities", "ggn_vector_product", "Kronecker",
 ]

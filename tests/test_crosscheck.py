@@ -107,7 +107,7 @@ UTILITIES = {"Layer", "Loss", "make_layer", "make_loss", "value_and_grad",
              "per_example_grads", "check_finite", "debug_nans", "cast_floating", "load_run",
              "gradient_flow", "per_example_grad_norms", "clipped_grad", "check_vjp", "assert_vjp_close",
              "backward_quantities", "ggn_vector_product", "Kronecker",
-             "compare_intermediates", "IntermediateTable", "identity_tap"}
+             "compare_intermediates", "IntermediateTable", "identity_tap", "explain", "Explanation"}
 
 
 def test_every_public_function_is_in_all():

@@ -15,6 +15,8 @@ export with no entry in the table of default cases). Subcommands are argparse su
 module of this package (``train``, ``runs``, ``gradcheck``) has an ``add_*parser(subparsers)``,
 listed in :data:`SUBCOMMANDS`.
 
+``bpjax explain`` prints one pass of backpropagation number by number (``--html FILE``: as a page).
+
 ``bpjax train`` writes a run folder (:mod:`bpjax.train.runs`); ``bpjax evaluate RUN_DIR`` prints its
 model's test metrics and ``bpjax predict RUN_DIR INPUT.npy --out OUTPUT.npy`` writes its outputs
 (exit 2, one line, on a folder that is missing, damaged or unfinished). ``bpjax --version``.
@@ -26,12 +28,14 @@ from typing import Optional, Sequence
 
 from .. import __version__
 from .audit import add_parser as add_audit_parser
+from .explain import add_parser as add_explain_parser
 from .gradcheck import add_parser as add_gradcheck_parser
 from .runs import add_evaluate_parser, add_predict_parser
 from .train import add_parser as add_train_parser
 
 #: The subcommands: each adds its parser and sets ``run`` (args -> exit status).
-SUBCOMMANDS = [add_train_parser, add_evaluate_parser, add_predict_parser, add_gradcheck_parser, add_audit_parser]
+SUBCOMMANDS = [add_train_parser, add_evaluate_parser, add_predict_parser, add_gradcheck_parser, add_audit_parser,
+               add_explain_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
