@@ -1,6 +1,7 @@
 """bp.explain and bpjax explain: every number of the record (each layer's output, the loss, the
 error at the output, the error arriving at and leaving every layer, every gradient, the update)
 equals autodiff of the same forward, in float64 and float32, and the printed numbers are those."""
+import pathlib
 import re
 
 import jax
@@ -90,7 +91,7 @@ def _block(text: str, header: str) -> list:
         if not line.strip().startswith("["):
             break
         body.append(line)
-    return [float(v) for v in re.findall(r"-?\d+\.\d*(?:e[-+]?\d+)?", " ".join(body))]
+    return [float(v) for v in re.findall(r"-?\d+(?:\.\d*)?(?:e[-+]?\d+)?", " ".join(body))]
 
 
 def test_bpjax_explain_prints_the_four_steps_with_autodiffs_numbers(capsys):
@@ -126,8 +127,8 @@ def test_bpjax_explain_on_a_dataset_shows_large_arrays_by_their_norms(capsys):
 
 
 def test_show_array_prints_values_or_a_summary():
-    assert show_array(np.array([[1.0], [2.0]])) == "(2, 1) [1. 2.]ᵀ"
-    assert show_array(np.arange(3.0)) == "(3,) [0. 1. 2.]"
+    assert show_array(np.array([[1.0], [2.0]])) == "(2, 1) [1 2]ᵀ"
+    assert show_array(np.array([0.5, -2.5e-05, 3.0])) == "(3,) [     0.5 -2.5e-05        3]"
     big = show_array(np.ones((10, 10)))
     assert big.startswith("(10, 10)  ‖·‖ = 10,") and "range [1, 1]" in big
 
@@ -162,3 +163,16 @@ def test_the_record_text_names_every_layer():
     text = format_explanation(bp.explain(model, loss, params, state, x, y))
     assert "(dense 2→4, sigmoid, dense 4→1, sigmoid)" in text
     assert text.count("sequential[2] (dense):") == 3      # forward, backward, update
+
+
+def test_the_tutorial_page_shows_what_bpjax_explain_prints(capsys):
+    """docs/tutorials/explain.md shows the command's output verbatim: the same words, and every
+    number equal to the digits shown (4 significant: rounding may differ in the last on another CPU)."""
+    text = pathlib.Path(__file__).parents[1].joinpath("docs/tutorials/explain.md").read_text()
+    shown = text.split("<!-- explain-output -->\n```text\n", 1)[1].split("\n```", 1)[0]
+    assert cli.main(["explain", "--seed", "0"]) == 0
+    printed = capsys.readouterr().out.rstrip("\n")
+    number = r"-?\d+(?:\.\d*)?(?:e[-+]?\d+)?"
+    assert re.sub(number, "#", re.sub(r" +", " ", shown)) == re.sub(number, "#", re.sub(r" +", " ", printed))
+    a, b = (np.array([float(v) for v in re.findall(number, t)]) for t in (shown, printed))
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-7)

@@ -3,13 +3,17 @@ nothing from outside itself, steps through every stage of the algorithm, and eve
 shows is the record's; a screenshot is taken. Skipped, saying why, where Chromium or Playwright
 is missing, except under .ci/run (BPJAX_REQUIRE_BROWSER=1), which installs them and fails instead."""
 import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 import bpjax as bp
+from bpjax import cli
 from bpjax.cli.explain import tutorial_problem
 from bpjax.explain.page import write_page
 
@@ -91,7 +95,8 @@ def test_the_page_steps_through_every_stage_with_the_records_numbers(browser, tm
     model, loss, x, y = tutorial_problem()
     params, state, _ = model.init(jax.random.PRNGKey(0), (2,))
     rec = bp.explain(model, loss, params, state, x, y, steps=40)
-    path = write_page(rec, tmp_path / "explain.html")
+    path = tmp_path / "explain.html"
+    assert cli.main(["explain", "--steps", "40", "--html", str(path)]) == 0       # the command the docs show
     source = path.read_text()
     for outside in ('src="http', "href=\"http", "@import", "url(http", "<link"):
         assert outside not in source
@@ -118,3 +123,13 @@ def test_larger_arrays_are_heat_maps_with_every_value(browser, tmp_path):
     page = browser.new_page()
     page.goto(write_page(rec, tmp_path / "heat.html").as_uri())
     _walk(page, rec)
+
+
+def test_the_screenshot_script_writes_its_png(browser, tmp_path):
+    """In its own process: one process runs one Playwright at a time, and the fixture's is open."""
+    out = tmp_path / "explain_page.png"
+    script = pathlib.Path(__file__).parents[1] / "scripts/examples/explain_screenshot.py"
+    done = subprocess.run([sys.executable, str(script), "--out", str(out), "--steps", "5"], check=False, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000

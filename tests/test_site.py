@@ -11,6 +11,10 @@ from doc_pages import code_blocks, page, pages
 #: ```bash blocks run by a test, by a line they hold -> the test.
 RUN_BY = {
     "bpjax predict runs/xor": "tests/test_docs.py::test_the_readme_train_evaluate_predict_commands_run",
+    "bpjax explain --seed 0": "tests/test_explain.py::test_the_tutorial_page_shows_what_bpjax_explain_prints",
+    "bpjax explain --html explain.html": "tests/test_explain_page.py::test_the_page_steps_through_every_stage_"
+                                         "with_the_records_numbers",
+    "scripts/examples/explain_screenshot.py": "tests/test_explain_page.py::test_the_screenshot_script_writes_its_png",
 }
 #: ```bash blocks not run, by a line they hold -> why.
 NOT_RUN = {

@@ -28,8 +28,8 @@ from .train import _DefaultsOnce
 def tutorial_problem():
     """The tutorial's network and data: XOR's four points and targets (n, 1), a 2-4-1 sigmoid
     network and the squared error E = (1/n) Σ ½‖y − y′‖²."""
-    x = jnp.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
-    y = jnp.array([[0.0], [1.0], [1.0], [0.0]])
+    x = jnp.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]], jnp.float32)
+    y = jnp.array([[0.0], [1.0], [1.0], [0.0]], jnp.float32)
     return sequential(B.dense(4), B.sigmoid(), B.dense(1), B.sigmoid()), squared_error(), x, y
 
 

@@ -148,7 +148,7 @@ function el(tag, cls, text) {
 }
 function drawArray(a) {
   const box = el("div", "array"); box.dataset.name = a.name;
-  box.appendChild(el("h3", "", `${a.name}  (${a.shape.join(", ")})`));
+  box.appendChild(el("h3", "", `${a.name}  (${a.shape.join(", ")}${a.shape.length === 1 ? "," : ""})`));
   if (!a.rows) { box.appendChild(el("div", "summary", `‖·‖ = ${fmt(a.norm)} (too large to show)`)); return box; }
   const size = a.rows.length * a.rows[0].length;
   if (size <= 64) {

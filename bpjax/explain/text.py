@@ -21,10 +21,9 @@ def show_array(a, indent: str = "", max_values: int = MAX_VALUES) -> str:
     entries; its shape, L2 norm, mean and range otherwise."""
     a = np.asarray(a)
     if a.ndim == 2 and a.shape[1] == 1 and 1 < a.size <= max_values:     # a column: one line, transposed
-        return f"{_shape(a)} " + np.array2string(a[:, 0], precision=4, separator=" ") + "ᵀ"
+        return f"{_shape(a)} " + _values(a[:, 0], indent) + "ᵀ"
     if a.size <= max_values:
-        body = np.array2string(a, precision=4, separator=" ", suppress_small=False,
-                               max_line_width=100 - len(indent))
+        body = _values(a, indent)
         lines = body.splitlines()
         if len(lines) == 1:
             return f"{_shape(a)} {lines[0]}"
@@ -32,6 +31,15 @@ def show_array(a, indent: str = "", max_values: int = MAX_VALUES) -> str:
     f = a.astype(np.float64)
     return (f"{_shape(a)}  ‖·‖ = {np.linalg.norm(f):.4g}, mean {f.mean():.4g}, "
             f"range [{f.min():.4g}, {f.max():.4g}]")
+
+
+def _values(a: np.ndarray, indent: str) -> str:
+    """The entries of ``a`` to 4 significant digits, aligned."""
+    if not np.issubdtype(a.dtype, np.inexact):
+        return np.array2string(a, separator=" ")
+    width = max(len(f"{v:.4g}") for v in a.ravel()) if a.size else 1
+    return np.array2string(a, separator=" ", max_line_width=100 - len(indent),
+                           formatter={"float_kind": lambda v: f"{v:.4g}".rjust(width)})
 
 
 def param_label(name: str) -> str:
