@@ -76,6 +76,32 @@ def test_train_health_and_sanity(tmp_path, capsys):
     assert (tmp_path / "a" / "health.png").stat().st_size > 1000
     assert cli.main(args + ["--no-sanity", "--out", str(tmp_path / "b")]) == 0
     assert "sanity:" not in capsys.readouterr().out
+    assert cli.main(args + ["--no-sanity", "--health-every", "5", "--no-plot", "--out", str(tmp_path / "c")]) == 0
+    doc = json.loads((tmp_path / "c" / "health.json").read_text())
+    steps = 2 * doc["steps_per_epoch"]
+    assert [r["step"] for r in doc["records"]] == list(range(0, steps + 1, 5)) and doc["every_steps"] == 5
+    assert [r["epoch"] for r in doc["records"]] == [-(-s // doc["steps_per_epoch"]) for s in range(0, steps + 1, 5)]
     rows = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
-             for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in "ab"]
-    assert rows[0] == rows[1]                   # the sanity checks and the probe change nothing
+             for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in "abc"]
+    assert rows[0] == rows[1] == rows[2]        # the sanity checks, the probe and its chunking change nothing
+    assert cli.main(args + ["--health-every", "0", "--out", str(tmp_path / "d")]) == 2
+    assert capsys.readouterr().err.strip() == "bpjax train: --health-every: expected a whole number of steps ≥ 1, got 0"
+
+
+def test_the_ratio_is_per_step_since_the_last_record():
+    x, y = _data()
+    model = bp.sequential(bp.dense(3))
+    params, state, _ = model.init(jax.random.PRNGKey(0), (8,))
+    rec = HealthRecorder(model, bp.softmax_cross_entropy(), x, y, every=1, steps_per_epoch=10)
+    rec(0, params, state)
+    rec(0, params, state)                       # the epoch hook records only the state before training
+    assert len(rec.records) == 1
+    moved = jax.tree.map(lambda a: a + 0.01, params)
+    rec.at_step(1, moved, state)
+    rec.at_step(4, jax.tree.map(lambda a: a + 0.03, moved), state)
+    flat = lambda t: np.concatenate([np.ravel(a) for a in jax.tree.leaves(t)]).astype(np.float64)  # noqa: E731
+    first = np.linalg.norm(flat(moved) - flat(params)) / np.linalg.norm(flat(params))
+    second = np.linalg.norm(0.03 * np.ones(flat(moved).size)) / np.linalg.norm(flat(moved)) / 3
+    ratios = [r["layers"]["sequential[0] (dense)"].get("update_ratio") for r in rec.records]
+    assert ratios[0] is None and [r["step"] for r in rec.records] == [0, 1, 4]
+    np.testing.assert_allclose(ratios[1:], [first, second], rtol=1e-6)

@@ -79,6 +79,9 @@ def add_arguments(p) -> None:
     p.add_argument("--health", action="store_true",
                    help="every epoch, each layer's activation mean, std and saturation, gradient mean and std "
                         "and update-to-data ratio on a fixed batch, in health.json and health.png")
+    p.add_argument("--health-every", type=int, default=None, metavar="K",
+                   help="with --health: a record every K steps instead of every epoch (K = 1: the exact "
+                        "per-step update-to-data ratio); implies --health")
     p.add_argument("--sanity", action=argparse.BooleanOptionalAction, default=os.environ.get("BPJAX_SANITY") != "0",
                    help="before training: the initial loss against log C, and overfitting 16 examples "
                         "(bpjax.train.health.sanity_checks); one line each, a warning when off (default: on; "
@@ -171,6 +174,10 @@ def command(args) -> int:
         print(e if str(e).startswith("bpjax train:") else f"bpjax train: {e}", file=sys.stderr)
         return 2
     say = print if main else (lambda *a, **k: None)                            # noqa: E731
+    if getattr(args, "health_every", None) is not None and args.health_every < 1:
+        print(f"bpjax train: --health-every: expected a whole number of steps ≥ 1, got {args.health_every}",
+              file=sys.stderr)
+        return 2
     try:
         dp = _dp_from_args(args)
     except ValueError as e:
@@ -219,6 +226,7 @@ def command(args) -> int:
     _announce(args, data, out, dp, say)
     metrics = out / f"metrics.{args.metrics_format}"
     inspector = _inspector(args, model, loss, data, out, main)
+    health = _health_hook(args, model, loss, data, out, main)
     if main and fresh and getattr(args, "sanity", False):
         _sanity(args, model, loss, data, say)
     try:
@@ -230,8 +238,8 @@ def command(args) -> int:
                      plot_path=None if args.no_plot or not main else out / "curves.png",
                      progress=main and not args.no_progress, log=say, mesh=mesh, fsdp=args.fsdp,
                      compute_dtype=None if args.dtype == "float32" else jnp.dtype(args.dtype),
-                     epoch_hook=_epoch_hooks(_grad_flow_hook(args, model, loss, data, out, main), inspector,
-                                             _health_hook(args, model, loss, data, out, main)),
+                     epoch_hook=_epoch_hooks(_grad_flow_hook(args, model, loss, data, out, main), inspector, health),
+                     step_hook=(health.every, health.at_step) if health is not None and health.every else None,
                      dp=dp)
     except TrainingError as e:
         _forget_a_failed_start(out, fresh, created)
@@ -435,14 +443,16 @@ def _grad_flow_hook(args, model, loss, data, out, main):
 
 
 def _health_hook(args, model, loss, data, out, main):
-    """``--health``: a HealthRecorder on the first batch of the training set (process 0), or None."""
-    if not getattr(args, "health", False) or not main:
+    """``--health``: a HealthRecorder on the first batch of the training set (process 0), or None;
+    with ``--health-every K`` it also records every K steps (``recorder.at_step``)."""
+    every = getattr(args, "health_every", None)
+    if not (getattr(args, "health", False) or every) or not main:
         return None
     from ..train.health import HealthRecorder
     b = min(args.batch_size, data.x_train.shape[0])
     n_train = int(round(data.x_train.shape[0] * (1 - args.val_fraction)))
     return HealthRecorder(model, loss, jnp.asarray(data.x_train[:b]), jnp.asarray(data.y_train[:b]), out=out,
-                          steps_per_epoch=max(n_train // b, 1), plot=not args.no_plot)
+                          steps_per_epoch=max(n_train // b, 1), every=every, plot=not args.no_plot)
 
 
 def _sanity(args, model, loss, data, say) -> None:

@@ -1,19 +1,19 @@
 """``bpjax train --health`` and ``--sanity``: a network's health while it trains, and two checks
 before it does (Karpathy's makemore part 3; CS231n's sanity checks).
 
-Health. Every epoch, a separate jitted observation pass on one fixed probe batch (the first
-``batch_size`` training examples; training itself is not slowed or changed) records, per leaf
-layer, from the hand-written backward seen by :func:`bpjax._observe.observe`::
+Health. Every epoch (or every K steps: ``--health-every K``), a separate jitted observation
+pass on one fixed probe batch (the first ``batch_size`` training examples; training's own steps
+are not changed, though every K steps end a chunk of them) records, per leaf layer, from the hand-written backward seen by :func:`bpjax._observe.observe`::
 
     act_mean, act_std     of the layer's output y
     saturated             tanh: the fraction with |y| > 0.97; relu: the fraction with y == 0
                           (dead units); other layers: absent
     dy_mean, dy_std       of the error dy arriving at the layer's output
     grad_mean, grad_std   of the layer's gradient dθ (layers with params)
-    update_ratio          ‖θ_now − θ_before‖ / ‖θ_before‖ over the epoch, divided by its steps
+    update_ratio          ‖θ_now − θ_before‖ / ‖θ_before‖ since the last record, divided by its steps
                           (layers with params, from the second record): the per-step
                           update-to-data ratio when the steps point one way, a lower bound
-                          otherwise; about 1e-3 is healthy
+                          otherwise (exact with ``--health-every 1``); about 1e-3 is healthy
 
 into ``health.json`` (the numbers, and the histograms of the last record) and ``health.png``
 (activation and gradient histograms, one line per layer, and log10 of the ratio over time with
@@ -104,9 +104,14 @@ class HealthRecorder:
 
     ``recorder(epoch, params, state)`` runs the probe and returns ``{}`` (the numbers go to
     ``health.json`` in ``out``, not the metrics rows, where they would be dozens of columns);
-    ``steps_per_epoch`` turns the epoch's ratio into a per-step one."""
+    ``steps_per_epoch`` turns the epoch's ratio into a per-step one.
 
-    def __init__(self, model, loss, x, y, *, out=None, steps_per_epoch: int = 1, plot: bool = True):
+    ``every=K`` (``--health-every K``): a record every K steps instead, from ``fit``'s
+    ``step_hook=(K, recorder.at_step)``; the epoch hook then records only the state before
+    training. Each record's ratio is divided by the steps since the one before (with K = 1, the
+    true per-step ratio)."""
+
+    def __init__(self, model, loss, x, y, *, out=None, steps_per_epoch: int = 1, every=None, plot: bool = True):
         run = _observe.observe(value_and_grad(model, loss), _Health())
 
         def probe(params, state):
@@ -117,13 +122,25 @@ class HealthRecorder:
         self.probe = jax.jit(probe)
         self.examples = int(jax.tree_util.tree_leaves(x)[0].shape[0])
         self.out, self.plot, self.steps = out, plot, max(int(steps_per_epoch), 1)
+        self.every = None if every is None else int(every)
         self.previous: dict | None = None
+        self.last_step = 0
         self.records: list = []
         self.histograms: dict = {}
 
     def __call__(self, epoch, params, state) -> dict:
+        if self.every is None or not self.records:
+            self._record(int(epoch) * self.steps, params, state)
+        return {}
+
+    def at_step(self, step, params, state) -> None:
+        """A record after global step ``step`` (the ``step_hook`` of ``fit``)."""
+        self._record(int(step), params, state)
+
+    def _record(self, step, params, state) -> None:
         layers = list(jax.device_get(self.probe(params, state)).items())
-        record, hist = {"epoch": int(epoch), "layers": {}}, {}
+        record, hist = {"epoch": -(-step // self.steps), "step": step, "layers": {}}, {}
+        since = max(step - self.last_step, 1)
         for label, v in layers:
             y = _flat(v["y"])
             stats = {"act_mean": float(y.mean()), "act_std": float(y.std())}
@@ -142,37 +159,38 @@ class HealthRecorder:
                 if self.previous is not None and label in self.previous:
                     old, new = self.previous[label], _flat(v["params"])
                     ratio = np.linalg.norm(new - old) / max(np.linalg.norm(old), 1e-300)
-                    stats["update_ratio"] = float(ratio / self.steps)
+                    stats["update_ratio"] = float(ratio / since)
             else:
                 hist[label]["grad"] = _hist(dy)
             record["layers"][label] = stats
         self.previous = {label: _flat(v["params"]) for label, v in layers if "params" in v}
+        self.last_step = step
         self.records.append(record)
         self.histograms = hist
         if self.out is not None:
             self.write()
-        return {}
 
     def write(self) -> None:
         """health.json (and health.png unless ``plot`` is off) in ``out``, rewritten whole."""
         import pathlib
         out = pathlib.Path(self.out)
         doc = {"probe_examples": self.examples, "tanh_saturation": TANH_SATURATION, "steps_per_epoch": self.steps,
+               "every_steps": self.every,
                "records": self.records, "last_histograms": self.histograms}
         (out / "health.json").write_text(json.dumps(doc, indent=1) + "\n")
         if self.plot:
-            plot_health(self.records, self.histograms, out / "health.png")
+            plot_health(self.records, self.histograms, out / "health.png", by="step" if self.every else "epoch")
 
 
-def plot_health(records, histograms, path) -> None:
+def plot_health(records, histograms, path, *, by: str = "epoch") -> None:
     """Save a PNG of three panels: the last record's activation histograms and gradient
     histograms, one line per layer, and log10 of each layer's update-to-data ratio over the
-    epochs, with the healthy 1e-3 as a dashed line."""
+    epochs (``by="step"``: over the steps), with the healthy 1e-3 as a dashed line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    last = records[-1] if records else {"layers": {}, "epoch": 0}
+    last = records[-1] if records else {"layers": {}, by: 0}
     for ax, what, title in ((axes[0], "act", "activations y"), (axes[1], "grad", "gradients dθ (dy without params)")):
         for label, h in histograms.items():
             if h[what]["counts"]:
@@ -181,18 +199,18 @@ def plot_health(records, histograms, path) -> None:
                 word = "dead" if label.endswith("(relu)") else "saturated"
                 extra = f", {word} {100 * s['saturated']:.0f}%" if what == "act" and "saturated" in s else ""
                 ax.plot((e[1:] + e[:-1]) / 2, h[what]["counts"], label=f"{label}{extra}")
-        ax.set_title(f"{title}, epoch {last['epoch']}")
+        ax.set_title(f"{title}, {by} {last[by]}")
         ax.legend(fontsize=6)
     labels = sorted({k for r in records for k, s in r["layers"].items() if "update_ratio" in s})
     for label in labels:
-        pts = [(r["epoch"], r["layers"][label]["update_ratio"]) for r in records
+        pts = [(r[by], r["layers"][label]["update_ratio"]) for r in records
                if "update_ratio" in r["layers"].get(label, {}) and r["layers"][label]["update_ratio"] > 0]
         if pts:
             ep, v = zip(*pts)
             axes[2].plot(ep, np.log10(v), marker=".", label=label)
     axes[2].axhline(-3, ls="--", color="k", label="1e-3 (healthy)")
     axes[2].set_title("log10 update-to-data ratio ‖Δθ‖/‖θ‖ per step")
-    axes[2].set_xlabel("epoch")
+    axes[2].set_xlabel(by)
     axes[2].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

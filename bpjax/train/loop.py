@@ -263,6 +263,7 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
         mesh=None, fsdp: bool = False, compute_dtype=None,
         steps_per_dispatch: Optional[int] = None,
         epoch_hook: Optional[Callable[..., Dict[str, float]]] = None,
+        step_hook: Optional[tuple] = None,
         dp: Optional[tuple] = None) -> FitResult:
     """Train ``model`` under ``loss`` on ``data`` with the hand-written backward.
 
@@ -310,6 +311,8 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
       epoch_hook: ``epoch_hook(epoch, params, state) -> dict``, called once before training
         (its result ignored) and after every epoch; what it returns joins that epoch's metrics
         row (``bpjax train --grad-flow``: :class:`bpjax._observe.FlowRecorder`).
+      step_hook: ``(K, hook)``: ``hook(step, params, state)`` after every K-th step (counted over
+        the whole run, from 1), with the params and state after it; chunks of steps end there.
       dp: DP-SGD, as a :class:`bpjax.privacy.DPSGD` or a tuple ``(C, σ, δ)`` (the defaults for
         the rest; ``bpjax train --dp-clip C --dp-noise σ --dp-delta δ``). Each step's gradient is
         the sum of the per-example gradients clipped to norm C plus Gaussian noise of standard
@@ -354,7 +357,8 @@ def fit(model: Layer, loss: Loss, data: Dataset, *,
     else:
         carry, stopped_early, caught = _train_epochs(
             t, run, history, epochs=epochs, patience=patience, min_delta=min_delta,
-            stop_after_epoch=stop_after_epoch, epoch_hook=epoch_hook, dp=dp, progress=progress, t0=t0)
+            stop_after_epoch=stop_after_epoch, epoch_hook=epoch_hook, step_hook=step_hook, dp=dp, progress=progress,
+            t0=t0)
 
     params, state = carry[0], carry[1]
     if restore_best and int(run["best_epoch"]) > 0:
@@ -443,8 +447,8 @@ def _prepare(model, loss, optimizer, data, run, *, seed, val_fraction, batch_siz
                      _Pacer(steps_per_dispatch, max_steps), k_dropout, ckpt, metrics_path, log, physical)
 
 
-def _train_epochs(t: _Training, run, history, *, epochs, patience, min_delta, stop_after_epoch, epoch_hook, dp,
-                  progress, t0):
+def _train_epochs(t: _Training, run, history, *, epochs, patience, min_delta, stop_after_epoch, epoch_hook,
+                  step_hook, dp, progress, t0):
     """The epochs: each runs its chunks of steps, then records its row, keeps the best params,
     checkpoints and decides whether to stop. Returns ``(carry, stopped_early, signal caught)``."""
     carry, start_epoch = t.carry, int(run["epoch"])
@@ -459,7 +463,7 @@ def _train_epochs(t: _Training, run, history, *, epochs, patience, min_delta, st
             carry, done, losses, corrects, sizes = _run_epoch(
                 t.chunk, carry, t.x_dev, t.y_dev, t.order_fn(run["data_key"], epoch), first, t.steps_per_epoch,
                 epoch, key_dropout=t.k_dropout, pacer=t.pacer, bar=bar, signals=signals,
-                batch_size=t.batch_size, classification=t.classification, ckpt=t.ckpt)
+                batch_size=t.batch_size, classification=t.classification, ckpt=t.ckpt, step_hook=step_hook)
             if done < t.steps_per_epoch:                                   # interrupted mid-epoch
                 _save_mid_epoch(run, carry, epoch, done, t.steps_per_epoch, t.ckpt, signals, t.log)
                 return carry, False, signals.caught
@@ -567,15 +571,17 @@ class _Pacer:
 
 
 def _run_epoch(chunk, carry, x_dev, y_dev, order, first, steps_per_epoch, epoch, *,
-               key_dropout, pacer, bar, signals, batch_size, classification, ckpt):
+               key_dropout, pacer, bar, signals, batch_size, classification, ckpt, step_hook=None):
     """Chunks of steps ``first ..`` of one epoch, until its end or a signal. Returns the carry,
     the number of the epoch's steps done, and the per-step losses, correct counts and batch
     sizes (host; the sizes ``None`` for fixed batches of ``batch_size``)."""
     losses, corrects, sizes, i = [], [], [], first
+    every, hook = step_hook if step_hook else (0, None)
     while i < steps_per_epoch:
-        count = _same_count_everywhere(pacer.next(steps_per_epoch - i))
-        t = time.perf_counter()
         step0 = (epoch - 1) * steps_per_epoch + i
+        left = steps_per_epoch - i if not every else min(steps_per_epoch - i, every - step0 % every)
+        count = _same_count_everywhere(pacer.next(left))
+        t = time.perf_counter()
         carry, chunk_losses, chunk_correct, *chunk_sizes = chunk(carry, x_dev, y_dev, order, np.int32(i),
                                                                  np.int32(count), key_dropout, np.int32(step0))
         chunk_losses = np.asarray(jax.device_get(chunk_losses)[:count], np.float64)   # waits for the chunk
@@ -586,6 +592,8 @@ def _run_epoch(chunk, carry, x_dev, y_dev, order, first, steps_per_epoch, epoch,
         if chunk_sizes:                                                # Poisson-sampled batches
             sizes.append(np.asarray(jax.device_get(chunk_sizes[0])[:count]))
         i += count
+        if hook is not None and (step0 + count) % every == 0:
+            hook(step0 + count, carry[0], carry[1])
         if bar:
             bar.update(count)
             post = {"loss": f"{chunk_losses[-1]:.4f}"}
