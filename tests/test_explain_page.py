@@ -1,7 +1,9 @@
 """bpjax explain --html in a real browser (headless Chromium through Playwright): the page loads
 nothing from outside itself, steps through every stage of the algorithm, and every number it
 shows is the record's; a screenshot is taken. Skipped, saying why, where Chromium or Playwright
-is missing, except under .ci/run (BPJAX_REQUIRE_BROWSER=1), which installs them and fails instead."""
+is missing, except under .ci/run (BPJAX_REQUIRE_BROWSER=1), which installs them and fails instead.
+The browser runs in its own process (tests/explain_browser.py), away from the other tests."""
+import json
 import os
 import pathlib
 import shutil
@@ -17,48 +19,37 @@ from bpjax import cli
 from bpjax.cli.explain import tutorial_problem
 from bpjax.explain.page import write_page
 
+HERE = pathlib.Path(__file__).resolve().parent
+
 
 def _chromium():
     return os.environ.get("BPJAX_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def browser():
+def chromium():
+    """The Chromium to run, or a skip saying what is missing (a failure under .ci/run)."""
+    import importlib.util
     problem = None
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
+    if importlib.util.find_spec("playwright") is None:
         problem = "playwright is not installed (pip install playwright)"
-    if problem is None and _chromium() is None:
+    elif _chromium() is None:
         problem = "no Chromium found (apt-get install chromium, or set BPJAX_CHROMIUM)"
     if problem is not None:
         if os.environ.get("BPJAX_REQUIRE_BROWSER") == "1":
             pytest.fail(f"the browser test could not run: {problem}")
         pytest.skip(problem)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
-        yield b
-        b.close()
-    _collect_playwrights_transports()
+    return _chromium()
 
 
-def _collect_playwrights_transports():
-    """Collect now the driver's subprocess transports, whose finalizers call into Playwright's
-    closed event loop ("Event loop is closed"): left to a later collection, the warning lands on
-    whichever test runs then, in another file. Only that error is dropped."""
-    import gc
-
-    previous = sys.unraisablehook
-
-    def hook(u):
-        if not (isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)):
-            previous(u)
-
-    sys.unraisablehook = hook
-    try:
-        gc.collect()
-    finally:
-        sys.unraisablehook = previous
+def _visit(chromium, path, tmp_path) -> dict:
+    """What tests/explain_browser.py saw walking the page at ``path``, in its own process."""
+    shot = tmp_path / (path.stem + ".png")
+    done = subprocess.run([sys.executable, str(HERE / "explain_browser.py"), chromium, str(path), str(shot)],
+                          check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    return json.loads(done.stdout)
 
 
 def _expected(rec):
@@ -80,38 +71,28 @@ def _expected(rec):
     return out
 
 
-SHOWN = """() => [...document.querySelectorAll('#arrays .array')].map(a => ({
-    name: a.dataset.name,
-    values: [...a.querySelectorAll('[data-value]')].map(c => Number(c.dataset.value)),
-    text: [...a.querySelectorAll('td')].map(c => c.textContent),
-    heat: a.querySelectorAll('.heat div').length}))"""
-
-
-def _walk(page, rec):
+def _check_walk(seen, rec):
+    """Every stage the browser saw against the record."""
     stages = _expected(rec)
-    assert page.inner_text("#counter") == f"stage 1 of {len(stages)}"
-    for i, (words, node, arrays) in enumerate(stages):
-        if i:
-            page.click("#next")
-        title = page.inner_text("#stage-title")
-        assert all(w in title for w in words), (i, title, words)
-        assert page.evaluate("() => document.querySelector('.node.active').dataset.index") == node
-        shown = page.evaluate(SHOWN)
-        assert sorted(a["name"] for a in shown) == sorted(arrays), (title, [a["name"] for a in shown])
-        for a in shown:
+    assert seen["counter"] == f"stage 1 of {len(stages)}" and len(seen["stages"]) == len(stages)
+    for (words, node, arrays), got in zip(stages, seen["stages"]):
+        title = got["title"]
+        assert all(w in title for w in words), (title, words)
+        assert got["node"] == node, title
+        assert sorted(a["name"] for a in got["arrays"]) == sorted(arrays), (title, [a["name"] for a in got["arrays"]])
+        for a in got["arrays"]:
             want = np.asarray(arrays[a["name"]], np.float64).ravel()
             np.testing.assert_allclose(a["values"], want, rtol=1e-12, atol=0, err_msg=f"{title}: {a['name']}")
             if a["text"]:                                   # a table: the digits shown are the value's
                 np.testing.assert_allclose([float(t) for t in a["text"]], want, rtol=1e-3, atol=1e-12)
             else:                                           # a heat map: one cell per entry
                 assert a["heat"] == want.size
-    assert page.is_disabled("#next")
-    page.keyboard.press("ArrowLeft")
-    assert page.inner_text("#counter") == f"stage {len(stages) - 1} of {len(stages)}"
+    assert seen["counter_after_back"] == f"stage {len(stages) - 1} of {len(stages)}"
+    assert all(u.startswith("file://") for u in seen["requests"]), seen["requests"]
     return stages
 
 
-def test_the_page_steps_through_every_stage_with_the_records_numbers(browser, tmp_path):
+def test_the_page_steps_through_every_stage_with_the_records_numbers(chromium, tmp_path):
     model, loss, x, y = tutorial_problem()
     params, state, _ = model.init(jax.random.PRNGKey(0), (2,))
     rec = bp.explain(model, loss, params, state, x, y, steps=40)
@@ -120,36 +101,26 @@ def test_the_page_steps_through_every_stage_with_the_records_numbers(browser, tm
     source = path.read_text()
     for outside in ('src="http', "href=\"http", "@import", "url(http", "<link"):
         assert outside not in source
-    page = browser.new_page(viewport={"width": 1100, "height": 900})
-    requests = []
-    page.on("request", lambda r: requests.append(r.url))
-    page.goto(path.as_uri())
-    assert page.locator(".node").count() == len(rec.layers) + 2
-    points = page.get_attribute("#loss-curve polyline", "points").split()
-    assert len(points) == len(rec.losses) == 42
-    stages = _walk(page, rec)
-    assert len(stages) == 2 * len(rec.layers) + 4
-    assert all(u.startswith("file://") for u in requests), requests
-    shot = tmp_path / "explain.png"
-    page.screenshot(path=str(shot), full_page=True)
-    assert shot.stat().st_size > 10_000
+    seen = _visit(chromium, path, tmp_path)
+    assert seen["nodes"] == len(rec.layers) + 2
+    assert seen["curve_points"] == len(rec.losses) == 42
+    assert len(_check_walk(seen, rec)) == 2 * len(rec.layers) + 4
 
 
-def test_larger_arrays_are_heat_maps_with_every_value(browser, tmp_path):
+def test_larger_arrays_are_heat_maps_with_every_value(chromium, tmp_path):
     model = bp.sequential(bp.dense(12), bp.tanh(), bp.dense(3))
     x = jax.random.normal(jax.random.PRNGKey(0), (9, 7))
     params, state, _ = model.init(jax.random.PRNGKey(1), (7,))
     rec = bp.explain(model, bp.softmax_cross_entropy(), params, state, x, np.arange(9) % 3, steps=2)
-    page = browser.new_page()
-    page.goto(write_page(rec, tmp_path / "heat.html").as_uri())
-    _walk(page, rec)
+    seen = _visit(chromium, write_page(rec, tmp_path / "heat.html"), tmp_path)
+    _check_walk(seen, rec)
+    assert any(a["heat"] for st in seen["stages"] for a in st["arrays"])
 
 
-def test_the_screenshot_script_writes_its_png(browser, tmp_path):
-    """In its own process: one process runs one Playwright at a time, and the fixture's is open."""
+def test_the_screenshot_script_writes_its_png(chromium, tmp_path):
     out = tmp_path / "explain_page.png"
-    script = pathlib.Path(__file__).parents[1] / "scripts/examples/explain_screenshot.py"
-    done = subprocess.run([sys.executable, str(script), "--out", str(out), "--steps", "5"], check=False, capture_output=True,
-                          text=True, timeout=300)
+    script = HERE.parent / "scripts/examples/explain_screenshot.py"
+    done = subprocess.run([sys.executable, str(script), "--out", str(out), "--steps", "5"], check=False,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
