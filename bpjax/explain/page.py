@@ -117,7 +117,7 @@ table.values td { border: 1px solid #ddd; padding: .15em .45em; text-align: righ
 <h1>@TITLE@</h1>
 <p>One pass of backpropagation with the numbers of one batch: forward through each layer, the loss,
 the error at the output, the error sent back through each layer with every weight's gradient, and the
-update. The gradients are bpjax's hand-written backward; its tests check them against <code>jax.grad</code>.
+update. The gradients are bpjax's hand-written backward; its tests check them against JAX's autodiff.
 Use the buttons or the arrow keys.</p>
 <div id="network"></div>
 <div id="controls"><button id="prev">◀ back</button><button id="next">next ▶</button>

@@ -8,7 +8,7 @@ The five steps, for every layer (forward order), with the numbers of one batch::
     4. backward    at each layer: the error dy arriving, the error dx it sends on, ∂E/∂θ
     5. update      Δθ = −η ∂E/∂θ (gradient descent), and E after the step
 
-The gradients are those of :func:`bpjax.value_and_grad`, the hand-written backward that training
+The gradients are those of :func:`value_and_grad <bpjax._grad.value_and_grad>`, the hand-written backward that training
 runs, seen layer by layer through :func:`bpjax._observe.observe`; each layer's output is its
 forward run again on the input the hook taped (nothing in the model changes).
 """

@@ -117,5 +117,5 @@ def format_explanation(rec: Explanation, *, max_values: int = MAX_VALUES) -> str
         say(f"{i4}… and the loop repeats: after {len(rec.losses) - 1} steps E = {rec.losses[-1]:.6g}")
     say("")
     say("Every gradient above is bpjax's hand-written backward, the one training runs; "
-        "tests/test_explain.py checks each against jax.grad of the same loss.")
+        "tests/test_explain.py checks each against JAX's autodiff of the same loss.")
     return "\n".join(out)
